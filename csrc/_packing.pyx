@@ -1,0 +1,289 @@
+# Packing kernels: cut a document stream into blocks, pack whole documents into blocks, and gather
+# blocks into preallocated batches. The Python wrappers in fastlm/packing.py validate and allocate;
+# everything here runs without the GIL except the Python-list flattening for the datasets.map drop-in.
+#
+# Shared conventions:
+# - `tokens` is the flat token array, `offsets` (int64, n_docs + 1) delimits document i as
+#   tokens[offsets[i]:offsets[i + 1]].
+# - The "stream" is the documents concatenated, with `separator` appended after every document when
+#   separator >= 0. Stream position of document i's first token: offsets[i] - offsets[0] + i * has_sep.
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.long cimport PyLong_AsLongLong
+from libc.stdint cimport int64_t, uint8_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+
+from _types cimport token_t
+
+# -100 is the label PyTorch's cross-entropy ignores (ignore_index); HF uses the same value.
+cdef int64_t IGNORE_INDEX = -100
+
+
+def count_group_blocks(const int64_t[::1] offsets, int64_t block_size, int64_t group_size,
+                       int64_t has_sep, bint keep_partial):
+    """Blocks produced when each group of `group_size` documents is chunked on its own."""
+    cdef Py_ssize_t n_docs = offsets.shape[0] - 1, first, last
+    cdef int64_t total = 0, group_len
+    with nogil:
+        first = 0
+        while first < n_docs:
+            last = min(first + group_size, n_docs)
+            group_len = offsets[last] - offsets[first] + (last - first) * has_sep
+            total += group_len // block_size
+            if keep_partial and group_len % block_size:
+                total += 1
+            first = last
+    return total
+
+
+def fill_group_blocks(const int64_t[::1] offsets, int64_t block_size, int64_t group_size,
+                      int64_t has_sep, bint keep_partial, int64_t[::1] starts, int64_t[::1] lengths):
+    cdef Py_ssize_t n_docs = offsets.shape[0] - 1, first, last, b = 0
+    cdef int64_t group_start, group_len, pos
+    with nogil:
+        first = 0
+        while first < n_docs:
+            last = min(first + group_size, n_docs)
+            group_start = offsets[first] - offsets[0] + first * has_sep
+            group_len = offsets[last] - offsets[first] + (last - first) * has_sep
+            pos = 0
+            while pos + block_size <= group_len:
+                starts[b] = group_start + pos
+                lengths[b] = block_size
+                b += 1
+                pos += block_size
+            if keep_partial and pos < group_len:
+                starts[b] = group_start + pos
+                lengths[b] = group_len - pos
+                b += 1
+            first = last
+
+
+cdef inline Py_ssize_t _doc_at(const int64_t[::1] offsets, int64_t has_sep, int64_t pos) noexcept nogil:
+    """Index of the document whose stream span (separator included) contains stream position pos."""
+    cdef Py_ssize_t lo = 0, hi = offsets.shape[0] - 1, mid
+    # Invariant: stream_start(lo) <= pos < stream_start(hi).
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if offsets[mid] - offsets[0] + mid * has_sep <= pos:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+cdef inline void _copy_stream(const token_t[::1] tokens, const int64_t[::1] offsets, int64_t separator,
+                              int64_t start, int64_t length, int64_t[::1] out) noexcept nogil:
+    cdef int64_t has_sep = separator >= 0
+    cdef Py_ssize_t i, d, n_docs = offsets.shape[0] - 1
+    cdef int64_t pos, doc_start, doc_len, k = 0, within, take
+    if not has_sep:
+        for i in range(length):
+            out[i] = tokens[offsets[0] + start + i]
+        return
+    d = _doc_at(offsets, has_sep, start)
+    pos = start
+    while k < length and d < n_docs:
+        doc_start = offsets[d] - offsets[0] + d
+        doc_len = offsets[d + 1] - offsets[d]
+        within = pos - doc_start
+        take = min(doc_len - within, length - k) if within < doc_len else 0
+        for i in range(take):
+            out[k + i] = tokens[offsets[d] + within + i]
+        k += take
+        if k < length:
+            out[k] = separator
+            k += 1
+        pos = doc_start + doc_len + 1
+        d += 1
+
+
+def gather_stream(const token_t[::1] tokens, const int64_t[::1] offsets, int64_t separator,
+                  const int64_t[::1] starts, const int64_t[::1] lengths, const int64_t[::1] context,
+                  const int64_t[::1] indices, int64_t pad_id,
+                  int64_t[:, ::1] input_ids, int64_t[:, ::1] labels, int64_t[:, ::1] attention_mask):
+    """Materialise stream blocks `indices` into rows; padding gets pad_id, label -100, attention 0."""
+    cdef Py_ssize_t r, i, width = input_ids.shape[1]
+    cdef int64_t b, n
+    with nogil:
+        for r in range(indices.shape[0]):
+            b = indices[r]
+            n = lengths[b]
+            _copy_stream(tokens, offsets, separator, starts[b], n, input_ids[r])
+            for i in range(width):
+                if i < n:
+                    labels[r, i] = input_ids[r, i] if i >= context[b] else IGNORE_INDEX
+                    attention_mask[r, i] = 1
+                else:
+                    input_ids[r, i] = pad_id
+                    labels[r, i] = IGNORE_INDEX
+                    attention_mask[r, i] = 0
+
+
+# --- Document packing (best-fit decreasing) ---------------------------------------------------------
+
+def count_pieces(const int64_t[::1] offsets, int64_t block_size, bint split_overlong):
+    """Pieces the documents become: overlong ones split into block_size pieces or truncated to one."""
+    cdef Py_ssize_t i
+    cdef int64_t n = 0, length
+    with nogil:
+        for i in range(offsets.shape[0] - 1):
+            length = offsets[i + 1] - offsets[i]
+            if length <= 0:
+                continue
+            if split_overlong:
+                n += (length + block_size - 1) // block_size
+            else:
+                n += 1
+    return n
+
+
+def fill_pieces(const int64_t[::1] offsets, int64_t block_size, bint split_overlong,
+                int64_t[::1] piece_starts, int64_t[::1] piece_lengths):
+    cdef Py_ssize_t i, p = 0
+    cdef int64_t length, pos
+    with nogil:
+        for i in range(offsets.shape[0] - 1):
+            length = offsets[i + 1] - offsets[i]
+            if length <= 0:
+                continue
+            if not split_overlong:
+                piece_starts[p] = offsets[i]
+                piece_lengths[p] = min(length, block_size)
+                p += 1
+                continue
+            pos = 0
+            while pos < length:
+                piece_starts[p] = offsets[i] + pos
+                piece_lengths[p] = min(block_size, length - pos)
+                p += 1
+                pos += block_size
+
+
+cdef inline void _tree_set(uint8_t* tree, Py_ssize_t leaves, Py_ssize_t cap, bint present) noexcept nogil:
+    # A segment tree of "some open block has exactly this remaining capacity" flags, so best fit
+    # (the smallest capacity >= the piece) is one O(log block_size) descent.
+    cdef Py_ssize_t node = leaves + cap
+    tree[node] = present
+    node //= 2
+    while node >= 1:
+        tree[node] = tree[2 * node] | tree[2 * node + 1]
+        node //= 2
+
+
+cdef inline Py_ssize_t _tree_first_at_least(const uint8_t* tree, Py_ssize_t leaves,
+                                            Py_ssize_t lo) noexcept nogil:
+    """Smallest capacity >= lo with an open block, or -1."""
+    cdef Py_ssize_t node = leaves + lo
+    if tree[node]:
+        return lo
+    # Climb until a right sibling subtree holds a flag, then descend to its leftmost flag.
+    while node > 1:
+        if node % 2 == 0 and tree[node + 1]:
+            node += 1
+            while node < leaves:
+                node = 2 * node if tree[2 * node] else 2 * node + 1
+            return node - leaves
+        node //= 2
+    return -1
+
+
+def best_fit_decreasing(const int64_t[::1] piece_lengths, int64_t block_size, int64_t[::1] piece_block):
+    """Assign each piece a block id by best-fit decreasing; returns the number of blocks.
+
+    Pieces are visited longest first (a counting sort: lengths are at most block_size), each going to the
+    open block whose remaining capacity fits it most tightly, or to a new block.
+    """
+    cdef Py_ssize_t n = piece_lengths.shape[0], p, i, leaves = 1
+    cdef int64_t length, n_blocks = 0, cap, block
+    while leaves < block_size + 1:
+        leaves *= 2
+    cdef int64_t* bucket_start = <int64_t*> malloc((block_size + 2) * sizeof(int64_t))
+    cdef int64_t* order = <int64_t*> malloc((n + 1) * sizeof(int64_t))
+    # Open blocks with the same remaining capacity form a stack: head per capacity, next per block.
+    cdef int64_t* head = <int64_t*> malloc((block_size + 1) * sizeof(int64_t))
+    cdef int64_t* next_block = <int64_t*> malloc((n + 1) * sizeof(int64_t))
+    cdef uint8_t* tree = <uint8_t*> malloc(2 * leaves)
+    if not (bucket_start and order and head and next_block and tree):
+        free(bucket_start); free(order); free(head); free(next_block); free(tree)
+        raise MemoryError("best_fit_decreasing: cannot allocate its work arrays")
+    with nogil:
+        memset(bucket_start, 0, (block_size + 2) * sizeof(int64_t))
+        for p in range(n):
+            bucket_start[block_size - piece_lengths[p] + 1] += 1
+        for i in range(1, block_size + 2):
+            bucket_start[i] += bucket_start[i - 1]
+        for p in range(n):
+            order[bucket_start[block_size - piece_lengths[p]]] = p
+            bucket_start[block_size - piece_lengths[p]] += 1
+        for i in range(block_size + 1):
+            head[i] = -1
+        memset(tree, 0, 2 * leaves)
+        for i in range(n):
+            p = order[i]
+            length = piece_lengths[p]
+            cap = _tree_first_at_least(tree, leaves, length)
+            if cap < 0:
+                block = n_blocks
+                n_blocks += 1
+                cap = block_size
+            else:
+                block = head[cap]
+                head[cap] = next_block[block]
+                if head[cap] < 0:
+                    _tree_set(tree, leaves, cap, False)
+            piece_block[p] = block
+            cap -= length
+            if cap > 0:
+                next_block[block] = head[cap]
+                head[cap] = block
+                _tree_set(tree, leaves, cap, True)
+    free(bucket_start); free(order); free(head); free(next_block); free(tree)
+    return n_blocks
+
+
+def gather_packed(const token_t[::1] tokens, const int64_t[::1] block_offsets,
+                  const int64_t[::1] seg_starts, const int64_t[::1] seg_lengths,
+                  const int64_t[::1] indices, int64_t pad_id,
+                  int64_t[:, ::1] input_ids, int64_t[:, ::1] labels, int64_t[:, ::1] attention_mask,
+                  int64_t[:, ::1] position_ids):
+    """Materialise packed blocks: positions restart and the loss is masked at every segment start."""
+    cdef Py_ssize_t r, s, i, col, width = input_ids.shape[1]
+    cdef int64_t b
+    with nogil:
+        for r in range(indices.shape[0]):
+            b = indices[r]
+            col = 0
+            for s in range(block_offsets[b], block_offsets[b + 1]):
+                for i in range(seg_lengths[s]):
+                    input_ids[r, col] = tokens[seg_starts[s] + i]
+                    # The first token of a segment would be predicted from another document's last token.
+                    labels[r, col] = input_ids[r, col] if i > 0 else IGNORE_INDEX
+                    attention_mask[r, col] = 1
+                    position_ids[r, col] = i
+                    col += 1
+            while col < width:
+                input_ids[r, col] = pad_id
+                labels[r, col] = IGNORE_INDEX
+                attention_mask[r, col] = 0
+                position_ids[r, col] = 0
+                col += 1
+
+
+# --- Python lists (the datasets.map drop-in) --------------------------------------------------------
+
+def flatten_int_lists(list rows, int64_t[::1] out):
+    """Copy a list of lists of Python ints into `out` (sized by the caller); needs the GIL by nature."""
+    cdef Py_ssize_t r, i, k = 0, n
+    cdef object row
+    for r in range(PyList_GET_SIZE(rows)):
+        row = <object> PyList_GET_ITEM(rows, r)
+        if type(row) is not list:
+            raise TypeError(f"row {r} is a {type(row).__name__}, expected a list of ints")
+        n = PyList_GET_SIZE(row)
+        if k + n > out.shape[0]:
+            raise ValueError("rows changed size while being flattened")
+        for i in range(n):
+            out[k] = PyLong_AsLongLong(<object> PyList_GET_ITEM(row, i))
+            k += 1
+    return k

@@ -1,0 +1,399 @@
+"""Turn tokenized documents into fixed-size training blocks.
+
+Documents are a flat token array plus int64 offsets: document i is ``tokens[offsets[i]:offsets[i + 1]]``
+(the layout of a token store, and of an Arrow list column). Nothing here copies the token array: results
+are index arrays, and :meth:`BlockIndex.gather` / :meth:`PackedDocuments.gather` materialise a batch of
+blocks into preallocated arrays.
+
+- :func:`pack_blocks` cuts the concatenated document stream into ``block_size`` blocks (the tutorial's
+  ``group_texts``), optionally per group of documents (``group_size=1000`` reproduces ``datasets.map``'s
+  per-batch remainder exactly), with a separator after each document and strided evaluation windows.
+- :func:`pack_documents` packs whole documents into blocks by best-fit decreasing, so no document is cut
+  at a block edge unless it is longer than a block; ``position_ids`` restart at each document.
+- :func:`group_texts` is a drop-in for the tutorial's function inside ``datasets.map(batched=True)``.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastlm._kernels import load
+
+_k = load("_packing")
+
+TOKEN_DTYPES = (np.uint16, np.uint32, np.int32, np.int64)
+IGNORE_INDEX = -100
+REMAINDER_MODES = ("drop", "pad", "keep")
+OVERLONG_MODES = ("split", "truncate")
+
+
+# --- validation ---------------------------------------------------------------------------------------
+
+def _check_tokens(tokens):
+    if not isinstance(tokens, np.ndarray):
+        raise TypeError(f"tokens must be a numpy array or memmap, got {type(tokens).__name__}")
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+    if tokens.dtype not in TOKEN_DTYPES:
+        raise TypeError(
+            f"tokens dtype {tokens.dtype} is not supported; use one of uint16, uint32, int32, int64"
+        )
+    if not tokens.flags.c_contiguous:
+        # A silent ascontiguousarray here would copy a multi-GB memmap.
+        raise ValueError("tokens must be contiguous (got a strided view); pass the underlying array")
+    return tokens
+
+
+def _check_offsets(offsets, n_tokens):
+    if not isinstance(offsets, np.ndarray):
+        offsets = np.asarray(offsets)
+    if offsets.dtype != np.int64:
+        if offsets.dtype.kind not in "iu":
+            raise TypeError(f"offsets must be integers, got dtype {offsets.dtype}")
+        offsets = offsets.astype(np.int64)  # offsets are small next to tokens; a copy is cheap
+    if offsets.ndim != 1 or offsets.shape[0] < 1:
+        raise ValueError("offsets must be 1-D with n_docs + 1 entries (at least one)")
+    offsets = np.ascontiguousarray(offsets)
+    if offsets[0] < 0 or offsets[-1] > n_tokens:
+        raise ValueError(
+            f"offsets must lie in [0, {n_tokens}] (the token count), got {offsets[0]}..{offsets[-1]}"
+        )
+    if offsets.shape[0] > 1 and np.any(offsets[1:] < offsets[:-1]):
+        bad = int(np.argmax(offsets[1:] < offsets[:-1]))
+        raise ValueError(
+            f"offsets must be non-decreasing: offsets[{bad}]={offsets[bad]} > offsets[{bad + 1}]={offsets[bad + 1]}"
+        )
+    return offsets
+
+
+def _check_positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _check_indices(indices, n_blocks):
+    indices = np.atleast_1d(np.asarray(indices))
+    if indices.dtype.kind not in "iu" or indices.ndim != 1:
+        raise TypeError("indices must be a 1-D array of integers")
+    indices = np.ascontiguousarray(indices, dtype=np.int64)
+    if indices.size and (indices.min() < 0 or indices.max() >= n_blocks):
+        raise IndexError(f"block index out of range for {n_blocks} blocks")
+    return indices
+
+
+def _batch_arrays(n_rows, width, keys, out):
+    if out is None:
+        return {key: np.empty((n_rows, width), dtype=np.int64) for key in keys}
+    for key in keys:
+        array = out.get(key)
+        if array is None or array.shape != (n_rows, width) or array.dtype != np.int64 or not array.flags.c_contiguous:
+            raise ValueError(f"out[{key!r}] must be a C-contiguous int64 array of shape {(n_rows, width)}")
+    return out
+
+
+# --- pack_blocks --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class BlockIndex:
+    """Blocks cut from the document stream: block b is stream[starts[b]:starts[b] + lengths[b]].
+
+    The stream is the documents concatenated, with ``separator`` after each one when set. ``context[b]``
+    leading tokens of a block are context only (label -100): the overlap of strided windows.
+    """
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+    block_size: int
+    starts: np.ndarray
+    lengths: np.ndarray
+    context: np.ndarray
+    separator: int | None
+    pad_id: int | None
+
+    def __len__(self):
+        return self.starts.shape[0]
+
+    @property
+    def n_tokens(self):
+        """Tokens inside blocks (padding excluded; overlapping windows count their tokens again)."""
+        return int(self.lengths.sum())
+
+    @property
+    def fill_rate(self):
+        """Fraction of block positions holding real tokens rather than padding."""
+        return self.n_tokens / (len(self) * self.block_size) if len(self) else 0.0
+
+    def gather(self, indices, out=None):
+        """Materialise blocks ``indices`` as int64 ``input_ids``, ``labels``, ``attention_mask`` rows."""
+        indices = _check_indices(indices, len(self))
+        if self.pad_id is None and indices.size and np.any(self.lengths[indices] < self.block_size):
+            raise ValueError("these blocks are shorter than block_size: pass pad_id to pack_blocks to pad them")
+        batch = _batch_arrays(indices.shape[0], self.block_size, ("input_ids", "labels", "attention_mask"), out)
+        separator = -1 if self.separator is None else self.separator
+        _k.gather_stream(
+            self.tokens, self.offsets, separator, self.starts, self.lengths, self.context, indices,
+            0 if self.pad_id is None else self.pad_id,
+            batch["input_ids"], batch["labels"], batch["attention_mask"],
+        )
+        return batch
+
+    def as_array(self):
+        """The blocks as a zero-copy (n_blocks, block_size) view of ``tokens``, where one exists."""
+        base = int(self.offsets[0])
+        n = len(self)
+        arithmetic = np.array_equal(self.starts, np.arange(n, dtype=np.int64) * self.block_size)
+        if self.separator is not None or not arithmetic or np.any(self.lengths != self.block_size):
+            raise ValueError(
+                "only full, contiguous, non-overlapping blocks without a separator are a view of tokens; "
+                "use gather()"
+            )
+        return self.tokens[base:base + n * self.block_size].reshape(n, self.block_size)
+
+
+def pack_blocks(tokens, offsets, block_size, *, remainder="drop", separator=None, stride=None,
+                group_size=None, pad_id=None):
+    """Cut the concatenated documents into ``block_size`` blocks.
+
+    Args:
+        tokens: 1-D uint16/uint32/int32/int64 array or read-only memmap (never copied).
+        offsets: int64 document boundaries, n_docs + 1 entries, non-decreasing, within ``tokens``.
+        block_size: tokens per block.
+        remainder: what to do with the tokens after the last full block: ``"drop"`` them (the tutorial),
+            ``"pad"`` the last block to ``block_size`` (``pad_id`` required; label -100, attention 0), or
+            ``"keep"`` it short.
+        separator: a token id (e.g. EOS) appended after every document, or None.
+        stride: distance between block starts; smaller than ``block_size`` gives overlapping evaluation
+            windows whose overlap is context only (label -100), as in HF's strided perplexity.
+        group_size: chunk each group of this many documents on its own, dropping (or padding / keeping)
+            each group's remainder: ``group_size=1000`` gives exactly the blocks of the tutorial's
+            ``group_texts`` under ``datasets.map(batched=True)``.
+        pad_id: padding token id, needed when blocks can be shorter than ``block_size``.
+    """
+    tokens = _check_tokens(tokens)
+    offsets = _check_offsets(offsets, tokens.shape[0])
+    block_size = _check_positive("block_size", block_size)
+    _check_choice("remainder", remainder, REMAINDER_MODES)
+    if remainder == "pad" and pad_id is None:
+        raise ValueError('remainder="pad" needs a pad_id (e.g. the tokenizer\'s pad or eos id)')
+    for name, value in (("separator", separator), ("pad_id", pad_id)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
+            raise ValueError(f"{name} must be a non-negative token id, got {value!r}")
+    stride = block_size if stride is None else _check_positive("stride", stride)
+    if stride > block_size:
+        raise ValueError(f"stride ({stride}) must not exceed block_size ({block_size}): tokens would be skipped")
+    has_sep = int(separator is not None)
+    keep_partial = remainder != "drop"
+
+    if group_size is not None:
+        group_size = _check_positive("group_size", group_size)
+        if stride != block_size:
+            raise ValueError("stride and group_size cannot be combined")
+        n_blocks = _k.count_group_blocks(offsets, block_size, group_size, has_sep, keep_partial)
+        starts = np.empty(n_blocks, dtype=np.int64)
+        lengths = np.empty(n_blocks, dtype=np.int64)
+        _k.fill_group_blocks(offsets, block_size, group_size, has_sep, keep_partial, starts, lengths)
+        context = np.zeros(n_blocks, dtype=np.int64)
+    else:
+        stream_len = int(offsets[-1] - offsets[0]) + has_sep * (offsets.shape[0] - 1)
+        starts, lengths, context = _stream_windows(stream_len, block_size, stride, keep_partial)
+    return BlockIndex(tokens, offsets, block_size, starts, lengths, context, separator, pad_id)
+
+
+def _stream_windows(stream_len, block_size, stride, keep_partial):
+    """Window starts k * stride; with keep_partial, windows continue until the stream is covered."""
+    if stream_len >= block_size:
+        n_full = (stream_len - block_size) // stride + 1
+    else:
+        n_full = 0
+    last_end = (n_full - 1) * stride + block_size if n_full else 0
+    n_blocks = n_full + int(keep_partial and last_end < stream_len)
+    starts = np.arange(n_blocks, dtype=np.int64) * stride
+    lengths = np.minimum(stream_len - starts, block_size)
+    # Each window scores only what the previous one did not: its overlap is context.
+    previous_end = np.concatenate(([0], starts[:-1] + lengths[:-1]))
+    context = np.maximum(previous_end - starts, 0)
+    return starts, lengths, context
+
+
+# --- pack_documents -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class PackedDocuments:
+    """Documents packed whole into blocks: block b holds segments block_offsets[b]:block_offsets[b + 1].
+
+    Segment s is ``tokens[seg_starts[s]:seg_starts[s] + seg_lengths[s]]``: a whole document, or a
+    ``block_size`` piece of an overlong one.
+    """
+
+    tokens: np.ndarray
+    block_size: int
+    block_offsets: np.ndarray
+    seg_starts: np.ndarray
+    seg_lengths: np.ndarray
+    pad_id: int
+    n_dropped: int
+
+    def __len__(self):
+        return self.block_offsets.shape[0] - 1
+
+    @property
+    def n_tokens(self):
+        return int(self.seg_lengths.sum())
+
+    @property
+    def fill_rate(self):
+        return self.n_tokens / (len(self) * self.block_size) if len(self) else 0.0
+
+    def gather(self, indices, out=None, flatten=False):
+        """Materialise blocks ``indices``.
+
+        Returns int64 (k, block_size) ``input_ids``, ``labels`` (-100 at each document start and on
+        padding), ``attention_mask`` and ``position_ids`` (restarting per document). With
+        ``flatten=True``, returns the padding-free layout of transformers' ``DataCollatorWithFlattening``
+        instead: (1, total) rows plus ``cu_seq_lens_q/k`` and ``max_length_q/k`` for flash-attention varlen.
+        """
+        indices = _check_indices(indices, len(self))
+        batch = _batch_arrays(
+            indices.shape[0], self.block_size, ("input_ids", "labels", "attention_mask", "position_ids"), out
+        )
+        _k.gather_packed(
+            self.tokens, self.block_offsets, self.seg_starts, self.seg_lengths, indices, self.pad_id,
+            batch["input_ids"], batch["labels"], batch["attention_mask"], batch["position_ids"],
+        )
+        return _flatten(batch) if flatten else batch
+
+
+def _flatten(batch):
+    keep = batch["attention_mask"].astype(bool)
+    flat = {key: batch[key][keep][None, :] for key in ("input_ids", "labels", "position_ids")}
+    starts = np.flatnonzero(flat["position_ids"][0] == 0)
+    cu_seq_lens = np.append(starts, flat["input_ids"].shape[1]).astype(np.int32)
+    max_length = int(np.diff(cu_seq_lens).max()) if cu_seq_lens.size > 1 else 0
+    flat.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens,
+                max_length_q=max_length, max_length_k=max_length)
+    return flat
+
+
+def pack_documents(tokens, offsets, block_size, *, overlong="split", pad_id=0):
+    """Pack whole documents into ``block_size`` blocks by best-fit decreasing.
+
+    Args:
+        overlong: documents longer than a block are ``"split"`` into ``block_size`` pieces (no token
+            lost) or ``"truncate"``\\ d to their first ``block_size`` tokens (``n_dropped`` counts the rest).
+        pad_id: fills the unused tail of each block (label -100, attention 0).
+    """
+    tokens = _check_tokens(tokens)
+    offsets = _check_offsets(offsets, tokens.shape[0])
+    block_size = _check_positive("block_size", block_size)
+    _check_choice("overlong", overlong, OVERLONG_MODES)
+    if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)) or pad_id < 0:
+        raise ValueError(f"pad_id must be a non-negative token id, got {pad_id!r}")
+    split = overlong == "split"
+
+    n_pieces = _k.count_pieces(offsets, block_size, split)
+    piece_starts = np.empty(n_pieces, dtype=np.int64)
+    piece_lengths = np.empty(n_pieces, dtype=np.int64)
+    _k.fill_pieces(offsets, block_size, split, piece_starts, piece_lengths)
+    piece_block = np.empty(n_pieces, dtype=np.int64)
+    n_blocks = _k.best_fit_decreasing(piece_lengths, block_size, piece_block)
+
+    # Group the pieces by block; a stable sort keeps each block's pieces in placement order.
+    order = np.argsort(piece_block, kind="stable")
+    block_offsets = np.zeros(n_blocks + 1, dtype=np.int64)
+    np.cumsum(np.bincount(piece_block, minlength=n_blocks), out=block_offsets[1:])
+    n_dropped = int(offsets[-1] - offsets[0]) - int(piece_lengths.sum())
+    return PackedDocuments(
+        tokens, block_size, block_offsets, piece_starts[order], piece_lengths[order], int(pad_id), n_dropped
+    )
+
+
+# --- group_texts: the datasets.map drop-in ------------------------------------------------------------
+
+def group_texts(examples, block_size=128):
+    """Drop-in for the tutorial's ``group_texts`` in ``dataset.map(group_texts, batched=True)``.
+
+    Concatenates every column of the batch, drops the remainder that does not fill a block, cuts
+    ``block_size`` blocks, and adds ``labels`` (a copy of ``input_ids``): the same blocks as the tutorial's
+    function on the same batch. Columns come back as (n_blocks, block_size) numpy arrays, which
+    ``datasets.map`` stores as it stores lists. A ``pyarrow.Table`` batch (``Dataset.with_format("arrow")``)
+    gives a ``pyarrow.Table`` back, built from the list offsets and values without Python objects.
+    """
+    block_size = _check_positive("block_size", block_size)
+    import sys
+
+    if "pyarrow" in sys.modules:
+        import pyarrow as pa
+
+        if isinstance(examples, pa.Table):
+            return _group_arrow_table(examples, block_size)
+        # datasets' lazy batch still holds the Arrow table: skip the Arrow -> Python lists round trip.
+        table = getattr(examples, "pa_table", None)
+        untouched = getattr(examples, "keys_to_format", None)
+        if isinstance(table, pa.Table) and untouched is not None and set(untouched) == set(examples.keys()):
+            result = {}
+            for name in table.column_names:
+                values = _arrow_flat_values(table, name)
+                result[name] = values.to_numpy(zero_copy_only=False)
+            return _blocks_with_labels(result, block_size)
+
+    return _blocks_with_labels({key: _flatten_rows(key, rows) for key, rows in examples.items()}, block_size)
+
+
+def _blocks_with_labels(flat_columns, block_size):
+    if "input_ids" not in flat_columns:
+        raise KeyError("group_texts needs an 'input_ids' column")
+    total = flat_columns["input_ids"].shape[0]
+    n_blocks = total // block_size
+    result = {}
+    for key, flat in flat_columns.items():
+        if flat.shape[0] != total:
+            raise ValueError(f"column {key!r} holds {flat.shape[0]} tokens but input_ids holds {total}")
+        result[key] = flat[: n_blocks * block_size].reshape(n_blocks, block_size)
+    result["labels"] = result["input_ids"].copy()
+    return result
+
+
+def _flatten_rows(key, rows):
+    if isinstance(rows, np.ndarray) and rows.dtype != object:
+        return rows.reshape(-1)
+    rows = [row if type(row) is list else list(row) for row in rows]
+    try:
+        total = sum(map(len, rows))
+    except TypeError:
+        raise TypeError(f"column {key!r} must hold lists of token ids") from None
+    flat = np.empty(total, dtype=np.int64)
+    _k.flatten_int_lists(rows, flat)
+    return flat
+
+
+def _arrow_flat_values(table, name):
+    import pyarrow as pa
+
+    column = table.column(name).combine_chunks()
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        raise TypeError(f"column {name!r} has type {column.type}; group_texts needs lists of token ids")
+    return column.flatten()
+
+
+def _group_arrow_table(table, block_size):
+    import pyarrow as pa
+
+    if "input_ids" not in table.column_names:
+        raise KeyError("group_texts needs an 'input_ids' column")
+    flat = {name: _arrow_flat_values(table, name) for name in table.column_names}
+    total = len(flat["input_ids"])
+    n_blocks = total // block_size
+    offsets = pa.array(np.arange(n_blocks + 1, dtype=np.int32) * block_size, type=pa.int32())
+    columns = {}
+    for name, values in flat.items():
+        if len(values) != total:
+            raise ValueError(f"column {name!r} holds {len(values)} tokens but input_ids holds {total}")
+        columns[name] = pa.ListArray.from_arrays(offsets, values.slice(0, n_blocks * block_size))
+    columns["labels"] = columns["input_ids"]
+    return pa.table(columns)

@@ -355,7 +355,8 @@ def _blocks_with_labels(flat_columns, block_size):
         if flat.shape[0] != total:
             raise ValueError(f"column {key!r} holds {flat.shape[0]} tokens but input_ids holds {total}")
         result[key] = flat[: n_blocks * block_size].reshape(n_blocks, block_size)
-    result["labels"] = result["input_ids"].copy()
+    # int64 labels, as datasets stores the tutorial's (it narrows only the columns it knows, like input_ids).
+    result["labels"] = result["input_ids"].astype(np.int64)
     return result
 
 
@@ -395,5 +396,5 @@ def _group_arrow_table(table, block_size):
         if len(values) != total:
             raise ValueError(f"column {name!r} holds {len(values)} tokens but input_ids holds {total}")
         columns[name] = pa.ListArray.from_arrays(offsets, values.slice(0, n_blocks * block_size))
-    columns["labels"] = columns["input_ids"]
+    columns["labels"] = pa.ListArray.from_arrays(offsets, flat["input_ids"].slice(0, n_blocks * block_size).cast(pa.int64()))
     return pa.table(columns)

@@ -1,0 +1,317 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastlm
+from fastlm.packing import IGNORE_INDEX, pack_blocks, pack_documents
+from tests.reference import (
+    chain_group_texts,
+    documents,
+    ref_best_fit_decreasing,
+    ref_pack_blocks,
+    ref_pieces,
+    seed_group_texts,
+)
+
+DTYPES = [np.uint16, np.uint32, np.int32, np.int64]
+CONTAINERS = ["array", "readonly", "memmap"]
+
+
+def make_tokens(docs, dtype, container, tmp_dir=None):
+    """Flat tokens + offsets for `docs`, as a plain array, a read-only array or a read-only memmap."""
+    flat = np.array([t for doc in docs for t in doc], dtype=dtype)
+    offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+    np.cumsum([len(d) for d in docs], out=offsets[1:])
+    if container == "readonly":
+        flat.setflags(write=False)
+    elif container == "memmap":
+        import tempfile
+
+        path = tempfile.NamedTemporaryFile(dir=tmp_dir, suffix=".bin", delete=False).name
+        flat.tofile(path)
+        # An empty file cannot be memory-mapped; numpy refuses, so use an empty array as a store would.
+        flat = np.memmap(path, dtype=dtype, mode="r") if flat.size else np.empty(0, dtype=dtype)
+    return flat, offsets
+
+
+docs_strategy = st.lists(st.lists(st.integers(0, 65535), max_size=40), max_size=12)
+
+
+def rows_of(batch):
+    return [
+        (list(batch["input_ids"][r]), list(batch["labels"][r]), list(batch["attention_mask"][r]))
+        for r in range(batch["input_ids"].shape[0])
+    ]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    docs=docs_strategy,
+    dtype=st.sampled_from(DTYPES),
+    container=st.sampled_from(CONTAINERS),
+    block_size=st.integers(1, 20),
+    remainder=st.sampled_from(["drop", "pad", "keep"]),
+    separator=st.one_of(st.none(), st.integers(0, 65535)),
+    stride_fraction=st.one_of(st.none(), st.floats(0.05, 1.0)),
+)
+def test_pack_blocks_matches_reference(docs, dtype, container, block_size, remainder, separator, stride_fraction):
+    tokens, offsets = make_tokens(docs, dtype, container)
+    stride = None if stride_fraction is None else max(1, int(block_size * stride_fraction))
+    blocks = pack_blocks(tokens, offsets, block_size, remainder=remainder, separator=separator,
+                         stride=stride, pad_id=7)
+    expected = ref_pack_blocks(tokens, offsets, block_size, remainder, separator, stride, pad_id=7)
+    assert len(blocks) == len(expected)
+    assert rows_of(blocks.gather(np.arange(len(blocks)))) == expected
+    if remainder == "keep":
+        assert list(blocks.lengths) == [sum(mask) for _, _, mask in expected]
+    assert np.shares_memory(blocks.tokens, tokens) or tokens.size == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    docs=docs_strategy,
+    dtype=st.sampled_from(DTYPES),
+    container=st.sampled_from(CONTAINERS),
+    block_size=st.integers(1, 20),
+    group_size=st.integers(1, 5),
+    remainder=st.sampled_from(["drop", "pad"]),
+    separator=st.one_of(st.none(), st.integers(0, 65535)),
+)
+def test_pack_blocks_per_group_matches_reference(docs, dtype, container, block_size, group_size, remainder, separator):
+    tokens, offsets = make_tokens(docs, dtype, container)
+    blocks = pack_blocks(tokens, offsets, block_size, group_size=group_size, remainder=remainder,
+                         separator=separator, pad_id=3)
+    expected = ref_pack_blocks(tokens, offsets, block_size, remainder, separator, None, group_size, pad_id=3)
+    assert rows_of(blocks.gather(np.arange(len(blocks)))) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(docs=st.lists(st.lists(st.integers(0, 50000), max_size=30), max_size=30),
+       block_size=st.integers(1, 16), group_size=st.integers(1, 8))
+def test_group_size_reproduces_the_tutorial_map_batches(docs, block_size, group_size):
+    """datasets.map(batched=True, batch_size=G) calls group_texts on each G rows: same blocks, same order."""
+    expected = []
+    for i in range(0, len(docs), group_size):
+        expected += seed_group_texts({"input_ids": docs[i:i + group_size]}, block_size)["input_ids"]
+    tokens, offsets = make_tokens(docs, np.uint16, "array")
+    blocks = pack_blocks(tokens, offsets, block_size, group_size=group_size)
+    assert blocks.gather(np.arange(len(blocks)))["input_ids"].tolist() == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    docs=docs_strategy,
+    dtype=st.sampled_from(DTYPES),
+    container=st.sampled_from(CONTAINERS),
+    block_size=st.integers(1, 24),
+    overlong=st.sampled_from(["split", "truncate"]),
+)
+def test_pack_documents_matches_reference(docs, dtype, container, block_size, overlong):
+    tokens, offsets = make_tokens(docs, dtype, container)
+    packed = pack_documents(tokens, offsets, block_size, overlong=overlong, pad_id=5)
+    pieces = ref_pieces(tokens, offsets, block_size, overlong)
+    assert len(packed) == ref_best_fit_decreasing([len(p) for p in pieces], block_size)
+
+    batch = packed.gather(np.arange(len(packed)))
+    found = []
+    for r in range(len(packed)):
+        ids, labels = batch["input_ids"][r], batch["labels"][r]
+        mask, positions = batch["attention_mask"][r], batch["position_ids"][r]
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any(), "real tokens first, then padding"
+        assert (ids[n:] == 5).all() and (labels[n:] == IGNORE_INDEX).all()
+        starts = list(np.flatnonzero(positions[:n] == 0)) + [n]
+        for a, b in zip(starts[:-1], starts[1:]):
+            found.append(list(ids[a:b]))
+            assert list(positions[a:b]) == list(range(b - a))
+            assert labels[a] == IGNORE_INDEX, "the loss is masked at every document start"
+            assert list(labels[a + 1:b]) == list(ids[a + 1:b])
+    assert sorted(found) == sorted(pieces), "every piece placed exactly once, no token lost or invented"
+    assert packed.n_tokens == sum(map(len, pieces))
+    assert packed.n_dropped == sum(map(len, documents(tokens, offsets))) - packed.n_tokens
+
+
+def test_pack_documents_fills_better_than_first_come():
+    lengths = [7, 5, 3, 3, 2, 2, 1, 1]  # BFD packs these into exactly 3 blocks of 8
+    tokens = np.arange(sum(lengths), dtype=np.uint16)
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    packed = pack_documents(tokens, offsets, 8)
+    assert len(packed) == 3 and packed.fill_rate == 1.0
+
+
+def test_flatten_matches_data_collator_with_flattening_layout():
+    tokens = np.arange(1, 11, dtype=np.int32)
+    offsets = np.array([0, 4, 10], dtype=np.int64)
+    flat = pack_documents(tokens, offsets, 8).gather([0, 1], flatten=True)
+    assert flat["input_ids"].shape == (1, 10)
+    assert flat["cu_seq_lens_q"].tolist() == [0, 6, 10]
+    assert flat["max_length_q"] == 6
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 3]]
+    assert flat["labels"][0, 0] == IGNORE_INDEX and flat["labels"][0, 6] == IGNORE_INDEX
+
+
+def test_as_array_is_a_zero_copy_view():
+    tokens = np.arange(100, dtype=np.uint16)
+    blocks = pack_blocks(tokens, np.array([10, 50, 100]), 16)
+    view = blocks.as_array()
+    assert view.shape == (5, 16) and np.shares_memory(view, tokens)
+    assert view[0, 0] == 10
+    with pytest.raises(ValueError, match="view"):
+        pack_blocks(tokens, np.array([0, 100]), 16, separator=0).as_array()
+
+
+def test_gather_into_preallocated_out():
+    tokens = np.arange(64, dtype=np.uint32)
+    blocks = pack_blocks(tokens, [0, 64], 8)
+    out = {k: np.full((2, 8), -1, dtype=np.int64) for k in ("input_ids", "labels", "attention_mask")}
+    result = blocks.gather([3, 1], out=out)
+    assert result["input_ids"] is out["input_ids"]
+    assert out["input_ids"].tolist() == [list(range(24, 32)), list(range(8, 16))]
+    with pytest.raises(ValueError, match="shape"):
+        blocks.gather([0], out={k: np.empty((2, 8), np.int64) for k in out})
+
+
+# --- group_texts drop-in ------------------------------------------------------------------------------
+
+@settings(max_examples=100, deadline=None)
+@given(docs=st.lists(st.lists(st.integers(0, 50000), max_size=50), max_size=20), block_size=st.integers(1, 32))
+def test_group_texts_equals_the_seed_function(docs, block_size):
+    batch = {"input_ids": docs, "attention_mask": [[1] * len(d) for d in docs]}
+    ours = fastlm.group_texts(batch, block_size)
+    seed = seed_group_texts(batch, block_size)
+    assert set(ours) == set(seed) == {"input_ids", "attention_mask", "labels"}
+    for key in seed:
+        assert ours[key].shape == (len(seed[key]), block_size)
+        assert ours[key].tolist() == seed[key]
+    assert not np.shares_memory(ours["labels"], ours["input_ids"])
+
+
+def test_group_texts_on_an_arrow_table():
+    pa = pytest.importorskip("pyarrow")
+    docs = [[1, 2, 3], [], [4, 5, 6, 7, 8], [9]]
+    table = pa.table({"input_ids": pa.array(docs, pa.list_(pa.int32())),
+                      "attention_mask": pa.array([[1] * len(d) for d in docs], pa.list_(pa.int8()))})
+    out = fastlm.group_texts(table.slice(1), block_size=2)  # a sliced table has non-zero list offsets
+    seed = seed_group_texts({"input_ids": docs[1:], "attention_mask": [[1] * len(d) for d in docs[1:]]}, 2)
+    assert isinstance(out, pa.Table)
+    assert out.to_pydict() == seed
+    assert out.schema.field("input_ids").type == pa.list_(pa.int32())
+
+
+def test_group_texts_inside_datasets_map_matches_the_tutorial(gpt2_tok):
+    datasets = pytest.importorskip("datasets")
+    from tests.data import wikitext_lines
+
+    raw = datasets.Dataset.from_dict({"text": wikitext_lines("valid")[:2500]})
+    tokenized = raw.map(lambda b: gpt2_tok(b["text"]), batched=True, remove_columns=["text"])
+    seed = tokenized.map(seed_group_texts, batched=True)
+    lists = tokenized.map(fastlm.group_texts, batched=True)
+    arrow = tokenized.with_format("arrow").map(fastlm.group_texts, batched=True)
+    assert seed.num_rows > 100
+    for ours in (lists, arrow):
+        assert ours.column_names == seed.column_names
+        assert ours.features == seed.features
+        for key in seed.column_names:
+            assert ours.data.column(key).to_pylist() == seed.data.column(key).to_pylist()
+    # The array API in seed-exact mode gives the same blocks from a flat token array.
+    ids = tokenized["input_ids"]
+    tokens = np.array([t for row in ids for t in row], dtype=np.uint16)
+    offsets = np.concatenate(([0], np.cumsum([len(r) for r in ids]))).astype(np.int64)
+    blocks = pack_blocks(tokens, offsets, 128, group_size=1000)
+    assert blocks.gather(np.arange(len(blocks)))["input_ids"].tolist() == seed.data.column("input_ids").to_pylist()
+
+
+def test_group_texts_chain_and_seed_references_agree():
+    batch = {"input_ids": [[1, 2], [3, 4, 5], [6]]}
+    assert chain_group_texts(batch, 2) == seed_group_texts(batch, 2)
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(block_size=0), ValueError, "block_size must be a positive integer"),
+        (dict(block_size=-3), ValueError, "block_size must be a positive integer"),
+        (dict(block_size=2.5), ValueError, "block_size must be a positive integer"),
+        (dict(offsets=[0, 5, 3, 10]), ValueError, "non-decreasing"),
+        (dict(offsets=[0, 11]), ValueError, r"must lie in \[0, 10\]"),
+        (dict(offsets=[-1, 10]), ValueError, "must lie in"),
+        (dict(offsets=[0.0, 10.0]), TypeError, "offsets must be integers"),
+        (dict(tokens=np.arange(10, dtype=np.float32)), TypeError, "dtype float32 is not supported"),
+        (dict(tokens=np.arange(10, dtype=np.int8)), TypeError, "dtype int8 is not supported"),
+        (dict(tokens=np.arange(20, dtype=np.int32)[::2]), ValueError, "contiguous"),
+        (dict(tokens=np.arange(10, dtype=np.int32).reshape(2, 5)), ValueError, "1-D"),
+        (dict(tokens=list(range(10))), TypeError, "numpy array"),
+        (dict(remainder="pad"), ValueError, "needs a pad_id"),
+        (dict(remainder="wrap"), ValueError, "remainder must be one of"),
+        (dict(stride=8), ValueError, "must not exceed block_size"),
+        (dict(stride=0), ValueError, "stride must be a positive integer"),
+        (dict(separator=-1), ValueError, "separator must be a non-negative token id"),
+        (dict(group_size=0), ValueError, "group_size must be a positive integer"),
+        (dict(group_size=2, stride=2), ValueError, "cannot be combined"),
+    ],
+)
+def test_pack_blocks_rejects_bad_input(kwargs, error, match):
+    args = dict(tokens=np.arange(10, dtype=np.int32), offsets=[0, 4, 10], block_size=4)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        pack_blocks(args.pop("tokens"), args.pop("offsets"), args.pop("block_size"), **args)
+
+
+def test_pack_documents_rejects_bad_input():
+    tokens = np.arange(10, dtype=np.uint16)
+    with pytest.raises(ValueError, match="overlong must be one of"):
+        pack_documents(tokens, [0, 10], 4, overlong="drop")
+    with pytest.raises(ValueError, match="pad_id"):
+        pack_documents(tokens, [0, 10], 4, pad_id=-1)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        pack_documents(tokens, [0, 6, 2, 10], 4)
+
+
+def test_short_blocks_need_a_pad_id_to_gather():
+    blocks = pack_blocks(np.arange(10, dtype=np.int32), [0, 10], 4, remainder="keep")
+    with pytest.raises(ValueError, match="pass pad_id"):
+        blocks.gather([2])
+    with pytest.raises(IndexError, match="out of range"):
+        blocks.gather([3])
+
+
+def test_group_texts_rejects_bad_batches():
+    with pytest.raises(KeyError, match="input_ids"):
+        fastlm.group_texts({"attention_mask": [[1, 1]]}, 2)
+    with pytest.raises(ValueError, match="holds 1 tokens but input_ids holds 2"):
+        fastlm.group_texts({"input_ids": [[1, 2]], "attention_mask": [[1]]}, 2)
+    with pytest.raises(TypeError, match="str"):
+        fastlm.group_texts({"input_ids": ["some text"]}, 2)
+    with pytest.raises(ValueError, match="block_size"):
+        fastlm.group_texts({"input_ids": [[1, 2]]}, 0)
+
+
+# --- beyond 2**32 ---------------------------------------------------------------------------------------
+
+def test_offsets_beyond_4_billion_tokens(tmp_path):
+    """int64 offsets all the way: a sparse 8.6 GB memmap whose last documents sit past 2**32 tokens."""
+    n = 2**32 + 64
+    path = tmp_path / "tokens.bin"
+    tail = np.arange(1, 65, dtype=np.uint16)
+    with open(path, "wb") as f:
+        f.seek((n - 64) * 2)
+        f.write(tail.tobytes())
+    tokens = np.memmap(path, dtype=np.uint16, mode="r", shape=(n,))
+    offsets = np.array([0, n - 64, n - 20, n], dtype=np.int64)
+
+    blocks = pack_blocks(tokens, offsets, 2**20, remainder="keep", separator=0, pad_id=0, group_size=1)
+    last_two = blocks.gather([len(blocks) - 2, len(blocks) - 1])
+    assert last_two["input_ids"][0, :45].tolist() == tail[:44].tolist() + [0]
+    assert last_two["input_ids"][1, :21].tolist() == tail[44:].tolist() + [0]
+    assert last_two["attention_mask"][1].sum() == 21
+
+    packed = pack_documents(tokens, offsets, 64, overlong="truncate")
+    batch = packed.gather(np.arange(len(packed)))
+    assert len(packed) == 2  # the truncated giant alone; the two small documents share a block
+    row = int(np.argmax(batch["input_ids"][:, 0]))
+    assert batch["input_ids"][row].tolist() == tail.tolist()
+    assert batch["position_ids"][row, 44] == 0
+    assert packed.n_dropped == (n - 64) - 64

@@ -11,7 +11,7 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.long cimport PyLong_AsLongLong
 from libc.stdint cimport int64_t, uint8_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 from _types cimport token_t
 
@@ -73,13 +73,15 @@ cdef inline Py_ssize_t _doc_at(const int64_t[::1] offsets, int64_t has_sep, int6
 
 
 cdef inline void _copy_stream(const token_t[::1] tokens, const int64_t[::1] offsets, int64_t separator,
-                              int64_t start, int64_t length, int64_t[::1] out) noexcept nogil:
+                              int64_t start, int64_t length, int64_t* out) noexcept nogil:
     cdef int64_t has_sep = separator >= 0
     cdef Py_ssize_t i, d, n_docs = offsets.shape[0] - 1
     cdef int64_t pos, doc_start, doc_len, k = 0, within, take
+    cdef const token_t* source
     if not has_sep:
+        source = &tokens[0] + offsets[0] + start if tokens.shape[0] else NULL
         for i in range(length):
-            out[i] = tokens[offsets[0] + start + i]
+            out[i] = source[i]
         return
     d = _doc_at(offsets, has_sep, start)
     pos = start
@@ -98,26 +100,39 @@ cdef inline void _copy_stream(const token_t[::1] tokens, const int64_t[::1] offs
         d += 1
 
 
+cdef inline void _finish_row(int64_t* ids, int64_t* labels, int64_t* attention, Py_ssize_t width,
+                             Py_ssize_t n_real, Py_ssize_t n_context, int64_t pad_id) noexcept nogil:
+    """Pad a row whose first n_real ids are filled, and derive its labels and attention mask."""
+    cdef Py_ssize_t i
+    for i in range(n_real, width):
+        ids[i] = pad_id
+    for i in range(n_context):
+        labels[i] = IGNORE_INDEX
+    if n_real > n_context:
+        memcpy(labels + n_context, ids + n_context, (n_real - n_context) * sizeof(int64_t))
+    for i in range(n_real, width):
+        labels[i] = IGNORE_INDEX
+    for i in range(n_real):
+        attention[i] = 1
+    for i in range(n_real, width):
+        attention[i] = 0
+
+
 def gather_stream(const token_t[::1] tokens, const int64_t[::1] offsets, int64_t separator,
                   const int64_t[::1] starts, const int64_t[::1] lengths, const int64_t[::1] context,
                   const int64_t[::1] indices, int64_t pad_id,
                   int64_t[:, ::1] input_ids, int64_t[:, ::1] labels, int64_t[:, ::1] attention_mask):
     """Materialise stream blocks `indices` into rows; padding gets pad_id, label -100, attention 0."""
-    cdef Py_ssize_t r, i, width = input_ids.shape[1]
-    cdef int64_t b, n
+    cdef Py_ssize_t r, width = input_ids.shape[1]
+    cdef int64_t b
+    if indices.shape[0] == 0:
+        return
     with nogil:
         for r in range(indices.shape[0]):
             b = indices[r]
-            n = lengths[b]
-            _copy_stream(tokens, offsets, separator, starts[b], n, input_ids[r])
-            for i in range(width):
-                if i < n:
-                    labels[r, i] = input_ids[r, i] if i >= context[b] else IGNORE_INDEX
-                    attention_mask[r, i] = 1
-                else:
-                    input_ids[r, i] = pad_id
-                    labels[r, i] = IGNORE_INDEX
-                    attention_mask[r, i] = 0
+            _copy_stream(tokens, offsets, separator, starts[b], lengths[b], &input_ids[r, 0])
+            _finish_row(&input_ids[r, 0], &labels[r, 0], &attention_mask[r, 0], width,
+                        lengths[b], context[b], pad_id)
 
 
 # --- Document packing (best-fit decreasing) ---------------------------------------------------------

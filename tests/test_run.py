@@ -1,0 +1,432 @@
+"""The runner end to end on CPU: tiny models, a few steps each, in-process (single rank, gloo) except the
+2-rank test, which goes through the `deepspeed` launcher."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastlm import run
+from tests.data import wikitext_lines
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dataloader_num_workers", "0", "--disable_tqdm", "--logging_steps", "1", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    """WikiText-2 validation rows: 1200 for training, 150 for evaluation (one document a line)."""
+    lines = [line for line in wikitext_lines("valid") if line.strip()]
+    root = tmp_path_factory.mktemp("text")
+    (root / "train.txt").write_text("".join(lines[:1200]), encoding="utf-8")
+    (root / "valid.txt").write_text("".join(lines[1200:1350]), encoding="utf-8")
+    return root / "train.txt", root / "valid.txt"
+
+
+@pytest.fixture(scope="module")
+def clm_stores(text_files, tmp_path_factory):
+    """Token stores with a 1024-entry byte-level BPE trained on the training text."""
+    from fastlm.prepare import prepare
+
+    root = tmp_path_factory.mktemp("clm_store")
+    train = prepare([str(text_files[0])], root / "train", train_tokenizer=True, vocab_size=1024, progress=False)
+    prepare([str(text_files[1])], root / "valid", tokenizer=str(train.tokenizer_dir), progress=False)
+    return root / "train", root / "valid"
+
+
+@pytest.fixture(scope="module")
+def mlm_stores(text_files, roberta_tok, tmp_path_factory):
+    from fastlm.prepare import prepare
+
+    root = tmp_path_factory.mktemp("mlm_store")
+    train_lines = text_files[0].read_text(encoding="utf-8").splitlines(keepends=True)[:400]
+    (root / "train.txt").write_text("".join(train_lines), encoding="utf-8")
+    prepare([str(root / "train.txt")], root / "train", tokenizer=roberta_tok, add_special_tokens=True, progress=False)
+    prepare([str(text_files[1])], root / "valid", tokenizer=roberta_tok, add_special_tokens=True, progress=False)
+    return root / "train", root / "valid"
+
+
+def _clm_args(stores, out, *extra):
+    return ["--task", "clm", "--train_store", str(stores[0]), "--eval_store", str(stores[1]),
+            "--config_name", "gpt2-tiny", "--block_size", "64", "--per_device_train_batch_size", "8",
+            "--learning_rate", "3e-3", "--output_dir", str(out), *TINY, *extra]
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_losses(out):
+    return {m["step"]: m["loss"] for m in _metrics(out) if "loss" in m}
+
+
+@pytest.fixture(scope="module")
+def clm_run(clm_stores, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clm_run")
+    results = run.main(_clm_args(clm_stores, out, "--max_steps", "30", "--warmup_steps", "3",
+                                 "--save_steps", "15", "--eval_steps", "15"))
+    return out, results
+
+
+# --- configuration ------------------------------------------------------------------------------------
+
+def _args(*argv):
+    return run.parse_args(["--train_store", "s", "--config_name", "gpt2-tiny", *argv])
+
+
+def test_config_from_flags():
+    args, explicit = _args("--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "3",
+                           "--zero_stage", "2", "--max_grad_norm", "0.5", "--weight_decay", "0.1")
+    config = run.build_ds_config(args, world_size=2, device_type="cpu", explicit=explicit)
+    assert config["train_micro_batch_size_per_gpu"] == 4
+    assert config["gradient_accumulation_steps"] == 3
+    assert config["train_batch_size"] == 24
+    assert config["zero_optimization"]["stage"] == 2
+    assert config["gradient_clipping"] == 0.5
+    assert config["optimizer"]["type"] == "AdamW" and config["optimizer"]["params"]["torch_adam"] is True
+    assert config["optimizer"]["params"]["weight_decay"] == 0.1
+    assert not config["bf16"]["enabled"] and not config["fp16"]["enabled"]  # auto on CPU -> fp32
+    assert args.precision == "fp32"
+
+
+@pytest.mark.parametrize("argv, world, message", [
+    (["--train_batch_size", "10"], 1, "batch sizes do not multiply out: train_batch_size 10 != micro batch 8"),
+    (["--precision", "fp16"], 1, "fp16 is not supported on CPU"),
+    (["--per_device_train_batch_size", "0"], 1, "must be a positive integer"),
+    (["--train_batch_size", "16", "--per_device_train_batch_size", "8"], 4, "x 4 rank(s) = 32"),
+])
+def test_contradictory_flags_are_rejected(argv, world, message):
+    args, explicit = _args(*argv)
+    with pytest.raises(run.ConfigError, match=None) as error:
+        run.build_ds_config(args, world_size=world, device_type="cpu", explicit=explicit)
+    assert message in str(error.value)
+
+
+def test_json_config_is_merged(tmp_path):
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": "auto",
+                               "zero_optimization": {"stage": 1, "overlap_comm": True}, "bf16": {"enabled": True}}))
+    args, explicit = _args("--deepspeed", str(cfg), "--gradient_accumulation_steps", "4")
+    config = run.build_ds_config(args, world_size=2, device_type="cpu", explicit=explicit)
+    assert config["train_micro_batch_size_per_gpu"] == 2 and args.per_device_train_batch_size == 2
+    assert config["gradient_accumulation_steps"] == 4  # "auto" takes the flag
+    assert config["train_batch_size"] == 16
+    assert config["zero_optimization"] == {"stage": 1, "overlap_comm": True} and args.zero_stage == 1
+    assert args.precision == "bf16" and "fp16" not in config
+
+
+def test_json_contradicting_an_explicit_flag_is_rejected(tmp_path):
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2}))
+    args, explicit = _args("--deepspeed_config", str(cfg), "--per_device_train_batch_size", "8")
+    with pytest.raises(run.ConfigError, match="--per_device_train_batch_size 8 contradicts train_micro_batch_size_per_gpu = 2"):
+        run.build_ds_config(args, world_size=1, device_type="cpu", explicit=explicit)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config_name", "gpt2-tiny"], "give exactly one training source"),
+    (["--train_store", "s", "--train_file", "t.txt", "--config_name", "gpt2-tiny"], "not both"),
+    (["--train_store", "s"], "give exactly one of --model_name_or_path"),
+    (["--train_file", "t.txt", "--config_name", "gpt2-tiny"], "preparing text needs a tokenizer"),
+    (["--train_store", "s", "--config_name", "x", "--task", "mlm", "--eval_stride", "8"], "--eval_stride is for CLM"),
+    (["--train_store", "s", "--config_name", "x", "--eval_stride", "999"], "--eval_stride must be in [1, block_size=128]"),
+    (["--train_store", "s", "--config_name", "x", "--precision", "fp16"], "fp16 is not supported on CPU"),
+])
+def test_bad_command_lines_exit_with_one_clear_message(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        run.main([*argv, "--output_dir", str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_resume_without_checkpoint_is_rejected(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run.main(["--train_store", "s", "--config_name", "gpt2-tiny", "--resume", "--output_dir", str(tmp_path)])
+    assert "--resume: no checkpoint" in capsys.readouterr().err
+
+
+def test_lr_schedule_warms_up_then_decays():
+    args, _ = _args("--warmup_steps", "4", "--lr_scheduler_type", "linear")
+    linear = run.lr_schedule(args, 12)
+    assert [linear(s) for s in (0, 2, 4, 8, 12)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+    args.lr_scheduler_type = "cosine"
+    cosine = run.lr_schedule(args, 12)
+    assert cosine(4) == 1.0 and cosine(8) == pytest.approx(0.5) and cosine(12) == pytest.approx(0.0)
+
+
+# --- perplexity arithmetic ----------------------------------------------------------------------------
+
+def test_perplexity_is_token_weighted_and_overflows_to_inf():
+    assert run.perplexity(math.log(5.0) * 7, 7) == pytest.approx(5.0)
+    assert run.perplexity(1e6, 1) == math.inf
+    with pytest.raises(ValueError, match="zero target tokens"):
+        run.perplexity(0.0, 0)
+
+
+def test_token_nll_counts_only_targets_and_shifts_for_clm():
+    import torch
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.tensor([[1, 2, -100, 4, 5], [6, -100, -100, -100, -100]])
+    nll, n = run.token_nll(logits, labels, shift=True)
+    logp = torch.log_softmax(logits, -1)
+    expected = [-logp[b, t - 1, labels[b, t]] for b in range(2) for t in range(1, 5) if labels[b, t] != -100]
+    assert int(n) == 3 == len(expected)
+    assert float(nll) == pytest.approx(float(sum(expected)), rel=1e-6)
+    nll, n = run.token_nll(logits, labels, shift=False)
+    assert int(n) == 5
+
+
+class _PlainEngine:
+    """The slice of a DeepSpeed engine that run.evaluate uses, over a bare HF model."""
+
+    def __init__(self, model):
+        self.module, self.device = model, "cpu"
+
+    def eval(self):
+        self.module.eval()
+
+    def train(self):
+        self.module.train()
+
+    def __call__(self, **batch):
+        return self.module(**batch)
+
+
+def _tiny_gpt(vocab_size, seed=0):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=vocab_size, n_positions=64)).eval()
+
+
+def test_evaluation_weights_ragged_batches_by_tokens(clm_stores):
+    """Documents packed whole leave blocks with different target counts: the result must equal the
+    per-token mean over all blocks, not the mean of batch means."""
+    import torch
+
+    from fastlm import pack_documents
+    from fastlm.store import TokenStore
+
+    store = TokenStore.open(clm_stores[1])
+    blocks = pack_documents(store.tokens, store.offsets, 64)
+    model = _tiny_gpt(store.meta["vocab_size"])
+    args, _ = _args("--per_device_eval_batch_size", "3", "--block_size", "64")
+    got = run.evaluate(_PlainEngine(model), blocks, args=args, rank=0, world_size=1)
+
+    nll_sum, count, batch_means = 0.0, 0, []
+    with torch.no_grad():
+        for lo in range(0, len(blocks), 3):
+            batch = {k: torch.from_numpy(v) for k, v in blocks.gather(np.arange(lo, min(lo + 3, len(blocks)))).items()}
+            labels = batch.pop("labels")
+            logp = torch.log_softmax(model(**batch).logits[:, :-1].double(), -1)
+            targets = labels[:, 1:]
+            keep = targets != -100
+            token_nll = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)[keep]
+            nll_sum += float(token_nll.sum())
+            count += int(keep.sum())
+            batch_means.append(float(token_nll.mean()))
+    assert got["eval_tokens"] == count
+    assert got["eval_loss"] == pytest.approx(nll_sum / count, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(nll_sum / count), rel=1e-5)
+    assert abs(np.mean(batch_means) - nll_sum / count) > 1e-4  # the data really is ragged
+
+
+def test_strided_evaluation_matches_the_hf_sliding_window_recipe(clm_stores):
+    import torch
+
+    from fastlm import pack_blocks
+    from fastlm.store import TokenStore
+
+    store = TokenStore.open(clm_stores[1])
+    tokens, offsets = store.tokens[:1000], np.array([0, 1000])
+    model = _tiny_gpt(store.meta["vocab_size"])
+    args, _ = _args("--block_size", "64", "--eval_stride", "16", "--per_device_eval_batch_size", "4")
+    blocks = pack_blocks(tokens, offsets, 64, stride=16, remainder="pad", pad_id=0)
+    got = run.evaluate(_PlainEngine(model), blocks, args=args, rank=0, world_size=1)
+
+    # HF's "Perplexity of fixed-length models" loop, with token-weighted sums.
+    ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None]
+    nll_sum, count, prev_end = 0.0, 0, 0
+    with torch.no_grad():
+        for begin in range(0, ids.shape[1], 16):
+            end = min(begin + 64, ids.shape[1])
+            target = ids[:, begin:end].clone()
+            target[:, : -(end - prev_end)] = -100
+            nll, n = run.token_nll(model(ids[:, begin:end]).logits, target, shift=True)
+            nll_sum, count, prev_end = nll_sum + float(nll), count + int(n), end
+            if end == ids.shape[1]:
+                break
+    assert got["eval_tokens"] == count == 999
+    assert got["eval_loss"] == pytest.approx(nll_sum / count, rel=1e-6)
+
+
+# --- training runs ------------------------------------------------------------------------------------
+
+def test_clm_run_learns_and_writes_its_outputs(clm_run):
+    out, results = clm_run
+    losses = _train_losses(out)
+    assert sorted(losses) == list(range(1, 31))
+    assert np.mean([losses[s] for s in range(26, 31)]) < np.mean([losses[s] for s in range(1, 6)]) - 0.5
+    records = _metrics(out)
+    assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "tokens_seen"} <= set(records[0])
+    assert records[0]["lr"] == pytest.approx(1e-3)  # warmup: 1/3 of the peak after the first step
+    evals = [m for m in records if "perplexity" in m]
+    assert [m["step"] for m in evals] == [15, 30]
+    assert results["perplexity"] == evals[-1]["perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
+    assert results["tokens_seen"] == 30 * 8 * 64 and results["steps"] == 30
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["perplexity"] == results["perplexity"] and saved["wall_time_s"] > 0
+    assert (out / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step15", "step30"]
+
+
+def test_saved_model_loads_and_matches_trainer_perplexity(clm_run, clm_stores, tmp_path):
+    """Our token-weighted perplexity == transformers.Trainer.evaluate's exp(eval_loss) on the same model
+    and blocks. Full CLM blocks all hold block_size - 1 targets, so Trainer's mean of batch means is
+    token-weighted too and the two must agree."""
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from fastlm import pack_blocks
+    from fastlm.store import TokenStore
+
+    out, results = clm_run
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    store = TokenStore.open(clm_stores[1])
+    blocks = pack_blocks(store.tokens, store.offsets, 64)
+    rows = blocks.gather(np.arange(len(blocks)))
+    # Position 0 is never a CLM target (the loss shifts). Trainer 5.24 divides by the count of labels
+    # != -100 *unshifted* when the model's class name does not map to ForCausalLM (GPT2LMHeadModel), so
+    # it over-counts one token per row unless position 0 says -100; the loss itself is unchanged.
+    rows["labels"][:, 0] = -100
+    dataset = [{k: torch.from_numpy(v[i]) for k, v in rows.items()} for i in range(len(blocks))]
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2,
+                                                          report_to=[], use_cpu=True), eval_dataset=dataset)
+    hf = trainer.evaluate()
+    assert results["eval_tokens"] == len(blocks) * 63
+    assert results["perplexity"] == pytest.approx(math.exp(hf["eval_loss"]), rel=1e-4)
+
+
+def test_resume_continues_exactly(clm_run, clm_stores, tmp_path):
+    """Restart from the step-15 checkpoint of the 30-step run: steps 16..30 must repeat its losses."""
+    out, _ = clm_run
+    shutil.copytree(out / "checkpoints" / "step15", tmp_path / "checkpoints" / "step15")
+    (tmp_path / "checkpoints" / "latest").write_text("step15")
+    shutil.copy(out / "metrics.jsonl", tmp_path / "metrics.jsonl")
+    resumed = run.main(_clm_args(clm_stores, tmp_path, "--max_steps", "30", "--warmup_steps", "3",
+                                 "--save_steps", "15", "--eval_steps", "15", "--resume"))
+    full, again = _train_losses(out), _train_losses(tmp_path)
+    assert sorted(again) == list(range(1, 31))
+    for step in range(16, 31):
+        assert again[step] == pytest.approx(full[step], rel=1e-6, abs=0), step
+    assert resumed["tokens_seen"] == 30 * 8 * 64
+    assert resumed["perplexity"] == pytest.approx(json.loads((out / "results.json").read_text())["perplexity"], rel=1e-6)
+
+
+def test_fine_tunes_from_a_save_pretrained_directory(clm_run, clm_stores, tmp_path):
+    out, results = clm_run
+    args = _clm_args(clm_stores, tmp_path, "--max_steps", "3", "--learning_rate", "1e-4")
+    args[args.index("--config_name"):args.index("--config_name") + 2] = ["--model_name_or_path", str(out / "model")]
+    tuned = run.main(args)
+    first = _train_losses(tmp_path)[1]
+    assert first < _train_losses(out)[1] - 1.0  # it started from the trained weights, not from scratch
+    assert tuned["perplexity"] < results["perplexity"] * 1.05
+
+
+@pytest.mark.parametrize("stage, precision", [(1, "fp32"), (2, "bf16"), (3, "fp32")])
+def test_zero_stages_train(stage, precision, clm_stores, tmp_path):
+    results = run.main(_clm_args(clm_stores, tmp_path, "--max_steps", "4", "--zero_stage", str(stage),
+                                 "--precision", precision, "--learning_rate", "1e-2"))
+    losses = _train_losses(tmp_path)
+    # A fresh model's loss is about ln(vocab): ZeRO-3 must not skip HF's weight init (it would be ~40).
+    assert abs(losses[1] - math.log(1024)) < 1.0
+    assert losses[4] < losses[1]
+    assert results["zero_stage"] == stage and results["precision"] == precision
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert all(p.abs().sum() > 0 for p in model.parameters())  # ZeRO-3 gathered real weights
+
+
+def test_mlm_run_learns_and_matches_trainer_with_the_same_fixed_masks(mlm_stores, tmp_path):
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from fastlm import pack_blocks
+    from fastlm.data import eval_batches
+    from fastlm.store import TokenStore
+
+    results = run.main(["--task", "mlm", "--train_store", str(mlm_stores[0]), "--eval_store", str(mlm_stores[1]),
+                        "--config_name", "roberta-tiny", "--block_size", "64", "--per_device_train_batch_size", "8",
+                        "--learning_rate", "5e-3", "--max_steps", "12", "--output_dir", str(tmp_path), *TINY])
+    losses = _train_losses(tmp_path)
+    assert np.mean([losses[s] for s in (10, 11, 12)]) < np.mean([losses[s] for s in (1, 2, 3)]) - 0.5
+
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    store = TokenStore.open(mlm_stores[1])
+    blocks = pack_blocks(store.tokens, store.offsets, 64)
+    masker = run._masker(run.parse_args(["--task", "mlm", "--seed", "3"])[0], tokenizer)
+    # One batch holding every block: Trainer's batch mean is then the token-weighted mean.
+    (batch, _), = eval_batches(blocks, batch_size=len(blocks), rank=0, world_size=1, masker=masker)
+    dataset = [{k: torch.from_numpy(v[i]) for k, v in batch.items()} for i in range(len(blocks))]
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "hf"), report_to=[], use_cpu=True,
+                                                          per_device_eval_batch_size=len(blocks)), eval_dataset=dataset)
+    hf = trainer.evaluate()
+    assert results["eval_tokens"] == int((batch["labels"] != -100).sum())
+    assert results["perplexity"] == pytest.approx(math.exp(hf["eval_loss"]), rel=1e-4)
+
+
+def test_train_batches_are_disjoint_across_ranks_and_deterministic(clm_stores):
+    from fastlm import pack_blocks
+    from fastlm.data import TrainBatches
+    from fastlm.store import TokenStore
+
+    store = TokenStore.open(clm_stores[0])
+    blocks = pack_blocks(store.tokens, store.offsets, 64)
+    shares = [TrainBatches(blocks, micro_batch=4, accumulation=2, rank=r, world_size=3, epoch=1, seed=0)
+              for r in range(3)]
+    seen = [np.concatenate([s.indices(j) for j in range(len(s))]) for s in shares]
+    everything = np.concatenate(seen)
+    assert len(np.unique(everything)) == len(everything)  # disjoint, no repeats
+    assert len(shares[0]) % 2 == 0 and len(everything) > 0.9 * len(blocks)
+    again = TrainBatches(blocks, micro_batch=4, accumulation=2, rank=1, world_size=3, epoch=1, seed=0)
+    assert np.array_equal(again[5]["input_ids"], shares[1][5]["input_ids"])
+    other_epoch = TrainBatches(blocks, micro_batch=4, accumulation=2, rank=1, world_size=3, epoch=2, seed=0)
+    assert not np.array_equal(other_epoch.indices(0), shares[1].indices(0))
+
+
+def test_demo_arguments_prepare_a_corpus_every_machine_has(tmp_path):
+    results = run.main([*run.demo_argv(tmp_path, max_steps=3), "--disable_tqdm"])
+    from pydoc_data.topics import topics
+
+    assert len((tmp_path / "pydoc_topics.txt").read_text(encoding="utf-8").splitlines()) == len(topics)
+    assert results["steps"] == 3 and math.isfinite(results["perplexity"])
+
+
+def test_two_ranks_with_the_deepspeed_launcher(text_files, tmp_path):
+    """`deepspeed --num_gpus 2`: rank 0 prepares the text while rank 1 waits, the ranks train on
+    disjoint blocks and both report the same final evaluation."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(run._free_port()), str(ROOT / "fastlm" / "run.py"),
+           "--train_file", str(text_files[0]), "--validation_file", str(text_files[1]), "--train_tokenizer",
+           "--vocab_size", "512", "--config_name", "gpt2-tiny", "--block_size", "64", "--max_steps", "4",
+           "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path), *TINY]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["world_size"] == 2
+    assert results["ranks"]["overlapping_blocks"] == 0
+    assert results["ranks"]["blocks_trained"] == 4 * 4 * 2
+    assert len(set(results["ranks"]["eval_loss"])) == 1 and len(results["ranks"]["eval_loss"]) == 2
+    assert results["tokens_seen"] == 4 * 4 * 2 * 64

@@ -1,0 +1,486 @@
+"""`fastlm prepare`: any corpus to a memory-mapped token store, streaming, parallel and atomic.
+
+    from fastlm.prepare import prepare
+    store = prepare(["wiki.train.raw"], "data/wiki", tokenizer="gpt2", append_eos=True, num_proc=4)
+
+Inputs are read in ~1 MB batches of documents and tokenised with batched fast-tokenizer calls
+(in a process pool with num_proc > 1); each batch comes back as one flat numpy array plus document
+lengths and is appended to the store, so memory stays flat however large the corpus is.
+
+Documents with no non-whitespace text are skipped in every format (a WikiText blank row tokenises
+to nothing in the tutorial pipeline too). In "line" mode a document keeps its line ending, so a
+WikiText-style raw file gives the same token stream as tokenizing its rows one by one.
+"""
+import bz2
+import gzip
+import itertools
+import lzma
+import operator
+import os
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from fastlm.store import TOKENIZER_DIR, StoreWriter, dtype_for_vocab
+
+DOC_BOUNDARIES = ("line", "paragraph", "file")
+ERRORS = ("strict", "replace")
+_COMPRESSED = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
+_STRUCTURED = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# Text is read and tokenised in batches of about this many bytes: big enough to amortise the
+# per-call overhead of the tokenizer and the pool, small enough that num_proc batches in flight
+# stay a few MB.
+_BATCH_BYTES = 1 << 20
+_BATCH_ROWS = 4096
+
+
+def prepare(
+    sources,
+    output,
+    *,
+    tokenizer=None,
+    train_tokenizer=False,
+    vocab_size=None,
+    doc_boundary="line",
+    text_column="text",
+    append_eos=False,
+    prepend_bos=False,
+    add_special_tokens=False,
+    num_proc=1,
+    dataset_name=None,
+    dataset_config=None,
+    split=None,
+    errors="strict",
+    overwrite=False,
+    progress=True,
+):
+    """Tokenise ``sources`` into a new token store at ``output``; returns the opened TokenStore.
+
+    sources: paths of plain text (optionally .gz/.xz/.bz2), .jsonl/.json/.csv/.parquet files; or []
+        with ``dataset_name`` (a Hugging Face dataset name, or a directory from Dataset.save_to_disk);
+        with both, the paths are the dataset's data_files (``dataset_name="json"``, ``"text"``, ...).
+    tokenizer: tokenizer object, local directory, hub name, tokenizer.json, vocab.json (+merges.txt)
+        or WordPiece vocab.txt. Or ``train_tokenizer=True, vocab_size=N`` to train a byte-level BPE
+        on the corpus; either way the tokenizer is saved in ``<output>/tokenizer``.
+    doc_boundary: a document is a "line" of a text file, a blank-line-separated "paragraph", or a
+        whole "file". Rows of structured files and datasets are always one document each.
+    add_special_tokens: apply the tokenizer's own template (e.g. [CLS] ... [SEP]) to each document;
+        append_eos / prepend_bos add the eos / bos id explicitly.
+    errors: "strict" raises on invalid UTF-8 naming file and line; "replace" substitutes U+FFFD.
+    """
+    sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    _check_arguments(sources, tokenizer, train_tokenizer, vocab_size, doc_boundary, errors, num_proc, dataset_name)
+    sources = [Path(source) for source in sources]
+    if dataset_name is None:
+        for source in sources:
+            if not source.is_file():
+                raise FileNotFoundError(f"input {source} does not exist or is not a file")
+
+    def read_batches():
+        if dataset_name is not None:
+            return _dataset_batches(dataset_name, dataset_config, split, sources, text_column)
+        return itertools.chain.from_iterable(
+            _file_batches(source, doc_boundary, text_column, errors) for source in sources
+        )
+
+    from fastlm import tokenizer as tokenizers_
+
+    if train_tokenizer:
+        tok = tokenizers_.train_bpe_tokenizer(read_batches(), vocab_size)
+        tokenizer_name = f"byte-level BPE trained by fastlm prepare (vocab_size={vocab_size})"
+    else:
+        tok = tokenizers_.load_tokenizer(tokenizer)
+        tokenizer_name = tok.name_or_path or (str(tokenizer) if isinstance(tokenizer, (str, Path)) else type(tok).__name__)
+    bos = _required_special(tok, "bos", prepend_bos)
+    eos = _required_special(tok, "eos", append_eos)
+    total_vocab = tokenizers_.vocab_size(tok)
+    dtype = dtype_for_vocab(total_vocab)
+    meta = {
+        "vocab_size": total_vocab,
+        "special_ids": tokenizers_.special_ids(tok),
+        "tokenizer_name": tokenizer_name,
+        "tokenizer_fingerprint": tokenizers_.fingerprint(tok),
+        "source": (
+            {"dataset": str(dataset_name), "config": dataset_config, "split": split, "data_files": [str(s) for s in sources]}
+            if dataset_name is not None
+            else [str(source.resolve()) for source in sources]
+        ),
+        "args": {
+            "doc_boundary": doc_boundary,
+            "text_column": text_column,
+            "append_eos": append_eos,
+            "prepend_bos": prepend_bos,
+            "add_special_tokens": add_special_tokens,
+            "errors": errors,
+            "train_tokenizer": train_tokenizer,
+            "requested_vocab_size": vocab_size,
+            "num_proc": num_proc,
+        },
+    }
+    from tqdm.auto import tqdm
+
+    encoder_args = (tok.backend_tokenizer.to_str(), add_special_tokens, dtype.name, bos, eos)
+    with StoreWriter(output, vocab_size=total_vocab, overwrite=overwrite) as writer:
+        tok.save_pretrained(writer.path / TOKENIZER_DIR)
+        with tqdm(desc=f"prepare {Path(output).name}", unit="tok", unit_scale=True, disable=not progress) as bar:
+            for tokens, lengths in _encode_batches(read_batches(), encoder_args, num_proc):
+                writer.append(tokens, lengths)
+                bar.update(tokens.shape[0])
+        if writer.n_docs == 0:
+            where = f"dataset {dataset_name}" if dataset_name is not None else ", ".join(map(str, sources))
+            raise ValueError(f"no documents found in {where}: the input is empty or only whitespace; no store written")
+        return writer.close(meta)
+
+
+def summary(store, seconds):
+    """One line for the end of a prepare run: documents, tokens, dtype, bytes, seconds, tokens/s."""
+    n_bytes = store.tokens.nbytes + store.offsets.nbytes
+    rate = store.n_tokens / seconds if seconds > 0 else float("inf")
+    return (
+        f"{store.path}: {len(store):,} documents, {store.n_tokens:,} tokens ({store.tokens.dtype}), "
+        f"{n_bytes / 2**20:,.1f} MiB, {seconds:,.1f} s ({rate:,.0f} tokens/s)"
+    )
+
+
+def _check_arguments(sources, tokenizer, train_tokenizer, vocab_size, doc_boundary, errors, num_proc, dataset_name):
+    if doc_boundary not in DOC_BOUNDARIES:
+        raise ValueError(f"doc_boundary must be one of {DOC_BOUNDARIES}, got {doc_boundary!r}")
+    if errors not in ERRORS:
+        raise ValueError(f"errors must be one of {ERRORS}, got {errors!r}")
+    if not isinstance(num_proc, int) or isinstance(num_proc, bool) or num_proc < 1:
+        raise ValueError(f"num_proc must be a positive integer, got {num_proc!r}")
+    if not sources and dataset_name is None:
+        raise ValueError("no input: give source files or a dataset name")
+    if train_tokenizer:
+        if tokenizer is not None:
+            raise ValueError("give either a tokenizer or train_tokenizer=True, not both")
+        if vocab_size is None:
+            raise ValueError("train_tokenizer=True needs vocab_size (--vocab-size)")
+    elif tokenizer is None:
+        raise ValueError("no tokenizer: pass tokenizer=... (--tokenizer) or train_tokenizer=True (--train-tokenizer)")
+    elif vocab_size is not None:
+        raise ValueError("vocab_size only applies with train_tokenizer=True")
+
+
+def _required_special(tok, name, wanted):
+    if not wanted:
+        return None
+    token_id = getattr(tok, f"{name}_token_id", None)
+    if token_id is None:
+        raise ValueError(
+            f"{'prepend_bos' if name == 'bos' else 'append_eos'} needs a {name} token, and this tokenizer "
+            "has none; use add_special_tokens=True (--add-special-tokens) for its own template instead"
+        )
+    return int(token_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: every source becomes an iterator of lists of document texts.
+
+
+def _open_binary(path):
+    return _COMPRESSED.get(path.suffix.lower(), open)(path, "rb")
+
+
+def _file_batches(path, doc_boundary, text_column, errors):
+    kind = _STRUCTURED.get(path.suffix.lower())
+    if kind is None and path.suffix.lower() in _COMPRESSED:
+        kind = _STRUCTURED.get(Path(path.stem).suffix.lower())
+    if kind is None:
+        chunks = _text_chunks(path, errors)
+        return {"line": _lines, "paragraph": _paragraphs, "file": _whole_file}[doc_boundary](chunks)
+    return _skip_blank({"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}[kind](
+        path, text_column
+    ))
+
+
+def _text_chunks(path, errors):
+    """Decoded text in ~_BATCH_BYTES pieces that end at a line end (except at end of file)."""
+    line = 1
+    with _open_binary(path) as f:
+        rest = b""
+        while True:
+            block = f.read(_BATCH_BYTES)
+            data = rest + block
+            if block:
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:
+                    rest = data
+                    continue
+                data, rest = data[:cut], data[cut:]
+            if not data:
+                return
+            try:
+                text = data.decode("utf-8", errors)
+            except UnicodeDecodeError as error:
+                bad_line = line + data.count(b"\n", 0, error.start)
+                raise ValueError(
+                    f"{path}, line {bad_line}: invalid UTF-8 ({error.reason}: {data[error.start:error.end]!r}); "
+                    "fix the file or pass errors='replace' (--errors replace) to substitute U+FFFD"
+                ) from None
+            line += data.count(b"\n")
+            yield text
+            if not block:
+                return
+
+
+def _split_lines(text):
+    # Only "\n" ends a line (as in WikiText and HF's text loader): str.splitlines would also split
+    # on U+2028 and friends that occur inside real text. Each line keeps its "\n".
+    pieces = text.split("\n")
+    tail = pieces.pop()
+    lines = [piece + "\n" for piece in pieces]
+    if tail:
+        lines.append(tail)
+    return lines
+
+
+def _lines(chunks):
+    for text in chunks:
+        yield [line for line in _split_lines(text) if not line.isspace()]
+
+
+def _paragraphs(chunks):
+    pending = []
+    for text in chunks:
+        docs = []
+        for blank, group in itertools.groupby(_split_lines(text), key=str.isspace):
+            if not blank:
+                pending.extend(group)
+            elif pending:
+                docs.append("".join(pending))
+                pending = []
+        yield docs
+    if pending:
+        yield ["".join(pending)]
+
+
+def _whole_file(chunks):
+    text = "".join(chunks)
+    yield [] if text.isspace() or not text else [text]
+
+
+def _skip_blank(batches):
+    for texts in batches:
+        yield [text for text in texts if text and not text.isspace()]
+
+
+def _text_column_values(column, where, text_column, first_row):
+    import pyarrow as pa
+
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)):
+        raise ValueError(f"{where}: column {text_column!r} holds {column.type}, not text")
+    if column.null_count:
+        row = first_row + int(np.argmax(np.asarray(column.is_null())))
+        raise ValueError(f"{where}: row {row} has no {text_column!r} text (null or missing)")
+    return column.to_pylist()
+
+
+def _missing_column(where, text_column, columns):
+    return ValueError(f"{where}: no text column {text_column!r} (columns: {', '.join(map(repr, columns))}); use --text-column")
+
+
+def _jsonl_rows(path, text_column):
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    # Only the text field is parsed; other fields may hold anything.
+    parse = pj.ParseOptions(explicit_schema=pa.schema([(text_column, pa.string())]), unexpected_field_behavior="ignore")
+    row = 0
+    with _open_binary(path) as f:
+        try:
+            reader = pj.open_json(f, read_options=pj.ReadOptions(block_size=_BATCH_BYTES), parse_options=parse)
+            for batch in reader:
+                yield _text_column_values(batch.column(0), path, text_column, row)
+                row += batch.num_rows
+        except pa.ArrowInvalid as error:
+            raise ValueError(f"{path}: not valid JSON lines near row {row} ({error})") from None
+
+
+def _json_rows(path, text_column):
+    import json
+
+    with _open_binary(path) as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith(b"["):
+        yield from _jsonl_rows(path, text_column)
+        return
+    # A JSON array has to be parsed whole; for corpora larger than RAM use JSON lines.
+    with _open_binary(path) as f:
+        try:
+            rows = json.load(f)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from None
+    texts = []
+    for row, record in enumerate(rows):
+        text = record.get(text_column) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            if row == 0 and isinstance(record, dict):
+                raise _missing_column(path, text_column, list(record))
+            raise ValueError(f"{path}: row {row} has no {text_column!r} text")
+        texts.append(text)
+    for start in range(0, len(texts), _BATCH_ROWS):
+        yield texts[start : start + _BATCH_ROWS]
+
+
+def _csv_rows(path, text_column):
+    import pyarrow as pa
+    import pyarrow.csv as pc
+
+    row = 0
+    with _open_binary(path) as f:
+        try:
+            reader = pc.open_csv(
+                f,
+                read_options=pc.ReadOptions(block_size=_BATCH_BYTES),
+                convert_options=pc.ConvertOptions(column_types={text_column: pa.string()}),
+            )
+        except pa.ArrowInvalid as error:
+            raise ValueError(f"{path}: not a readable CSV file ({error})") from None
+        if text_column not in reader.schema.names:
+            raise _missing_column(path, text_column, reader.schema.names)
+        index = reader.schema.get_field_index(text_column)
+        try:
+            for batch in reader:
+                yield _text_column_values(batch.column(index), path, text_column, row)
+                row += batch.num_rows
+        except pa.ArrowInvalid as error:
+            raise ValueError(f"{path}: CSV error near row {row} ({error})") from None
+
+
+def _parquet_rows(path, text_column):
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    if text_column not in parquet.schema_arrow.names:
+        raise _missing_column(path, text_column, parquet.schema_arrow.names)
+    row = 0
+    for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=[text_column]):
+        yield _text_column_values(batch.column(0), path, text_column, row)
+        row += batch.num_rows
+
+
+def _dataset_batches(name, config, split, data_files, text_column):
+    import datasets
+
+    local = Path(name)
+    if (local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file():
+        dataset = datasets.load_from_disk(str(local))
+    else:
+        dataset = datasets.load_dataset(
+            str(name), config, split=split, data_files=[str(f) for f in data_files] or None
+        )
+    if isinstance(dataset, datasets.DatasetDict):
+        if split is None and len(dataset) == 1:
+            split = next(iter(dataset))
+        if split not in dataset:
+            raise ValueError(f"dataset {name} has splits {list(dataset)}; choose one with split= (--split)")
+        dataset = dataset[split]
+    if text_column not in dataset.column_names:
+        raise _missing_column(f"dataset {name}", text_column, dataset.column_names)
+    column = dataset.select_columns([text_column]).with_format("arrow")
+    row = 0
+    for table in column.iter(batch_size=_BATCH_ROWS):
+        texts = _text_column_values(table.column(0).combine_chunks(), f"dataset {name}", text_column, row)
+        row += table.num_rows
+        yield [text for text in texts if text and not text.isspace()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding: batches of texts -> (flat token array, document lengths), in-process or in a pool.
+
+
+class _Encoder:
+    """Batched fast-tokenizer calls flattened with numpy; built from the tokenizer's JSON so a
+    worker process needs only `tokenizers` and the user's tokenizer object is never modified."""
+
+    def __init__(self, tokenizer_json, add_special_tokens, dtype, bos, eos):
+        from tokenizers import Tokenizer
+
+        self.backend = Tokenizer.from_str(tokenizer_json)
+        # A saved tokenizer.json may carry truncation/padding settings: they must not cut documents.
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        self.add_special_tokens = add_special_tokens
+        self.dtype = np.dtype(dtype)
+        self.bos = bos
+        self.eos = eos
+
+    def __call__(self, texts):
+        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=self.add_special_tokens)
+        ids = list(map(operator.attrgetter("ids"), encodings))
+        lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
+        tokens = np.fromiter(itertools.chain.from_iterable(ids), self.dtype, count=int(lengths.sum()))
+        return _add_boundaries(tokens, lengths, self.bos, self.eos)
+
+
+def _add_boundaries(tokens, lengths, bos, eos):
+    """Insert bos before and/or eos after every document, vectorised over the batch."""
+    extra = (bos is not None) + (eos is not None)
+    if not extra:
+        return tokens, lengths
+    lengths = lengths + extra
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    out = np.empty(int(ends[-1]) if ends.size else 0, tokens.dtype)
+    content = np.ones(out.shape[0], bool)
+    if bos is not None:
+        out[starts] = bos
+        content[starts] = False
+    if eos is not None:
+        out[ends - 1] = eos
+        content[ends - 1] = False
+    out[content] = tokens
+    return out, lengths
+
+
+_worker_encoder = None
+
+
+def _init_worker(encoder_args):
+    global _worker_encoder
+    # One single-threaded tokenizer per process: num_proc processes already fill the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_encoder = _Encoder(*encoder_args)
+
+
+def _encode_in_worker(texts):
+    return _worker_encoder(texts)
+
+
+def _encode_batches(batches, encoder_args, num_proc):
+    if num_proc == 1:
+        encoder = _Encoder(*encoder_args)
+        for texts in batches:
+            if texts:
+                yield encoder(texts)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    # spawn, not fork: the parent may hold tokenizer/torch threads, which fork copies in a broken
+    # state. ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (OOM, a script
+    # without the `if __name__ == "__main__":` guard) raises BrokenProcessPool instead of hanging.
+    pool = ProcessPoolExecutor(
+        num_proc, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(encoder_args,)
+    )
+    try:
+        # Submitting everything up front would read the whole corpus ahead; a bounded queue of
+        # 2 batches per worker keeps every core busy with memory independent of the corpus size.
+        pending = deque()
+        for texts in batches:
+            if texts:
+                pending.append(pool.submit(_encode_in_worker, texts))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool as error:
+        raise RuntimeError(
+            "a tokenizer worker process died (out of memory? or a script calling prepare(num_proc>1) "
+            "without an `if __name__ == \"__main__\":` guard)"
+        ) from error
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

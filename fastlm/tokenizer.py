@@ -1,0 +1,123 @@
+"""Load or train the fast tokenizer a token store is made with, and describe it for meta.json.
+
+transformers and tokenizers are imported inside the functions: `import fastlm` stays light.
+"""
+import hashlib
+import json
+from pathlib import Path
+
+# The one special token a trained byte-level BPE gets: GPT-2's, used as eos, bos and unk.
+TRAINED_SPECIAL_TOKEN = "<|endoftext|>"
+
+
+def load_tokenizer(spec):
+    """A transformers fast tokenizer from ``spec``.
+
+    ``spec`` may be a tokenizer object (transformers fast tokenizer or ``tokenizers.Tokenizer``),
+    a save_pretrained directory or hub name (AutoTokenizer), a ``tokenizer.json`` file, a BPE
+    ``vocab.json`` (``merges.txt`` beside it), a directory holding only vocab.json + merges.txt, a
+    WordPiece ``vocab.txt``, or a ``(vocab.json, merges.txt)`` pair.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    if isinstance(spec, PreTrainedTokenizerFast):
+        return spec
+    if type(spec).__module__.startswith("tokenizers") and hasattr(spec, "encode_batch"):
+        return PreTrainedTokenizerFast(tokenizer_object=spec)
+    if hasattr(spec, "encode") and hasattr(spec, "get_vocab"):
+        raise TypeError(
+            f"{type(spec).__name__} is a slow (pure Python) tokenizer; fastlm needs a fast one "
+            "(use AutoTokenizer.from_pretrained(..., use_fast=True))"
+        )
+    if isinstance(spec, (tuple, list)):
+        if len(spec) != 2:
+            raise ValueError(f"a tokenizer given as files must be (vocab.json, merges.txt), got {spec!r}")
+        return _bpe_from_files(Path(spec[0]), Path(spec[1]))
+    if not isinstance(spec, (str, Path)):
+        raise TypeError(f"cannot make a tokenizer from {type(spec).__name__}")
+    path = Path(spec)
+    if path.is_dir() and not (path / "tokenizer_config.json").exists() and not (path / "tokenizer.json").exists():
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            return _bpe_from_files(path / "vocab.json", path / "merges.txt")
+        if (path / "vocab.txt").is_file():
+            return _wordpiece_from_file(path / "vocab.txt")
+    if path.is_file():
+        if path.name.endswith(".json") and path.name != "vocab.json":
+            return PreTrainedTokenizerFast(tokenizer_file=str(path))
+        if path.suffix == ".json":
+            merges = path.with_name("merges.txt")
+            if not merges.is_file():
+                raise FileNotFoundError(f"BPE vocabulary {path} needs merges.txt beside it ({merges} is missing)")
+            return _bpe_from_files(path, merges)
+        if path.suffix == ".txt":
+            return _wordpiece_from_file(path)
+        raise ValueError(f"{path}: not a tokenizer file (expected tokenizer.json, vocab.json or vocab.txt)")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(spec), use_fast=True)
+    except OSError as error:
+        raise OSError(
+            f"could not load tokenizer {spec!r}: not a local directory or file, and the hub lookup "
+            f"failed ({error}). Offline? Use a local path or a cached name."
+        ) from error
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        raise TypeError(f"{spec!r} only has a slow tokenizer; fastlm needs a fast one")
+    return tokenizer
+
+
+def _bpe_from_files(vocab, merges):
+    with open(vocab, encoding="utf-8") as f:
+        entries = json.load(f)
+    # RoBERTa's vocabulary (fairseq id order) carries <s>/<mask>; GPT-2's has only <|endoftext|>.
+    if "<s>" in entries and "<mask>" in entries:
+        from transformers import RobertaTokenizerFast as cls
+    else:
+        from transformers import GPT2TokenizerFast as cls
+    # vocab=/merges= paths: transformers 5's vocab_file= keyword silently builds an empty tokenizer.
+    return cls(vocab=str(vocab), merges=str(merges))
+
+
+def _wordpiece_from_file(vocab):
+    from transformers import BertTokenizerFast
+
+    # The file name does not say whether the vocabulary is cased: decide from the entries.
+    with open(vocab, encoding="utf-8") as f:
+        lowercase = not any(line[:1].isupper() for line in f if not line.startswith("["))
+    return BertTokenizerFast(vocab=str(vocab), do_lower_case=lowercase)
+
+
+def train_bpe_tokenizer(batches, vocab_size):
+    """Train a byte-level BPE on an iterator of lists of texts; returns a transformers fast tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(vocab_size, int) or vocab_size < 257:
+        raise ValueError(f"--vocab-size must be an integer >= 257 (256 bytes + {TRAINED_SPECIAL_TOKEN}), got {vocab_size!r}")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(batches, vocab_size=vocab_size, special_tokens=[TRAINED_SPECIAL_TOKEN], show_progress=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        eos_token=TRAINED_SPECIAL_TOKEN,
+        bos_token=TRAINED_SPECIAL_TOKEN,
+        unk_token=TRAINED_SPECIAL_TOKEN,
+    )
+
+
+def vocab_size(tokenizer):
+    """Ids run below this: the largest id + 1 (sparse vocabularies such as RoBERTa's have gaps)."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+
+
+def special_ids(tokenizer):
+    """{eos, bos, pad, mask, cls, sep, unk} -> id or None."""
+    return {
+        name: getattr(tokenizer, f"{name}_token_id", None)
+        for name in ("eos", "bos", "pad", "mask", "cls", "sep", "unk")
+    }
+
+
+def fingerprint(tokenizer):
+    """sha256 of the token -> id table: equal fingerprints mean interchangeable ids."""
+    table = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(table.encode("utf-8")).hexdigest()

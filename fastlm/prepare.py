@@ -91,7 +91,7 @@ def prepare(
         tokenizer_name = f"byte-level BPE trained by fastlm prepare (vocab_size={vocab_size})"
     else:
         tok = tokenizers_.load_tokenizer(tokenizer)
-        tokenizer_name = tok.name_or_path or (str(tokenizer) if isinstance(tokenizer, (str, Path)) else type(tok).__name__)
+        tokenizer_name = str(tokenizer) if isinstance(tokenizer, (str, Path, tuple, list)) else (tok.name_or_path or type(tok).__name__)
     bos = _required_special(tok, "bos", prepend_bos)
     eos = _required_special(tok, "eos", append_eos)
     total_vocab = tokenizers_.vocab_size(tok)

@@ -1,0 +1,160 @@
+"""The `fastlm` command.
+
+    fastlm prepare wiki.train.raw -o data/wiki --tokenizer gpt2 --append-eos --num-proc 4
+    fastlm prepare --dataset wikitext --dataset-config wikitext-2-raw-v1 --split train -o data/wiki --tokenizer gpt2
+    fastlm merge shard0 shard1 -o data/all
+    fastlm inspect data/wiki --docs 3
+    fastlm pack data/wiki --block-size 128
+    fastlm train ...            (fastlm.run; `fastlm train --help` lists its options)
+"""
+import argparse
+import sys
+import time
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `train` owns its whole argument list (the runner's argparse + DeepSpeed's), so it is handed
+    # over untouched rather than parsed here.
+    if argv[:1] == ["train"]:
+        from fastlm import run
+
+        return run.main(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        return args.command(args)
+    except (ValueError, TypeError, OSError) as error:
+        # Bad input is the user's to fix: one clear line, not a traceback.
+        print(f"fastlm {args.command_name}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="fastlm", description="Token stores, packing and training for language models.")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    prepare = commands.add_parser("prepare", help="tokenise a corpus into a memory-mapped token store")
+    prepare.add_argument("sources", nargs="*", help="text (.gz/.xz/.bz2), .jsonl, .json, .csv or .parquet files")
+    prepare.add_argument("-o", "--output", required=True, help="store directory to create")
+    tok = prepare.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--tokenizer", help="local directory, hub name, tokenizer.json, vocab.json (+merges.txt) or vocab.txt")
+    tok.add_argument("--train-tokenizer", action="store_true", help="train a byte-level BPE on the corpus")
+    prepare.add_argument("--vocab-size", type=int, help="vocabulary size for --train-tokenizer")
+    prepare.add_argument("--doc-boundary", choices=("line", "paragraph", "file"), default="line",
+                         help="what a document is in a text file (default: line)")
+    prepare.add_argument("--text-column", default="text", help="column/field holding the text (default: text)")
+    prepare.add_argument("--append-eos", action="store_true", help="end every document with the eos token")
+    prepare.add_argument("--prepend-bos", action="store_true", help="start every document with the bos token")
+    prepare.add_argument("--add-special-tokens", action="store_true",
+                         help="apply the tokenizer's own template to each document (e.g. [CLS] ... [SEP])")
+    prepare.add_argument("--num-proc", type=int, default=1, help="tokenizer processes (default: 1)")
+    prepare.add_argument("--dataset", dest="dataset_name",
+                         help="Hugging Face dataset name or save_to_disk directory (sources become its data_files)")
+    prepare.add_argument("--dataset-config", help="dataset configuration name")
+    prepare.add_argument("--split", help="dataset split")
+    prepare.add_argument("--errors", choices=("strict", "replace"), default="strict",
+                         help="invalid UTF-8: stop with file and line (strict, default) or substitute U+FFFD")
+    prepare.add_argument("--overwrite", action="store_true", help="replace an existing store at --output")
+    prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prepare.set_defaults(command=_prepare, command_name="prepare")
+
+    merge = commands.add_parser("merge", help="concatenate shard stores made with the same tokenizer")
+    merge.add_argument("stores", nargs="+")
+    merge.add_argument("-o", "--output", required=True)
+    merge.add_argument("--overwrite", action="store_true")
+    merge.set_defaults(command=_merge, command_name="merge")
+
+    inspect = commands.add_parser("inspect", help="print a store's metadata and a few decoded documents")
+    inspect.add_argument("store")
+    inspect.add_argument("--docs", type=int, default=3, help="documents to decode (default: 3)")
+    inspect.add_argument("--verify", action="store_true", help="also check the sha256 of the data files")
+    inspect.set_defaults(command=_inspect, command_name="inspect")
+
+    pack = commands.add_parser("pack", help="blocks and fill rate of every packing mode over a store")
+    pack.add_argument("store")
+    pack.add_argument("--block-size", type=int, required=True)
+    pack.set_defaults(command=_pack, command_name="pack")
+
+    commands.add_parser("train", help="train a model on a store (fastlm.run; see `fastlm train --help`)")
+    return parser
+
+
+def _prepare(args):
+    from fastlm.prepare import prepare, summary
+
+    start = time.perf_counter()
+    store = prepare(
+        args.sources,
+        args.output,
+        tokenizer=args.tokenizer,
+        train_tokenizer=args.train_tokenizer,
+        vocab_size=args.vocab_size,
+        doc_boundary=args.doc_boundary,
+        text_column=args.text_column,
+        append_eos=args.append_eos,
+        prepend_bos=args.prepend_bos,
+        add_special_tokens=args.add_special_tokens,
+        num_proc=args.num_proc,
+        dataset_name=args.dataset_name,
+        dataset_config=args.dataset_config,
+        split=args.split,
+        errors=args.errors,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(summary(store, time.perf_counter() - start))
+    return 0
+
+
+def _merge(args):
+    from fastlm.prepare import summary
+    from fastlm.store import merge_stores
+
+    start = time.perf_counter()
+    store = merge_stores(args.stores, args.output, overwrite=args.overwrite)
+    print(summary(store, time.perf_counter() - start))
+    return 0
+
+
+def _inspect(args):
+    import json
+
+    from fastlm.store import TokenStore
+
+    store = TokenStore.open(args.store, verify=args.verify)
+    print(json.dumps(store.meta, indent=2, sort_keys=True))
+    if args.verify:
+        print("checksums: OK")
+    if args.docs > 0 and len(store):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(store.tokenizer_dir))
+        for i in range(min(args.docs, len(store))):
+            doc = store.doc(i)
+            print(f"--- document {i} ({doc.shape[0]} tokens)")
+            print(tokenizer.decode(doc.tolist()))
+    return 0
+
+
+def _pack(args):
+    from fastlm import pack_blocks, pack_documents
+    from fastlm.store import TokenStore
+
+    store = TokenStore.open(args.store)
+    pad_id = store.special_ids.get("pad")
+    pad_id = store.special_ids.get("eos") if pad_id is None else pad_id
+    pad_id = 0 if pad_id is None else pad_id
+    modes = [(f"pack_blocks remainder={mode}", lambda mode=mode: pack_blocks(
+        store.tokens, store.offsets, args.block_size, remainder=mode, pad_id=pad_id)) for mode in ("drop", "pad", "keep")]
+    modes += [(f"pack_documents overlong={mode}", lambda mode=mode: pack_documents(
+        store.tokens, store.offsets, args.block_size, overlong=mode, pad_id=pad_id)) for mode in ("split", "truncate")]
+    print(f"{store.path}: {len(store):,} documents, {store.n_tokens:,} tokens, block size {args.block_size}")
+    print(f"{'mode':<34} {'blocks':>12} {'tokens':>14} {'fill rate':>10}")
+    for name, pack in modes:
+        result = pack()
+        print(f"{name:<34} {len(result):>12,} {result.n_tokens:>14,} {result.fill_rate:>10.2%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,11 +6,6 @@ resumed run can restart at any micro-batch without replaying the ones before it.
 """
 import numpy as np
 
-# MLM evaluation masks are drawn per chunk of this many blocks (batch_index = chunk number), so the fixed
-# masks do not depend on the evaluation batch size or the number of ranks.
-EVAL_MASK_CHUNK = 256
-
-
 def split_documents(tokens, offsets, eval_fraction):
     """Hold out the last `eval_fraction` of the documents: ((tokens, offsets), (tokens, offsets)).
 
@@ -79,52 +74,19 @@ def eval_batches(blocks, *, batch_size, rank, world_size, masker=None):
     Ranks take contiguous shares; the last batch may be short. Every rank yields the same number of
     batches (ZeRO-3 gathers parameters collectively, so all ranks must run the same forward passes): a
     rank with fewer real batches repeats one with counts=False, to be ignored.
-    MLM masks are fixed: drawn per EVAL_MASK_CHUNK blocks with epoch 0, whatever the batch size or rank.
+    MLM masks are fixed (Masker.mask_fixed keys each row's masks by its tokens), so they do not depend
+    on the batch size, the rank count or the step at which the evaluation runs.
     """
     n = len(blocks)
     if n == 0:
         raise ValueError("the evaluation set holds no blocks (is it shorter than one block?)")
     share = -(-n // world_size)
     first, last = min(rank * share, n), min((rank + 1) * share, n)
-    chunks = _MaskedChunks(blocks, masker)
     for step in range(-(-share // batch_size)):
         lo = first + step * batch_size
         hi = min(lo + batch_size, last)
-        if lo < hi:
-            yield chunks.slice(lo, hi), True
-        else:
-            yield chunks.slice(0, 1), False
-
-
-class _MaskedChunks:
-    """Blocks lo:hi, masked chunk by chunk (the masks of a block depend only on its chunk); keeps the
-    last chunk because consecutive batches mostly fall in the same one."""
-
-    def __init__(self, blocks, masker):
-        self.blocks, self.masker, self.cached = blocks, masker, (None, None)
-
-    def slice(self, lo, hi):
-        if self.masker is None:
-            return self.blocks.gather(np.arange(lo, hi, dtype=np.int64))
-        parts = []
-        for chunk in range(lo // EVAL_MASK_CHUNK, (hi - 1) // EVAL_MASK_CHUNK + 1):
-            start = chunk * EVAL_MASK_CHUNK
-            batch = self._chunk(chunk)
-            sel = slice(max(lo - start, 0), min(hi - start, EVAL_MASK_CHUNK))
-            parts.append({k: v[sel] for k, v in batch.items()})
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-    def _chunk(self, chunk):
-        if self.cached[0] != chunk:
-            start = chunk * EVAL_MASK_CHUNK
-            idx = np.arange(start, min(start + EVAL_MASK_CHUNK, len(self.blocks)), dtype=np.int64)
-            batch = self.blocks.gather(idx)
-            batch["input_ids"], batch["labels"] = self.masker(
-                batch["input_ids"], batch["attention_mask"], epoch=0, batch_index=chunk
-            )
-            self.cached = (chunk, batch)
-        return self.cached[1]
-
-
-def n_eval_steps(n_blocks, *, batch_size, world_size):
-    return -(-(-(-n_blocks // world_size)) // batch_size)
+        counts = lo < hi
+        batch = blocks.gather(np.arange(lo, hi) if counts else np.arange(1))
+        if masker is not None:
+            batch["input_ids"], batch["labels"] = masker.mask_fixed(batch["input_ids"], batch["attention_mask"])
+        yield batch, counts

@@ -505,8 +505,15 @@ def _model_config(args, tokenizer):
         else:  # RoBERTa's positions start after the padding index
             extra = dict(max_position_embeddings=args.block_size + 2, type_vocab_size=1 if model_type == "roberta" else 2)
         specials = {k: v for k, v in specials.items() if v is not None}
-        return CONFIG_MAPPING[model_type](vocab_size=len(tokenizer), **shape, **extra, **specials)
+        return CONFIG_MAPPING[model_type](vocab_size=_vocab_needed(tokenizer), **shape, **extra, **specials)
     return AutoConfig.from_pretrained(args.config_name)
+
+
+def _vocab_needed(tokenizer):
+    """Embedding rows the tokenizer can index: len(tokenizer) can be smaller than its largest id + 1
+    (RoBERTa's vocab.json without the madeupword entries still puts <mask> at 50264)."""
+    ids = tokenizer.get_vocab().values()
+    return max(len(tokenizer), max(ids, default=-1) + 1)
 
 
 def _max_positions(config):
@@ -535,8 +542,8 @@ def _build_model(args, tokenizer, ds_config):
             model = auto.from_config(config)
     except ValueError as error:  # e.g. a GPT-2 config for --task mlm
         raise ConfigError(f"cannot build a {args.task} model from {args.model_name_or_path or args.config_name}: {error}") from None
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+    if _vocab_needed(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(_vocab_needed(tokenizer))
     return model, keep_alive
 
 
@@ -692,7 +699,11 @@ def main(argv=None):
     Returns results.json's content on rank 0 of a single-process run."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
+        print("[fastlm] no arguments: the offline demo. Training a tiny GPT on the stdlib's pydoc topics "
+              f"(about 2 minutes on 2 CPU cores; outputs in {DEMO_DIR}). `--help` lists the runner's flags.",
+              flush=True)
         argv = demo_argv()
+    _device_type()  # sets DS_ACCELERATOR=cpu before deepspeed is first imported, when there is no GPU
     parser = _parser()
     args, explicit = parse_args(argv)
     try:
@@ -990,6 +1001,7 @@ def demo_argv(output_dir=DEMO_DIR, max_steps=300):
             "--validation_split_percentage", "10", "--per_device_train_batch_size", "16",
             "--learning_rate", "2e-3", "--weight_decay", "0.01", "--warmup_steps", "30",
             "--lr_scheduler_type", "cosine", "--max_steps", str(max_steps), "--logging_steps", "10",
+            "--eval_steps", "100",
             "--dataloader_num_workers", "0", "--output_dir", str(output_dir)]
 
 

@@ -46,8 +46,11 @@ def mlm_stores(text_files, roberta_tok, tmp_path_factory):
     root = tmp_path_factory.mktemp("mlm_store")
     train_lines = text_files[0].read_text(encoding="utf-8").splitlines(keepends=True)[:400]
     (root / "train.txt").write_text("".join(train_lines), encoding="utf-8")
+    # A small evaluation set: Trainer gets it as one batch, and RoBERTa's logits are 50265 wide.
+    valid_lines = text_files[1].read_text(encoding="utf-8").splitlines(keepends=True)[:30]
+    (root / "valid.txt").write_text("".join(valid_lines), encoding="utf-8")
     prepare([str(root / "train.txt")], root / "train", tokenizer=roberta_tok, add_special_tokens=True, progress=False)
-    prepare([str(text_files[1])], root / "valid", tokenizer=roberta_tok, add_special_tokens=True, progress=False)
+    prepare([str(root / "valid.txt")], root / "valid", tokenizer=roberta_tok, add_special_tokens=True, progress=False)
     return root / "train", root / "valid"
 
 

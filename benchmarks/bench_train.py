@@ -1,0 +1,107 @@
+"""Training throughput: the runner (DeepSpeed engine over packed blocks) vs transformers.Trainer on the
+same tiny GPT-2, data, batch and step count (CPU); and, when a GPU is present, GPT-2-124M at block 1024 in
+bf16 with MFU.
+
+Each benchmarked call is a whole run (model build, engine or Trainer set-up, STEPS optimizer steps);
+extra_info carries each tool's own steady-state numbers: steps/s and tokens/s of its training loop, and
+for the runner the fraction of loop time spent waiting for the DataLoader.
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from fastlm import run
+from tests.data import wikitext_lines
+
+STEPS = 40
+BLOCK = 128
+BATCH = 8
+LR = 1e-3
+
+
+@pytest.fixture(scope="module")
+def train_store(tmp_path_factory):
+    from fastlm.prepare import prepare
+
+    root = tmp_path_factory.mktemp("bench_train")
+    lines = [line for line in wikitext_lines("valid") if line.strip()]
+    (root / "train.txt").write_text("".join(lines[:1500]), encoding="utf-8")
+    prepare([str(root / "train.txt")], root / "store", train_tokenizer=True, vocab_size=1024, progress=False)
+    return root / "store"
+
+
+def _runner_argv(store, out, *extra):
+    return ["--task", "clm", "--train_store", str(store), "--config_name", "gpt2-tiny",
+            "--block_size", str(BLOCK), "--per_device_train_batch_size", str(BATCH), "--learning_rate", str(LR),
+            "--max_steps", str(STEPS), "--validation_split_percentage", "0", "--logging_steps", str(STEPS),
+            "--dataloader_num_workers", "1", "--disable_tqdm", "--output_dir", str(out), *extra]
+
+
+@pytest.mark.benchmark(group="train: tiny GPT-2, block 128, batch 8, 40 steps (CPU)")
+def bench_runner(benchmark, train_store, tmp_path):
+    results = benchmark.pedantic(run.main, args=(_runner_argv(train_store, tmp_path),), rounds=3, iterations=1)
+    assert results["steps"] == STEPS
+    benchmark.extra_info["steps_per_s"] = results["train_steps_per_s"]
+    benchmark.extra_info["tokens_per_s"] = results["train_tokens_per_s_per_rank"]
+    benchmark.extra_info["dataloader_time_fraction"] = results["data_time_fraction"]
+
+
+@pytest.mark.benchmark(group="train: tiny GPT-2, block 128, batch 8, 40 steps (CPU)")
+def bench_hf_trainer(benchmark, train_store, tmp_path):
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from fastlm import pack_blocks
+    from fastlm.store import TokenStore
+
+    store = TokenStore.open(train_store)
+    tokenizer = AutoTokenizer.from_pretrained(store.tokenizer_dir)
+    blocks = pack_blocks(store.tokens, store.offsets, BLOCK)
+    rows = blocks.gather(np.arange(len(blocks)))
+    dataset = [{k: torch.from_numpy(v[i]) for k, v in rows.items()} for i in range(len(blocks))]
+    shape = run.PRESETS["gpt2-tiny"][1]
+
+    def train():
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=BLOCK, **shape))
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, learning_rate=LR,
+                                 max_steps=STEPS, lr_scheduler_type="linear", max_grad_norm=1.0,
+                                 dataloader_num_workers=1, report_to=[], use_cpu=True, save_strategy="no",
+                                 logging_steps=STEPS, disable_tqdm=True)
+        return Trainer(model=model, args=args, train_dataset=dataset).train()
+
+    output = benchmark.pedantic(train, rounds=3, iterations=1)
+    assert output.global_step == STEPS and math.isfinite(output.training_loss)
+    benchmark.extra_info["steps_per_s"] = output.metrics["train_steps_per_second"]
+    benchmark.extra_info["tokens_per_s"] = output.metrics["train_steps_per_second"] * BATCH * BLOCK
+
+
+def _cuda():
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+@pytest.mark.benchmark(group="train: GPT-2-124M, block 1024, bf16 (GPU)")
+def bench_runner_gpt2_124m_gpu(benchmark, tmp_path, gpt2_tok):
+    from fastlm.prepare import prepare
+
+    text = tmp_path / "wiki.txt"
+    text.write_text("".join(wikitext_lines("valid") + wikitext_lines("test")), encoding="utf-8")
+    store = prepare([str(text)], tmp_path / "store", tokenizer=gpt2_tok, progress=False)
+    argv = ["--task", "clm", "--train_store", str(store.path), "--config_name", "gpt2-124m", "--block_size", "1024",
+            "--per_device_train_batch_size", "8", "--precision", "bf16", "--max_steps", "50", "--logging_steps", "10",
+            "--validation_split_percentage", "0", "--learning_rate", "6e-4", "--disable_tqdm",
+            "--output_dir", str(tmp_path / "run")]
+    results = benchmark.pedantic(run.main, args=(argv,), rounds=1, iterations=1)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steady = [m for m in metrics if "mfu" in m][1:]  # the first window includes warm-up
+    benchmark.extra_info["tokens_per_s"] = float(np.mean([m["tokens_per_s"] for m in steady]))
+    benchmark.extra_info["mfu"] = float(np.mean([m["mfu"] for m in steady]))
+    assert results["steps"] == 50

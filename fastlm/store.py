@@ -259,11 +259,10 @@ class StoreWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            if not self._closed:
-                raise RuntimeError("StoreWriter left without close(meta): call writer.close(...) in the block")
-        else:
+        if not self._closed:
             self.abort()
+            if exc_type is None:
+                raise RuntimeError("StoreWriter left without close(meta): nothing was written")
         return False
 
     def append(self, tokens, lengths):

@@ -1,0 +1,261 @@
+"""fastlm.store: format, validation on open, atomic streaming writer, merge."""
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastlm import store as store_module
+from fastlm.store import StoreError, StoreWriter, TokenStore, dtype_for_vocab, merge_stores
+
+META = {"tokenizer_fingerprint": "abc", "special_ids": {"eos": 2}, "source": ["unit-test"]}
+
+
+def write_store(path, docs, *, vocab_size=1000, meta=META, batches=2, overwrite=False):
+    """Write ``docs`` (lists of ids) through the streaming writer in ``batches`` append calls."""
+    with StoreWriter(path, vocab_size=vocab_size, overwrite=overwrite) as writer:
+        for part in np.array_split(np.arange(len(docs)), batches) if docs else []:
+            chunk = [docs[i] for i in part]
+            lengths = np.array([len(d) for d in chunk], np.int64)
+            tokens = np.array([t for d in chunk for t in d], np.int64)
+            writer.append(tokens, lengths)
+        return writer.close(meta)
+
+
+DOCS = [[1, 2, 3], [], [4], [5, 6, 7, 8, 9], [999, 0]]
+
+
+def test_round_trip_layout_and_views(tmp_path):
+    store = write_store(tmp_path / "s", DOCS)
+    assert len(store) == len(DOCS)
+    assert store.tokens.dtype == np.uint16 and store.offsets.dtype == np.int64
+    assert isinstance(store.tokens, np.memmap) and not store.tokens.flags.writeable
+    assert store.offsets.tolist() == [0, 3, 3, 4, 9, 11]
+    assert [store.doc(i).tolist() for i in range(len(DOCS))] == DOCS
+    assert store[-1].tolist() == [999, 0]
+    assert [d.tolist() for d in store] == DOCS
+    assert store.meta["n_docs"] == 5 and store.meta["n_tokens"] == 11
+    assert store.meta["special_ids"]["eos"] == 2 and store.meta["special_ids"]["pad"] is None
+    assert store.tokenizer_dir == tmp_path / "s" / "tokenizer"
+    reopened = TokenStore.open(tmp_path / "s", verify=True)
+    np.testing.assert_array_equal(reopened.tokens, store.tokens)
+
+
+def test_slices_share_the_memmap_and_rebase_offsets(tmp_path):
+    store = write_store(tmp_path / "s", DOCS)
+    view = store[2:4]
+    assert len(view) == 2
+    assert view.offsets.tolist() == [0, 1, 6]
+    assert [d.tolist() for d in view] == DOCS[2:4]
+    assert np.shares_memory(view.tokens, store.tokens)
+    assert len(store[4:2]) == 0
+    with pytest.raises(ValueError, match="contiguous"):
+        store[::2]
+    batches = list(store.iter_batches(2))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    assert [d.tolist() for b in batches for d in b] == DOCS
+
+
+def test_doc_index_errors(tmp_path):
+    store = write_store(tmp_path / "s", DOCS)
+    with pytest.raises(IndexError, match="out of range"):
+        store.doc(5)
+    with pytest.raises(TypeError, match="integer"):
+        store.doc(1.0)
+    with pytest.raises(ValueError, match="positive"):
+        next(store.iter_batches(0))
+
+
+@pytest.mark.parametrize(
+    "vocab_size, dtype", [(1, np.uint16), (65536, np.uint16), (65537, np.uint32), (2**32, np.uint32)]
+)
+def test_dtype_is_the_smallest_that_holds_every_id(vocab_size, dtype):
+    assert dtype_for_vocab(vocab_size) == dtype
+
+
+def test_dtype_rejects_impossible_vocabularies():
+    for bad in (0, -1, 2**32 + 1, 3.0, True):
+        with pytest.raises(ValueError):
+            dtype_for_vocab(bad)
+
+
+def test_uint32_store_keeps_ids_above_65535(tmp_path):
+    docs = [[65535, 65536, 70000], [0]]
+    store = write_store(tmp_path / "s", docs, vocab_size=70001)
+    assert store.tokens.dtype == np.uint32
+    assert [d.tolist() for d in store] == docs
+
+
+def test_writer_rejects_ids_outside_the_vocabulary(tmp_path):
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        write_store(tmp_path / "s", [[1, 10]], vocab_size=10)
+    assert not (tmp_path / "s").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_rejects_lengths_that_do_not_match(tmp_path):
+    with pytest.raises(ValueError, match="sum to"):
+        with StoreWriter(tmp_path / "s", vocab_size=10) as writer:
+            writer.append(np.array([1, 2, 3]), np.array([2]))
+    assert list(tmp_path.iterdir()) == []
+
+
+@settings(max_examples=25, deadline=None)
+@given(doc_lengths=st.lists(st.integers(0, 9), max_size=60), buffer_items=st.integers(1, 7))
+def test_offsets_survive_buffer_flushes(tmp_path_factory, doc_lengths, buffer_items):
+    # A tiny offsets buffer forces flushes at every possible position inside an append.
+    path = tmp_path_factory.mktemp("flush") / "s"
+    old = store_module._OFFSET_BUFFER_ITEMS
+    store_module._OFFSET_BUFFER_ITEMS = buffer_items
+    try:
+        docs = [list(range(n)) for n in doc_lengths]
+        store = write_store(path, docs, batches=3)
+    finally:
+        store_module._OFFSET_BUFFER_ITEMS = old
+    assert store.offsets.tolist() == [0, *np.cumsum(doc_lengths, dtype=np.int64).tolist()]
+    assert [d.tolist() for d in store] == docs
+
+
+def test_an_interrupted_writer_leaves_nothing(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with StoreWriter(tmp_path / "s", vocab_size=10) as writer:
+            writer.append(np.array([1, 2]), np.array([2]))
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_writer_left_without_close_writes_nothing(tmp_path):
+    with pytest.raises(RuntimeError, match="without close"):
+        with StoreWriter(tmp_path / "s", vocab_size=10) as writer:
+            writer.append(np.array([1, 2]), np.array([2]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_destination_needs_overwrite_and_must_be_a_store(tmp_path):
+    write_store(tmp_path / "s", DOCS)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_store(tmp_path / "s", [[7]])
+    replaced = write_store(tmp_path / "s", [[7]], overwrite=True)
+    assert [d.tolist() for d in replaced] == [[7]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not a token store"):
+        write_store(tmp_path / "mine", [[7]], overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+
+
+def test_empty_store_opens(tmp_path):
+    store = write_store(tmp_path / "s", [])
+    assert len(store) == 0 and store.n_tokens == 0
+    assert TokenStore.open(tmp_path / "s", verify=True).offsets.tolist() == [0]
+
+
+# --- detection of foreign, truncated and corrupt stores ----------------------------------------------
+
+
+@pytest.fixture
+def good_store(tmp_path):
+    return write_store(tmp_path / "s", DOCS).path
+
+
+def _edit_meta(path, **changes):
+    meta = json.loads((path / "meta.json").read_text())
+    meta.update(changes)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def test_missing_directory_and_meta(tmp_path, good_store):
+    with pytest.raises(StoreError, match="no such directory"):
+        TokenStore.open(tmp_path / "nope")
+    (good_store / "meta.json").unlink()
+    with pytest.raises(StoreError, match="meta.json is missing"):
+        TokenStore.open(good_store)
+
+
+def test_foreign_and_unknown_version(good_store):
+    _edit_meta(good_store, format_version=99)
+    with pytest.raises(StoreError, match="version 99"):
+        TokenStore.open(good_store)
+    _edit_meta(good_store, format="something-else")
+    with pytest.raises(StoreError, match="not a fastlm token store"):
+        TokenStore.open(good_store)
+    (good_store / "meta.json").write_text("{not json")
+    with pytest.raises(StoreError, match="not valid JSON"):
+        TokenStore.open(good_store)
+
+
+def test_bad_meta_fields(good_store):
+    _edit_meta(good_store, dtype="float32")
+    with pytest.raises(StoreError, match="not uint16 or uint32"):
+        TokenStore.open(good_store)
+    _edit_meta(good_store, dtype="uint16", n_docs="many")
+    with pytest.raises(StoreError, match="bad or missing field"):
+        TokenStore.open(good_store)
+
+
+@pytest.mark.parametrize("name", ["tokens.bin", "offsets.bin"])
+def test_truncated_files(good_store, name):
+    data = (good_store / name).read_bytes()
+    (good_store / name).write_bytes(data[:-2])
+    with pytest.raises(StoreError, match="truncated"):
+        TokenStore.open(good_store)
+    (good_store / name).unlink()
+    with pytest.raises(StoreError, match="missing"):
+        TokenStore.open(good_store)
+
+
+def test_decreasing_offsets(good_store):
+    offsets = np.fromfile(good_store / "offsets.bin", np.int64)
+    offsets[2] = 10
+    offsets.tofile(good_store / "offsets.bin")
+    with pytest.raises(StoreError, match="decrease at document 2"):
+        TokenStore.open(good_store)
+
+
+def test_offsets_that_do_not_cover_the_tokens(good_store):
+    offsets = np.fromfile(good_store / "offsets.bin", np.int64)
+    offsets[-1] -= 1
+    offsets.tofile(good_store / "offsets.bin")
+    with pytest.raises(StoreError, match="expected 0 to n_tokens=11"):
+        TokenStore.open(good_store)
+
+
+def test_flipped_token_is_caught_by_verify_only(good_store):
+    data = bytearray((good_store / "tokens.bin").read_bytes())
+    data[0] ^= 1
+    (good_store / "tokens.bin").write_bytes(bytes(data))
+    assert TokenStore.open(good_store).doc(0).tolist() == [0, 2, 3]
+    with pytest.raises(StoreError, match="tokens.bin is corrupt: sha256"):
+        TokenStore.open(good_store, verify=True)
+
+
+# --- merge ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_items", [1, 2, 1 << 24])
+def test_merge_equals_writing_everything_at_once(tmp_path, monkeypatch, chunk_items):
+    monkeypatch.setattr(store_module, "_CHUNK_ITEMS", chunk_items)
+    parts = [DOCS[:2], DOCS[2:3], DOCS[3:]]
+    shards = [write_store(tmp_path / f"shard{i}", docs, meta={**META, "source": [f"part{i}"]}) for i, docs in enumerate(parts)]
+    (shards[0].tokenizer_dir).mkdir()
+    (shards[0].tokenizer_dir / "tokenizer.json").write_text("{}")
+    merged = merge_stores([shards[0].path, shards[1], shards[2].path], tmp_path / "merged")
+    whole = write_store(tmp_path / "whole", DOCS)
+    np.testing.assert_array_equal(merged.tokens, whole.tokens)
+    np.testing.assert_array_equal(merged.offsets, whole.offsets)
+    assert merged.meta["checksums"] == whole.meta["checksums"]
+    assert merged.meta["source"] == ["part0", "part1", "part2"]
+    assert (merged.tokenizer_dir / "tokenizer.json").read_text() == "{}"
+    TokenStore.open(merged.path, verify=True)
+
+
+def test_merge_refuses_different_tokenizers(tmp_path):
+    a = write_store(tmp_path / "a", DOCS)
+    b = write_store(tmp_path / "b", DOCS, meta={**META, "tokenizer_fingerprint": "other"})
+    with pytest.raises(ValueError, match="tokenizer_fingerprint differs"):
+        merge_stores([a, b], tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(ValueError, match="at least one"):
+        merge_stores([], tmp_path / "m")

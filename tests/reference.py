@@ -3,6 +3,7 @@
 Plain Python over lists: no numpy tricks, no cleverness. Each function names the kernel it checks.
 """
 import itertools
+import math
 
 IGNORE_INDEX = -100
 
@@ -97,3 +98,120 @@ def ref_best_fit_decreasing(lengths, block_size):
         else:
             capacities.append(block_size - length)
     return len(capacities)
+
+
+# --- masking (fastlm.masking) -------------------------------------------------------------------------
+
+class RefBits:
+    """numpy PCG64's next_uint64 / next_uint32 (the 32-bit halves are buffered, low half first)."""
+
+    def __init__(self, bit_generator):
+        self.bit_generator = bit_generator
+        self.buffered = None
+
+    def u64(self):
+        return int(self.bit_generator.random_raw())
+
+    def u32(self):
+        if self.buffered is not None:
+            value, self.buffered = self.buffered, None
+            return value
+        value = self.u64()
+        self.buffered = value >> 32
+        return value & 0xFFFFFFFF
+
+    def below(self, n):
+        """Lemire's bounded draw in [0, n) over 32-bit draws."""
+        m = self.u32() * n
+        if (m & 0xFFFFFFFF) < n:
+            reject_below = (2**32 - n) % n
+            while (m & 0xFFFFFFFF) < reject_below:
+                m = self.u32() * n
+        return m >> 32
+
+
+def ref_units(row, attention_row, eligible, word_starts):
+    """Token positions of each maskable unit: eligible tokens, grouped into words when word_starts is set."""
+    units, previous_ok = [], False
+    for i, token in enumerate(row):
+        ok = (attention_row is None or attention_row[i] != 0) and eligible[token]
+        if ok:
+            if word_starts is None or not previous_ok or word_starts[token]:
+                units.append([i])
+            else:
+                units[-1].append(i)
+        previous_ok = ok
+    return units
+
+
+def ref_mask(rows, attention, bits, *, eligible, word_starts, pool, mask_id, mode, p, mask_replace_prob,
+             random_replace_prob, span_p=None, span_max=None):
+    """The masking kernel's documented algorithm and draw order (see csrc/_masking.pyx), one unit at a time.
+
+    rows: list of lists of ids; attention: list of lists or None; eligible / word_starts: per-id flags
+    (word_starts None for token-level); mode: "bernoulli", "exact" or "span". Returns (ids, labels) lists.
+    """
+    mask_threshold = round(mask_replace_prob * 2**32)
+    random_threshold = round(min(1.0, mask_replace_prob + random_replace_prob) * 2**32)
+    never = 1 << 62
+
+    def gap(bits32):
+        if p == 0:
+            return never
+        scale = 0.0 if p == 1 else 1.0 / math.log1p(-p)
+        return min(math.floor(math.log((bits32 + 1.0) * 2.3283064365386963e-10) * scale), never)
+
+    def replacement(token, u):
+        if mask_threshold <= u < random_threshold:
+            return pool[bits.below(len(pool))]
+        return mask_id if u < mask_threshold else token
+
+    def span_length():
+        threshold = round(span_p * 2**32)
+        while True:
+            length = 1
+            while length <= span_max and not bits.u32() < threshold:
+                length += 1
+            if length <= span_max:
+                return length
+
+    out_rows, label_rows = [], []
+    skip = gap(bits.u32()) if mode == "bernoulli" and rows and rows[0] else None
+    for r, row in enumerate(rows):
+        units = ref_units(row, None if attention is None else attention[r], eligible, word_starts)
+        out, labels = list(row), [IGNORE_INDEX] * len(row)
+        if mode == "bernoulli":
+            for unit in units:
+                if skip > 0:
+                    skip -= 1
+                    continue
+                draw = bits.u64()
+                skip = gap(draw & 0xFFFFFFFF)
+                for k, i in enumerate(unit):
+                    labels[i] = row[i]
+                    out[i] = replacement(row[i], draw >> 32 if k == 0 else bits.u32())
+        elif mode == "exact":
+            units_left = len(units)
+            to_choose = math.floor(p * units_left + 0.5)
+            for unit in units:
+                selected = bits.below(units_left) < to_choose
+                units_left -= 1
+                to_choose -= selected
+                if selected:
+                    for i in unit:
+                        labels[i] = row[i]
+                        out[i] = replacement(row[i], bits.u32())
+        else:
+            budget = math.floor(p * sum(len(u) for u in units) + 0.5)
+            selected = set()
+            while len(selected) < budget:
+                length = span_length()
+                first = bits.below(len(units))
+                for unit in units[first:first + length]:
+                    selected.update(unit)
+            for i in sorted(selected):
+                labels[i] = row[i]
+                out[i] = replacement(row[i], bits.u32())
+        out_rows.append(out)
+        label_rows.append(labels)
+    return out_rows, label_rows

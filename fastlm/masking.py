@@ -1,0 +1,326 @@
+"""Masked-LM masks from a Cython kernel: the tutorial's ``DataCollatorForLanguageModeling`` semantics, fast
+and reproducible, plus exact-count, whole-word and span masking.
+
+Semantics (transformers 5 ``torch_mask_tokens``): each eligible token is selected with probability
+``mlm_probability``; a selected token becomes a target (its label is its id; every other label is -100),
+then is replaced by the mask id with probability ``mask_replace_prob``, by a random id with probability
+``random_replace_prob`` (both fractions of all selected tokens), and otherwise kept. Special tokens and
+padding (attention 0) are never selected. One documented difference from HF: random ids are drawn
+uniformly from the *non-special* ids that exist in the vocabulary, never a special token or an id the
+tokenizer lacks (HF draws over ``range(len(tokenizer))``).
+
+Reproducibility: :class:`Masker` keys the random stream of each batch by ``(seed, epoch, batch_index)``
+(``PCG64([batch_index, epoch, seed])``), so a batch gets the same mask whatever the number of DataLoader
+workers or ranks; :meth:`Masker.mask_fixed` keys each row by its own tokens, for evaluation sets whose
+masks must not change between runs, batch sizes or checkpoints.
+"""
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastlm._kernels import load
+
+_k = load("_masking")
+
+TOKEN_DTYPES = (np.uint16, np.uint32, np.int32, np.int64)
+IGNORE_INDEX = -100
+WORD_SCHEMES = ("wordpiece", "bpe")
+# Separates the evaluation streams' keys [row digest, tag, seed] from training keys [batch, epoch, seed].
+_FIXED_STREAM_TAG = 0x6D61736B_66697864
+
+
+@dataclass(frozen=True)
+class Span:
+    """SpanBERT span masking: span lengths ~ Geometric(p) truncated at max_length (redrawn past it).
+
+    Spans start at a uniformly drawn unit (token, or word with whole-word masking) and cover ``length``
+    consecutive units, until ``mlm_probability`` of the row's eligible tokens are selected.
+    """
+
+    p: float = 0.2
+    max_length: int = 10
+
+
+def _threshold(probability):
+    """p as a threshold on 32-bit draws: a draw u selects when u < p * 2**32 (p = 1 always selects)."""
+    return int(round(probability * 2**32))
+
+
+def _check_probability(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_id(name, value, vocab_size):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int token id, got {value!r}")
+    if not 0 <= value < vocab_size:
+        raise ValueError(f"{name} {value} is outside the vocabulary [0, {vocab_size})")
+    return int(value)
+
+
+def _check_non_negative_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+def _vocab_table(name, values, vocab_size):
+    table = np.asarray(values)
+    if table.shape != (vocab_size,):
+        raise ValueError(f"{name} must have one entry per vocabulary id ({vocab_size}), got shape {table.shape}")
+    return np.ascontiguousarray(table != 0, dtype=np.uint8)
+
+
+def _as_token_matrix(input_ids):
+    """(ids as a (B, L) C-contiguous token array, the torch module if the input was a tensor, else None)."""
+    torch = None
+    if type(input_ids).__module__.startswith("torch"):
+        import torch
+
+        if input_ids.device.type != "cpu":
+            raise ValueError(f"input_ids must be on the CPU, got device {input_ids.device}")
+        input_ids = input_ids.numpy()
+    if not isinstance(input_ids, np.ndarray):
+        raise TypeError(f"input_ids must be a numpy array, memmap or torch tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype not in TOKEN_DTYPES:
+        raise TypeError(f"input_ids dtype {input_ids.dtype} is not supported; use one of uint16, uint32, int32, int64")
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be 2-D (batch, sequence), got shape {input_ids.shape}")
+    if not input_ids.flags.c_contiguous:
+        # A silent ascontiguousarray would copy a memmap; the caller decides.
+        raise ValueError("input_ids must be C-contiguous (got a strided view)")
+    return input_ids, torch
+
+
+def _as_attention(attention_mask, shape):
+    if attention_mask is None:
+        return None
+    if type(attention_mask).__module__.startswith("torch"):
+        attention_mask = attention_mask.cpu().numpy()
+    attention = np.asarray(attention_mask)
+    if attention.shape != shape:
+        raise ValueError(f"attention_mask has shape {attention.shape}, input_ids {shape}")
+    if attention.dtype.kind not in "biu":
+        raise TypeError(f"attention_mask must hold integers or booleans, got dtype {attention.dtype}")
+    # A (B, L) byte copy: small next to the tokens, and it normalises every mask dtype for the kernel.
+    return np.ascontiguousarray(attention != 0, dtype=np.uint8)
+
+
+class Masker:
+    """Masked-LM masking over (batch, seq) token arrays; see the module docstring for the semantics.
+
+    Args:
+        vocab_size: ids must lie in [0, vocab_size) (the model's embedding rows may be more).
+        mask_id: the mask token's id (required).
+        special_ids: ids never selected and never drawn as random replacements (None entries are skipped,
+            as tokenizers report missing specials); ``mask_id`` is always one of them.
+        mlm_probability: selection probability per eligible token (or word; see ``exact``).
+        mask_replace_prob, random_replace_prob: fractions of the selected tokens replaced by the mask id and
+            by a random non-special id (transformers 5 semantics); the rest keep their id.
+        exact: select exactly round(mlm_probability x eligible units) units per row (fairseq, Megatron)
+            instead of Bernoulli trials.
+        whole_word: None, ``"wordpiece"`` or ``"bpe"``: select whole words, from ``word_starts`` (one flag
+            per id: the id begins a word). :meth:`from_tokenizer` builds the table.
+        span: None, True (= ``Span()``) or a :class:`Span`: SpanBERT span masking.
+        seed: the run's seed; streams are keyed by (seed, epoch, batch_index).
+        valid_ids: the ids the tokenizer actually has (default: all of range(vocab_size)); others are
+            never selected or drawn (a vocabulary with holes, like RoBERTa's 50262-entry file).
+    """
+
+    def __init__(self, *, vocab_size, mask_id, special_ids, mlm_probability=0.15, mask_replace_prob=0.8,
+                 random_replace_prob=0.1, exact=False, whole_word=None, word_starts=None, span=None, seed=0,
+                 valid_ids=None):
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or not 0 < vocab_size < 2**32:
+            raise ValueError(f"vocab_size must be an int in [1, 2**32), got {vocab_size!r}")
+        self.vocab_size = int(vocab_size)
+        if mask_id is None:
+            raise ValueError("no mask id: masked-LM masking needs the tokenizer's mask token (e.g. <mask>, [MASK])")
+        self.mask_id = _check_id("mask_id", mask_id, self.vocab_size)
+        self.mlm_probability = _check_probability("mlm_probability", mlm_probability)
+        self.mask_replace_prob = _check_probability("mask_replace_prob", mask_replace_prob)
+        self.random_replace_prob = _check_probability("random_replace_prob", random_replace_prob)
+        if self.mask_replace_prob + self.random_replace_prob > 1.0 + 1e-12:
+            raise ValueError(
+                f"mask_replace_prob + random_replace_prob must not exceed 1, got "
+                f"{self.mask_replace_prob} + {self.random_replace_prob}"
+            )
+        self.seed = _check_non_negative_int("seed", seed)
+
+        if whole_word not in (None,) + WORD_SCHEMES:
+            raise ValueError(f"whole_word must be None, 'wordpiece' or 'bpe', got {whole_word!r}")
+        if whole_word is not None and word_starts is None:
+            raise ValueError("whole_word needs word_starts (one flag per id), or use Masker.from_tokenizer")
+        self.whole_word = whole_word
+        self.word_starts = None if whole_word is None else _vocab_table("word_starts", word_starts, self.vocab_size)
+
+        if span is True:
+            span = Span()
+        if span is not None and not isinstance(span, Span):
+            raise TypeError(f"span must be None, True or a fastlm.masking.Span, got {span!r}")
+        if span is not None:
+            if not 0.0 < span.p <= 1.0:
+                raise ValueError(f"Span.p must be in (0, 1], got {span.p!r}")
+            if isinstance(span.max_length, bool) or not isinstance(span.max_length, (int, np.integer)) or span.max_length < 1:
+                raise ValueError(f"Span.max_length must be an int >= 1, got {span.max_length!r}")
+            if exact:
+                raise ValueError("span masking already selects a fixed budget of tokens; drop exact=True")
+        self.span = span
+        self.exact = bool(exact)
+
+        eligible = np.zeros(self.vocab_size, dtype=np.uint8)
+        if valid_ids is None:
+            eligible[:] = 1
+        else:
+            valid_ids = np.asarray(valid_ids, dtype=np.int64)
+            if valid_ids.size and (valid_ids.min() < 0 or valid_ids.max() >= self.vocab_size):
+                raise ValueError(f"valid_ids must lie in [0, {self.vocab_size})")
+            eligible[valid_ids] = 1
+        self.special_ids = sorted({self.mask_id} | {
+            _check_id("special id", i, self.vocab_size) for i in special_ids if i is not None
+        })
+        eligible[self.special_ids] = 0
+        self.eligible = eligible
+        # The random-replacement pool: every id that exists and is not special.
+        self.pool = np.flatnonzero(eligible).astype(np.int64)
+        if self.pool.size == 0 and self.random_replace_prob > 0:
+            raise ValueError("random_replace_prob > 0 but the vocabulary has no non-special id to draw")
+
+        # Bernoulli selection skips geometric gaps of scale 1 / log(1 - p): NaN never selects (p = 0),
+        # 0 gives gaps of 0 (p = 1).
+        p = self.mlm_probability
+        self._inv_log_q = math.nan if p == 0 else 0.0 if p == 1 else 1.0 / math.log1p(-p)
+        self._mode = _k.SPAN if span is not None else _k.EXACT if exact else _k.BERNOULLI
+        self._thresholds = dict(
+            mask_threshold=_threshold(self.mask_replace_prob),
+            random_threshold=_threshold(min(1.0, self.mask_replace_prob + self.random_replace_prob)),
+            span_threshold=_threshold(span.p) if span else 0,
+        )
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, *, whole_word=None, **kwargs):
+        """A Masker for a transformers tokenizer: its vocabulary, special ids and mask id.
+
+        ``whole_word``: None, ``"wordpiece"`` (``##`` continuations), ``"bpe"`` (``Ġ`` word starts), or
+        True / ``"auto"`` to detect the scheme from the vocabulary.
+        """
+        vocab = tokenizer.get_vocab()
+        ids = np.fromiter(vocab.values(), dtype=np.int64, count=len(vocab))
+        vocab_size = max(int(ids.max()) + 1, len(tokenizer)) if ids.size else len(tokenizer)
+        word_starts = None
+        if whole_word is not None and whole_word is not False:
+            tokens = list(vocab)
+            if whole_word in (True, "auto"):
+                whole_word = _detect_word_scheme(tokens)
+            word_starts = word_start_table(tokens, ids, vocab_size, whole_word)
+        kwargs.setdefault("special_ids", tokenizer.all_special_ids)
+        kwargs.setdefault("mask_id", tokenizer.mask_token_id)
+        return cls(vocab_size=vocab_size, whole_word=whole_word or None, word_starts=word_starts,
+                   valid_ids=ids, **kwargs)
+
+    # --- masking ---------------------------------------------------------------------------------------
+
+    def __call__(self, input_ids, attention_mask=None, *, epoch=0, batch_index=0):
+        """Mask one batch: returns (masked input_ids, labels), int64 (B, L), labels -100 off target.
+
+        The stream is PCG64([batch_index, epoch, seed]): the same batch gets the same mask in any process.
+        Torch input gives torch output (zero-copy both ways).
+        """
+        epoch = _check_non_negative_int("epoch", epoch)
+        batch_index = _check_non_negative_int("batch_index", batch_index)
+        return self.mask_with(input_ids, attention_mask, np.random.PCG64([batch_index, epoch, self.seed]))
+
+    def mask_with(self, input_ids, attention_mask, rng):
+        """Mask with draws from ``rng`` (a numpy Generator or BitGenerator), advancing it; not keyed."""
+        bit_generator = rng.bit_generator if isinstance(rng, np.random.Generator) else rng
+        if not isinstance(bit_generator, np.random.BitGenerator):
+            raise TypeError(f"rng must be a numpy Generator or BitGenerator, got {type(rng).__name__}")
+        ids, torch = _as_token_matrix(input_ids)
+        attention = _as_attention(attention_mask, ids.shape)
+        self._check_ids(ids)
+        out_ids = np.empty(ids.shape, dtype=np.int64)
+        labels = np.empty(ids.shape, dtype=np.int64)
+        self._run(ids, attention, bit_generator, out_ids, labels)
+        return (torch.from_numpy(out_ids), torch.from_numpy(labels)) if torch else (out_ids, labels)
+
+    def mask_fixed(self, input_ids, attention_mask=None):
+        """Evaluation masks: each row's stream is keyed by its own (attended) tokens and the seed.
+
+        A row gets the same mask whatever its batch, position, padding, epoch or checkpoint, so MLM
+        perplexity is comparable across runs. Identical rows get identical masks.
+        """
+        ids, torch = _as_token_matrix(input_ids)
+        attention = _as_attention(attention_mask, ids.shape)
+        self._check_ids(ids)
+        out_ids = np.empty(ids.shape, dtype=np.int64)
+        labels = np.empty(ids.shape, dtype=np.int64)
+        for r in range(ids.shape[0]):
+            row = ids[r] if attention is None else ids[r][attention[r] != 0]
+            digest = int.from_bytes(hashlib.blake2b(row.astype(np.int64).tobytes(), digest_size=8).digest(), "little")
+            stream = np.random.PCG64([digest, _FIXED_STREAM_TAG, self.seed])
+            self._run(ids[r:r + 1], None if attention is None else attention[r:r + 1], stream,
+                      out_ids[r:r + 1], labels[r:r + 1])
+        return (torch.from_numpy(out_ids), torch.from_numpy(labels)) if torch else (out_ids, labels)
+
+    def _check_ids(self, ids):
+        bad = _k.first_out_of_range(ids, self.vocab_size)
+        if bad >= 0:
+            row, col = divmod(bad, ids.shape[1])
+            raise ValueError(
+                f"input_ids[{row}, {col}] = {ids[row, col]} is outside the vocabulary [0, {self.vocab_size})"
+            )
+
+    def _run(self, ids, attention, bit_generator, out_ids, labels):
+        _k.mask_batch(
+            ids, attention, self.eligible, self.word_starts, self.pool, self.mask_id, self._mode,
+            self.mlm_probability, self._inv_log_q, self._thresholds["mask_threshold"],
+            self._thresholds["random_threshold"], self._thresholds["span_threshold"],
+            self.span.max_length if self.span else 0, bit_generator, out_ids, labels,
+        )
+
+
+def _detect_word_scheme(tokens):
+    # By majority: byte-level BPE vocabularies also hold a few "##..." tokens (and WordPiece a stray "Ġ").
+    continuations = sum(t.startswith("##") for t in tokens)
+    spaced = sum(t.startswith("\u0120") for t in tokens)
+    if max(continuations, spaced) < 0.05 * len(tokens):
+        raise ValueError(
+            "cannot tell the tokenizer's word scheme (few '##' or 'Ġ' tokens); pass whole_word='wordpiece' or 'bpe'"
+        )
+    return "wordpiece" if continuations > spaced else "bpe"
+
+
+def word_start_table(tokens, ids, vocab_size, scheme):
+    """Per-id flags: does this token begin a word? WordPiece: not a ``##`` continuation; byte-level BPE:
+    starts with ``Ġ`` (the encoded space). Built once per tokenizer, so whole-word masking is O(L)."""
+    if scheme not in WORD_SCHEMES:
+        raise ValueError(f"whole_word must be 'wordpiece' or 'bpe', got {scheme!r}")
+    if scheme == "wordpiece":
+        starts = [not t.startswith("##") for t in tokens]
+    else:
+        starts = [t.startswith("\u0120") for t in tokens]
+    table = np.zeros(vocab_size, dtype=np.uint8)
+    table[np.asarray(ids, dtype=np.int64)] = np.asarray(starts, dtype=np.uint8)
+    return table
+
+
+def mask_tokens(input_ids, attention_mask=None, *, rng=None, seed=None, epoch=0, batch_index=0, tokenizer=None,
+                **masker_kwargs):
+    """Mask a (batch, seq) numpy array or torch tensor in one call: returns (masked ids, labels).
+
+    The masker comes from ``tokenizer`` (``Masker.from_tokenizer``) or from ``masker_kwargs``
+    (``vocab_size``, ``mask_id``, ``special_ids``, ...; see :class:`Masker`). Draws come from ``rng`` when
+    given (a numpy Generator, advanced), else from the stream keyed by (seed or 0, epoch, batch_index).
+    For many batches build one :class:`Masker` and call it: that skips rebuilding the vocabulary tables.
+    """
+    if seed is not None:
+        masker_kwargs["seed"] = seed
+    masker = Masker.from_tokenizer(tokenizer, **masker_kwargs) if tokenizer is not None else Masker(**masker_kwargs)
+    if rng is not None:
+        return masker.mask_with(input_ids, attention_mask, rng)
+    return masker(input_ids, attention_mask, epoch=epoch, batch_index=batch_index)

@@ -81,9 +81,10 @@ def _bpe_from_files(vocab, merges):
 def _wordpiece_from_file(vocab):
     from transformers import BertTokenizerFast
 
-    # The file name does not say whether the vocabulary is cased: decide from the entries.
+    # The file name does not say whether the vocabulary is cased: a cased one has words starting
+    # with A-Z (an uncased one may still hold a stray non-ASCII capital such as "ℝ").
     with open(vocab, encoding="utf-8") as f:
-        lowercase = not any(line[:1].isupper() for line in f if not line.startswith("["))
+        lowercase = not any("A" <= line[:1] <= "Z" for line in f if not line.startswith("["))
     return BertTokenizerFast(vocab=str(vocab), do_lower_case=lowercase)
 
 

@@ -1,0 +1,341 @@
+"""fastlm.prepare: every input format round-trips to the tokenizer's own output; errors are clear and
+never leave a store behind."""
+import bz2
+import csv
+import gzip
+import json
+import lzma
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastlm.prepare import prepare
+from fastlm.store import StoreError, TokenStore, merge_stores
+from tests.data import shared_path, wikitext_lines
+
+prepare_module = sys.modules["fastlm.prepare"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def lines():
+    """Raw WikiText lines (each keeps its newline), blank ones included."""
+    rows = wikitext_lines("valid")[:160]
+    return [row if row else " \n" for row in rows]
+
+
+@pytest.fixture(scope="module")
+def docs(lines):
+    return [line for line in lines if line.strip()]
+
+
+def ids(tok, texts, **kwargs):
+    return tok(list(texts), add_special_tokens=kwargs.pop("add_special_tokens", False), **kwargs)["input_ids"]
+
+
+def store_docs(store):
+    return [doc.tolist() for doc in store]
+
+
+def no_leftovers(directory):
+    return [p.name for p in Path(directory).iterdir() if p.name.startswith(".")] == []
+
+
+def write_text(path, text):
+    opener = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}.get(path.suffix, open)
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def write_format(directory, fmt, docs):
+    """The documents as one file (or dataset) of format ``fmt``; returns prepare() keyword arguments."""
+    if fmt in ("txt", "txt.gz", "txt.xz", "txt.bz2"):
+        return {"sources": [write_text(directory / f"corpus.{fmt}", "".join(docs))]}
+    records = [{"id": i, "text": text} for i, text in enumerate(docs)]
+    if fmt in ("jsonl", "jsonl.gz"):
+        path = write_text(directory / f"corpus.{fmt}", "".join(json.dumps(r) + "\n" for r in records))
+        return {"sources": [path]}
+    if fmt == "json":
+        return {"sources": [write_text(directory / "corpus.json", json.dumps(records))]}
+    if fmt == "csv":
+        path = directory / "corpus.csv"
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["id", "text"])
+            writer.writeheader()
+            writer.writerows(records)
+        return {"sources": [path]}
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), directory / "corpus.parquet")
+        return {"sources": [directory / "corpus.parquet"]}
+    if fmt == "hf_saved":
+        import datasets
+
+        datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(directory / "saved"))
+        return {"sources": [], "dataset_name": str(directory / "saved")}
+    if fmt == "hf_json_loader":
+        path = write_text(directory / "rows.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        return {"sources": [path], "dataset_name": "json", "split": "train"}
+    raise AssertionError(fmt)
+
+
+FORMATS = ["txt", "txt.gz", "txt.xz", "txt.bz2", "jsonl", "jsonl.gz", "json", "csv", "parquet", "hf_saved", "hf_json_loader"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_round_trips(tmp_path, gpt2_tok, docs, fmt):
+    kwargs = write_format(tmp_path, fmt, docs)
+    store = prepare(kwargs.pop("sources"), tmp_path / "store", tokenizer=gpt2_tok, progress=False, **kwargs)
+    assert store.tokens.dtype == np.uint16
+    assert store_docs(store) == ids(gpt2_tok, docs)
+    assert gpt2_tok.decode(store.tokens.tolist()) == "".join(docs)
+    assert store.meta["n_docs"] == len(docs)
+    assert no_leftovers(tmp_path)
+
+
+def test_wikitext_raw_file_gives_the_tutorial_token_stream(tmp_path, gpt2_tok):
+    # The tutorial tokenizes the HF rows one by one ("" for blank lines) and concatenates them.
+    rows = wikitext_lines("valid")
+    store = prepare([shared_path("wikitext-2-raw", "wiki.valid.raw.xz")], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+    expected = np.fromiter((t for row in ids(gpt2_tok, rows) for t in row), np.int64)
+    np.testing.assert_array_equal(store.tokens, expected)
+
+
+@pytest.mark.parametrize("batch_bytes", [7, 1 << 20])
+def test_paragraph_and_file_boundaries(tmp_path, gpt2_tok, monkeypatch, batch_bytes):
+    # Tiny read batches cut paragraphs across chunk edges: the result must not change.
+    monkeypatch.setattr(prepare_module, "_BATCH_BYTES", batch_bytes)
+    text = "first line\nsecond line\n\n  \n\nthird para\r\nstill third\n\n\nlast, no newline"
+    paragraphs = ["first line\nsecond line\n", "third para\r\nstill third\n", "last, no newline"]
+    path = write_text(tmp_path / "c.txt", text)
+    para = prepare([path], tmp_path / "p", tokenizer=gpt2_tok, doc_boundary="paragraph", progress=False)
+    assert store_docs(para) == ids(gpt2_tok, paragraphs)
+    whole = prepare([path, path], tmp_path / "f", tokenizer=gpt2_tok, doc_boundary="file", progress=False)
+    assert store_docs(whole) == ids(gpt2_tok, [text, text])
+    lines = prepare([path], tmp_path / "l", tokenizer=gpt2_tok, progress=False)
+    expected = ["first line\n", "second line\n", "third para\r\n", "still third\n", "last, no newline"]
+    assert store_docs(lines) == ids(gpt2_tok, expected)
+
+
+def test_eos_and_bos_around_every_document(tmp_path, gpt2_tok, docs):
+    path = write_text(tmp_path / "c.txt", "".join(docs[:20]))
+    store = prepare([path], tmp_path / "s", tokenizer=gpt2_tok, append_eos=True, prepend_bos=True, progress=False)
+    eos = bos = gpt2_tok.eos_token_id
+    assert store_docs(store) == [[bos, *row, eos] for row in ids(gpt2_tok, docs[:20])]
+    assert store.meta["special_ids"]["eos"] == eos and store.meta["args"]["append_eos"] is True
+
+
+def test_wordpiece_vocab_file_with_its_own_template(tmp_path, bert_tok, docs):
+    path = write_text(tmp_path / "c.txt", "".join(docs[:20]))
+    vocab = shared_path("tokenizers", "bert-base-uncased", "vocab.txt")
+    store = prepare([path], tmp_path / "s", tokenizer=str(vocab), add_special_tokens=True, progress=False)
+    assert store_docs(store) == ids(bert_tok, docs[:20], add_special_tokens=True)
+    assert store.meta["special_ids"]["mask"] == 103 and store.meta["special_ids"]["cls"] == 101
+    with pytest.raises(ValueError, match="needs a eos token"):
+        prepare([path], tmp_path / "t", tokenizer=str(vocab), append_eos=True, progress=False)
+
+
+def test_bpe_vocab_and_merges_files(tmp_path, roberta_tok, docs):
+    path = write_text(tmp_path / "c.txt", "".join(docs[:20]))
+    vocab = shared_path("tokenizers", "roberta", "vocab.json")
+    store = prepare([path], tmp_path / "s", tokenizer=str(vocab), progress=False)
+    assert store_docs(store) == ids(roberta_tok, docs[:20])
+    # RoBERTa's vocabulary has gaps: ids run up to <mask> = 50264, past its 50262 entries.
+    assert store.meta["vocab_size"] == 50265 and store.meta["special_ids"]["mask"] == 50264
+
+
+def test_saved_tokenizer_loads_offline(tmp_path, gpt2_tok, docs):
+    from transformers import AutoTokenizer
+
+    path = write_text(tmp_path / "c.txt", "".join(docs[:10]))
+    store = prepare([path], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+    reloaded = AutoTokenizer.from_pretrained(str(store.tokenizer_dir))
+    assert ids(reloaded, docs[:10]) == store_docs(store)
+
+
+def test_more_than_65536_ids_gives_uint32(tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(70000)}
+    vocab["[UNK]"] = 70000
+    backend = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    path = write_text(tmp_path / "c.txt", "w1 w69999 w65536\nw0 nope w65535\n")
+    store = prepare([path], tmp_path / "s", tokenizer=tok, progress=False)
+    assert store.tokens.dtype == np.uint32
+    assert store_docs(store) == [[1, 69999, 65536], [0, 70000, 65535]]
+
+
+def test_train_tokenizer_is_saved_beside_the_store(tmp_path, docs):
+    from transformers import AutoTokenizer
+
+    path = write_text(tmp_path / "c.txt", "".join(docs))
+    store = prepare([path], tmp_path / "s", train_tokenizer=True, vocab_size=400, append_eos=True, progress=False)
+    reloaded = AutoTokenizer.from_pretrained(str(store.tokenizer_dir))
+    assert store.meta["vocab_size"] <= 400 and store.meta["args"]["train_tokenizer"] is True
+    eos = reloaded.eos_token_id
+    assert eos is not None and store.meta["special_ids"]["eos"] == eos
+    assert store_docs(store) == [[*row, eos] for row in ids(reloaded, docs)]
+    assert reloaded.decode(store.doc(3)[:-1].tolist()) == docs[3]
+
+
+def test_parallel_equals_serial(tmp_path, gpt2_tok, docs, monkeypatch):
+    # Small batches so both workers get several and results must come back in order.
+    monkeypatch.setattr(prepare_module, "_BATCH_BYTES", 2000)
+    path = write_text(tmp_path / "c.txt", "".join(docs))
+    serial = prepare([path], tmp_path / "one", tokenizer=gpt2_tok, append_eos=True, progress=False)
+    parallel = prepare([path], tmp_path / "two", tokenizer=gpt2_tok, append_eos=True, num_proc=2, progress=False)
+    np.testing.assert_array_equal(parallel.tokens, serial.tokens)
+    np.testing.assert_array_equal(parallel.offsets, serial.offsets)
+
+
+def test_merge_equals_preparing_the_concatenated_input(tmp_path, gpt2_tok, docs):
+    a = write_text(tmp_path / "a.txt", "".join(docs[:50]))
+    b = write_text(tmp_path / "b.txt.gz", "".join(docs[50:]))
+    shards = [prepare([p], tmp_path / f"shard_{p.name}", tokenizer=gpt2_tok, append_eos=True, progress=False) for p in (a, b)]
+    merged = merge_stores(shards, tmp_path / "merged")
+    whole = prepare([a, b], tmp_path / "whole", tokenizer=gpt2_tok, append_eos=True, progress=False)
+    np.testing.assert_array_equal(merged.tokens, whole.tokens)
+    np.testing.assert_array_equal(merged.offsets, whole.offsets)
+    assert merged.meta["checksums"] == whole.meta["checksums"]
+    assert merged.meta["source"] == whole.meta["source"]
+    assert (merged.tokenizer_dir / "tokenizer.json").is_file()
+
+
+# --- bad input: clear errors, no store ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", ["", "  \n\n \t\n"])
+def test_empty_input_is_an_error_and_writes_nothing(tmp_path, gpt2_tok, content):
+    path = write_text(tmp_path / "empty.txt", content)
+    with pytest.raises(ValueError, match="no documents found in .*empty.txt"):
+        prepare([path], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+    assert not (tmp_path / "s").exists() and no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("batch_bytes", [5, 1 << 20])
+def test_invalid_utf8_names_file_and_line(tmp_path, gpt2_tok, monkeypatch, batch_bytes):
+    monkeypatch.setattr(prepare_module, "_BATCH_BYTES", batch_bytes)
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"fine\nalso fine\nbroken \xff byte\nafter\n")
+    with pytest.raises(ValueError, match=r"bad.txt, line 3: invalid UTF-8"):
+        prepare([path], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+    assert not (tmp_path / "s").exists() and no_leftovers(tmp_path)
+    store = prepare([path], tmp_path / "s", tokenizer=gpt2_tok, errors="replace", progress=False)
+    assert gpt2_tok.decode(store.doc(2).tolist()) == "broken \ufffd byte\n"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet", "hf_saved", "json"])
+def test_missing_text_column(tmp_path, gpt2_tok, docs, fmt):
+    kwargs = write_format(tmp_path, fmt, docs[:5])
+    with pytest.raises(ValueError, match="'body'"):
+        prepare(kwargs.pop("sources"), tmp_path / "s", tokenizer=gpt2_tok, text_column="body", progress=False, **kwargs)
+    assert not (tmp_path / "s").exists()
+
+
+def test_dataset_with_several_splits_needs_one(tmp_path, gpt2_tok, docs):
+    import datasets
+
+    splits = datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"text": docs[:5]}), validation=datasets.Dataset.from_dict({"text": docs[5:9]})
+    )
+    splits.save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(ValueError, match=r"splits \['train', 'validation'\]"):
+        prepare([], tmp_path / "s", tokenizer=gpt2_tok, dataset_name=str(tmp_path / "dd"), progress=False)
+    store = prepare([], tmp_path / "s", tokenizer=gpt2_tok, dataset_name=str(tmp_path / "dd"), split="validation", progress=False)
+    assert store_docs(store) == ids(gpt2_tok, docs[5:9])
+    assert store.meta["source"]["split"] == "validation"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "no tokenizer"),
+        ({"tokenizer": "x", "train_tokenizer": True, "vocab_size": 300}, "not both"),
+        ({"train_tokenizer": True}, "needs vocab_size"),
+        ({"tokenizer": "x", "vocab_size": 300}, "only applies"),
+        ({"tokenizer": "x", "doc_boundary": "sentence"}, "doc_boundary"),
+        ({"tokenizer": "x", "errors": "ignore"}, "errors"),
+        ({"tokenizer": "x", "num_proc": 0}, "num_proc"),
+    ],
+)
+def test_argument_errors(tmp_path, kwargs, message):
+    path = write_text(tmp_path / "c.txt", "hello\n")
+    with pytest.raises(ValueError, match=message):
+        prepare([path], tmp_path / "s", progress=False, **kwargs)
+
+
+def test_missing_source_and_existing_output(tmp_path, gpt2_tok):
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        prepare([tmp_path / "nope.txt"], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+    with pytest.raises(ValueError, match="no input"):
+        prepare([], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+    path = write_text(tmp_path / "c.txt", "hello\n")
+    prepare([path], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+    with pytest.raises(FileExistsError):
+        prepare([path], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+    assert store_docs(prepare([path], tmp_path / "s", tokenizer=gpt2_tok, overwrite=True, append_eos=True, progress=False)) == [
+        ids(gpt2_tok, ["hello\n"])[0] + [gpt2_tok.eos_token_id]
+    ]
+
+
+def test_an_exception_midway_leaves_nothing(tmp_path, gpt2_tok, docs, monkeypatch):
+    monkeypatch.setattr(prepare_module, "_BATCH_BYTES", 500)
+    path = write_text(tmp_path / "c.txt", "".join(docs))
+    real = prepare_module._Encoder.__call__
+    calls = []
+
+    def failing(self, texts):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, texts)
+
+    monkeypatch.setattr(prepare_module._Encoder, "__call__", failing)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([path], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+    assert not (tmp_path / "s").exists() and no_leftovers(tmp_path)
+
+
+KILL_MIDWAY = """
+import os, signal, sys
+from fastlm.store import StoreWriter
+import fastlm.prepare
+prepare_module = sys.modules["fastlm.prepare"]
+prepare_module._BATCH_BYTES = 500
+real_append = StoreWriter.append
+def append_then_die(self, tokens, lengths):
+    real_append(self, tokens, lengths)
+    if self.n_docs > 20:
+        os.kill(os.getpid(), signal.SIGKILL)
+StoreWriter.append = append_then_die
+prepare_module.prepare([sys.argv[1]], sys.argv[2], tokenizer=sys.argv[3], progress=False)
+"""
+
+
+def test_a_killed_prepare_leaves_no_valid_store(tmp_path, docs):
+    path = write_text(tmp_path / "c.txt", "".join(docs))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    gpt2 = shared_path("tokenizers", "gpt2")
+    result = subprocess.run(
+        [sys.executable, "-c", KILL_MIDWAY, str(path), str(tmp_path / "s"), str(gpt2)], env=env, capture_output=True
+    )
+    assert result.returncode == -9, result.stderr.decode()
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(StoreError):
+        TokenStore.open(tmp_path / "s")
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".s.tmp-")]
+    assert len(leftovers) == 1 and (leftovers[0] / "tokens.bin").is_file()
+    with pytest.raises(StoreError, match="meta.json is missing"):
+        TokenStore.open(leftovers[0])

@@ -1,0 +1,116 @@
+"""The `fastlm` command: prepare, merge, inspect, pack, and the train hand-off."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastlm import pack_blocks, pack_documents
+from fastlm.cli import main
+from fastlm.store import TokenStore
+from tests.data import shared_path, wikitext_lines
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "corpus.txt"
+    path.write_text("".join(wikitext_lines("valid")[:120]), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir():
+    return str(shared_path("tokenizers", "gpt2"))
+
+
+@pytest.fixture(scope="module")
+def store_path(corpus, gpt2_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_store") / "store"
+    assert main(["prepare", str(corpus), "-o", str(out), "--tokenizer", gpt2_dir, "--append-eos", "--no-progress"]) == 0
+    return out
+
+
+def test_prepare_prints_a_summary_and_makes_a_store(corpus, gpt2_dir, gpt2_tok, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["prepare", str(corpus), "-o", str(out), "--tokenizer", gpt2_dir, "--prepend-bos", "--no-progress"]) == 0
+    store = TokenStore.open(out)
+    summary = capsys.readouterr().out
+    assert f"{len(store):,} documents, {store.n_tokens:,} tokens (uint16)" in summary
+    assert "tokens/s" in summary
+    first = next(line for line in corpus.read_text().splitlines(keepends=True) if line.strip())
+    assert store.doc(0).tolist() == [gpt2_tok.bos_token_id, *gpt2_tok(first)["input_ids"]]
+    assert store.meta["args"]["prepend_bos"] is True and store.meta["tokenizer_name"] == gpt2_dir
+
+
+def test_bad_input_is_one_line_not_a_traceback(tmp_path, gpt2_dir, capsys):
+    code = main(["prepare", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "s"), "--tokenizer", gpt2_dir])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("fastlm prepare: error: input") and "missing.txt" in err and "Traceback" not in err
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "not a token store" in capsys.readouterr().err
+
+
+def test_prepare_needs_a_tokenizer_choice(corpus, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["prepare", str(corpus), "-o", str(tmp_path / "s")])
+    assert "--tokenizer" in capsys.readouterr().err
+
+
+def test_inspect_prints_meta_and_decoded_documents(store_path, corpus, capsys):
+    assert main(["inspect", str(store_path), "--docs", "2", "--verify"]) == 0
+    out = capsys.readouterr().out
+    meta = json.loads(out[: out.index("\n}\n") + 2])
+    assert meta == TokenStore.open(store_path).meta
+    assert "checksums: OK" in out
+    first = next(line for line in corpus.read_text().splitlines(keepends=True) if line.strip())
+    assert "--- document 0 (" in out and first + "<|endoftext|>" in out
+    assert "--- document 1 (" in out and "--- document 2 (" not in out
+
+
+def test_pack_reports_every_mode(store_path, capsys):
+    assert main(["pack", str(store_path), "--block-size", "64"]) == 0
+    out = capsys.readouterr().out
+    store = TokenStore.open(store_path)
+    eos = store.special_ids["eos"]
+    expected = {
+        "pack_blocks remainder=drop": pack_blocks(store.tokens, store.offsets, 64),
+        "pack_blocks remainder=keep": pack_blocks(store.tokens, store.offsets, 64, remainder="keep"),
+        "pack_documents overlong=split": pack_documents(store.tokens, store.offsets, 64, pad_id=eos),
+        "pack_documents overlong=truncate": pack_documents(store.tokens, store.offsets, 64, overlong="truncate", pad_id=eos),
+    }
+    rows = {line[:34].strip(): line[34:].split() for line in out.splitlines()[2:]}
+    assert "pack_blocks remainder=pad" in rows
+    for name, result in expected.items():
+        blocks, tokens, fill = rows[name]
+        assert int(blocks.replace(",", "")) == len(result)
+        assert int(tokens.replace(",", "")) == result.n_tokens
+        assert fill == f"{result.fill_rate:.2%}"
+
+
+def test_merge_command(store_path, tmp_path, capsys):
+    assert main(["merge", str(store_path), str(store_path), "-o", str(tmp_path / "m")]) == 0
+    merged, single = TokenStore.open(tmp_path / "m"), TokenStore.open(store_path)
+    assert len(merged) == 2 * len(single)
+    assert merged.doc(len(single)).tolist() == single.doc(0).tolist()
+
+
+def test_train_hands_its_arguments_to_the_runner(monkeypatch):
+    from fastlm import run
+
+    seen = []
+    monkeypatch.setattr(run, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["train", "--task", "clm", "--help-me"]) == 0
+    assert seen == [["--task", "clm", "--help-me"]]
+
+
+def test_console_entry_lists_the_commands():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "fastlm.cli", "--help"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("prepare", "merge", "inspect", "pack", "train"):
+        assert command in result.stdout

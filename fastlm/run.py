@@ -383,12 +383,6 @@ def _device_type():
     return "cpu"
 
 
-def _barrier():
-    import torch.distributed as dist
-
-    dist.barrier()
-
-
 # --- data ---------------------------------------------------------------------------------------------
 
 def _cache_key(args):
@@ -413,10 +407,25 @@ def _open_or_prepare(args, rank):
         return TokenStore.open(args.train_store), (TokenStore.open(args.eval_store) if args.eval_store else None)
     cache = Path(args.cache_dir or Path(args.output_dir) / "data") / _cache_key(args)
     train_dir, eval_dir = cache / "train", cache / "validation"
+    failure = [None]
     if rank == 0:
-        _prepare_into(args, train_dir, eval_dir)
-    _barrier()
+        try:
+            _prepare_into(args, train_dir, eval_dir)
+        except Exception as error:
+            failure = [f"{type(error).__name__}: {error}"]
+            _share(failure)
+            raise
+    _share(failure)  # the others wait here: a barrier that also tells them when rank 0 failed
+    if failure[0]:
+        raise RuntimeError(f"rank 0 could not prepare the data: {failure[0]}")
     return TokenStore.open(train_dir), (TokenStore.open(eval_dir) if eval_dir.is_dir() else None)
+
+
+def _share(objects):
+    import torch.distributed as dist
+
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(objects, src=0)
 
 
 def _prepare_into(args, train_dir, eval_dir):
@@ -430,7 +439,8 @@ def _prepare_into(args, train_dir, eval_dir):
         except ValueError:
             return False
 
-    common = dict(doc_boundary=args.doc_boundary)
+    # Special tokens as the tutorial's tokenizer(...) call adds them (<s> ... </s> per RoBERTa document).
+    common = dict(doc_boundary=args.doc_boundary, add_special_tokens=True, progress=True)
     if args.dataset_name:
         common.update(dataset_name=args.dataset_name, dataset_config=args.dataset_config_name)
     if not ready(train_dir):
@@ -472,7 +482,7 @@ def _pack(args, tokens, offsets, tokenizer, *, stride=None):
     from fastlm import pack_blocks, pack_documents
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    if args.packing == "documents":
+    if args.packing == "documents" and not stride:
         return pack_documents(tokens, offsets, args.block_size, pad_id=pad_id)
     separator = tokenizer.eos_token_id if args.separator == "eos" else None
     if args.separator == "eos" and separator is None:
@@ -742,6 +752,8 @@ def _run(args, explicit):
     train_blocks = _pack(args, train_tokens, train_offsets, tokenizer)
     eval_blocks = _pack(args, *eval_docs, tokenizer, stride=args.eval_stride) if eval_docs else None
     masker = _masker(args, tokenizer) if args.task == "mlm" else None
+    if eval_blocks is not None and len(eval_blocks) == 0:
+        raise ConfigError(f"the evaluation set is shorter than one block of {args.block_size} tokens")
 
     per_rank = len(train_blocks) // (args.per_device_train_batch_size * world_size)
     steps_per_epoch = per_rank // args.gradient_accumulation_steps
@@ -820,7 +832,7 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
                desc=f"{args.task} train", dynamic_ncols=True)
     log = _Logger(engine, args, state, rank=rank, world_size=world_size, metrics_path=metrics_path, bar=bar,
                   flops_per_token=flops_per_token, device_type=device_type)
-    first_step, data_time, step_time, tokens = state["step"], 0.0, 0.0, 0
+    first_step, data_time, step_time, startup_time, tokens = state["step"], 0.0, 0.0, 0.0, 0
     # Which blocks this rank trained on in its first epoch: summed over ranks it shows the shares are disjoint.
     first_epoch, seen = state["epoch"], np.zeros(len(train_blocks), dtype=np.int32)
     engine.train()
@@ -832,11 +844,15 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
         loader = DataLoader(dataset, batch_size=None, sampler=range(state["next_batch"], len(dataset)),
                             num_workers=args.dataloader_num_workers, pin_memory=device_type == "cuda",
                             generator=torch.Generator().manual_seed(args.seed + state["epoch"]))
-        j = state["next_batch"]
+        j, start = state["next_batch"], state["next_batch"]
         fetch_start = time.perf_counter()
         for batch in loader:
             t0 = time.perf_counter()
-            data_time += t0 - fetch_start
+            # The first fetch of an epoch includes starting the workers: a one-off, reported on its own.
+            if j == start:
+                startup_time += t0 - fetch_start
+            else:
+                data_time += t0 - fetch_start
             n_tokens = int(batch["attention_mask"].sum())
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
             loss = engine(**batch).loss
@@ -865,9 +881,11 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
             fetch_start = time.perf_counter()
     bar.close()
     steps = state["step"] - first_step
+    loop_time = data_time + step_time + startup_time
     return seen, {"data_time_fraction": data_time / (data_time + step_time) if steps else 0.0,
-            "train_steps_per_s": steps / (data_time + step_time) if steps else 0.0,
-            "train_tokens_per_s_per_rank": tokens / (data_time + step_time) if steps else 0.0}
+                  "dataloader_startup_s": startup_time,
+                  "train_steps_per_s": steps / loop_time if steps else 0.0,
+                  "train_tokens_per_s_per_rank": tokens / loop_time if steps else 0.0}
 
 
 def _rank_report(seen, eval_loss, world_size):

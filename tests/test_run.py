@@ -416,6 +416,29 @@ def test_demo_arguments_prepare_a_corpus_every_machine_has(tmp_path):
     assert results["steps"] == 3 and math.isfinite(results["perplexity"])
 
 
+def test_dataset_with_document_packing_and_strided_evaluation(text_files, tmp_path):
+    """--dataset_name (a save_to_disk directory here: the offline stand-in for a hub name) is prepared
+    once into the cache; strided evaluation scores every evaluation token but the first exactly once."""
+    from datasets import Dataset, DatasetDict
+
+    from fastlm.store import TokenStore
+
+    train, valid = (p.read_text(encoding="utf-8").splitlines()[:300] for p in text_files)
+    DatasetDict({"train": Dataset.from_dict({"text": train}), "validation": Dataset.from_dict({"text": valid[:40]})}
+                ).save_to_disk(tmp_path / "wiki")
+    argv = ["--dataset_name", str(tmp_path / "wiki"), "--train_tokenizer", "--vocab_size", "512",
+            "--config_name", "gpt2-tiny", "--block_size", "64", "--packing", "documents", "--eval_stride", "32",
+            "--max_steps", "2", "--output_dir", str(tmp_path / "out"), *TINY]
+    results = run.main(argv)
+    (cache,) = (tmp_path / "out" / "data").iterdir()
+    eval_store = TokenStore.open(cache / "validation")
+    assert results["eval_tokens"] == eval_store.tokens.shape[0] - 1
+    assert results["steps"] == 2 and math.isfinite(results["perplexity"])
+    stamp = (cache / "train" / "tokens.bin").stat().st_mtime_ns
+    run.main(argv)  # a second run reuses the prepared stores
+    assert (cache / "train" / "tokens.bin").stat().st_mtime_ns == stamp
+
+
 def test_two_ranks_with_the_deepspeed_launcher(text_files, tmp_path):
     """`deepspeed --num_gpus 2`: rank 0 prepares the text while rank 1 waits, the ranks train on
     disjoint blocks and both report the same final evaluation."""

@@ -25,6 +25,15 @@ with from_pretrained) and DeepSpeed checkpoints (checkpoints/, with the data pos
 client_state so --resume continues exactly). Perplexity is exp(sum of token NLL / number of target
 tokens), both summed over ranks and batches.
 """
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script (`deepspeed fastlm/run.py`, `torchrun fastlm/run.py`): Python put fastlm/ itself
+    # first on sys.path, where data.py or tokenizer.py would shadow top-level modules; put the checkout
+    # there instead, so `import fastlm` works even without `pip install -e .`.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import dataclasses
 import hashlib
@@ -34,10 +43,8 @@ import os
 import random
 import shutil
 import socket
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 

@@ -63,7 +63,7 @@ PRESETS = {
 }
 
 # Dense bf16 peak FLOP/s for MFU, by substring of the CUDA device name.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
 
 class ConfigError(ValueError):
@@ -146,6 +146,8 @@ def _parser(suppress_defaults=False):
         argument_default=argparse.SUPPRESS if suppress_defaults else None,
     )
     for f in dataclasses.fields(Args):
+        if f.name == "deepspeed":
+            continue  # added below, after DeepSpeed's own arguments
         kwargs = dict(f.metadata)
         if not suppress_defaults:
             kwargs["default"] = f.default
@@ -569,7 +571,8 @@ def _param_groups(model, weight_decay):
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if getattr(p, "ds_shape", p.shape).__len__() >= 2 else no_decay).append(p)
+            shape = getattr(p, "ds_shape", p.shape)  # under ZeRO-3 p.shape is the empty local partition
+            (decay if len(shape) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -2,7 +2,8 @@
 
 Data: WikiText-2 validation (../shared/data), RoBERTa tokenizer, at 8x128 and 64x512.
 - "mask": the same int64 tensors, each side with its persistent generator (HF: torch.Generator; fastlm:
-  numpy PCG64), HF given the special_tokens_mask tensor (its fast path). "fastlm keyed" is the call a
+  numpy PCG64). HF given the special_tokens_mask tensor (its fast path), and without it (the tutorial's
+  path: its dataset has none, so HF builds it with the tokenizer). "fastlm keyed" is the call a
   training loop makes: a fresh PCG64([batch_index, epoch, seed]) stream per batch.
 - "collate": feature lists (input_ids + attention_mask, as the tutorial's dataset holds them) to tensors.
 - "whole-word": features of 64 paragraphs padded to 512 (HF needs their offset_mapping) to tensors.
@@ -87,6 +88,18 @@ def bench_mask_hf_torch_mask_tokens(benchmark, tensors, roberta_tok, shape):
     collator = transformers.DataCollatorForLanguageModeling(roberta_tok, mlm_probability=0.15, seed=0)
     collator.create_rng("pt")
     _, labels = benchmark(lambda: collator.torch_mask_tokens(ids.clone(), special_tokens_mask=special))
+    _check_masks(labels, ids)
+    _throughput(benchmark, ids.numel())
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def bench_mask_hf_torch_mask_tokens_tutorial(benchmark, tensors, roberta_tok, shape):
+    """The tutorial's path: its dataset has no special_tokens_mask, so HF asks the tokenizer per row."""
+    benchmark.group = f"mask {shape[0]}x{shape[1]}"
+    ids, _, _ = tensors[shape]
+    collator = transformers.DataCollatorForLanguageModeling(roberta_tok, mlm_probability=0.15, seed=0)
+    collator.create_rng("pt")
+    _, labels = benchmark(lambda: collator.torch_mask_tokens(ids.clone()))
     _check_masks(labels, ids)
     _throughput(benchmark, ids.numel())
 

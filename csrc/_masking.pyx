@@ -11,18 +11,21 @@
 # Draw order is part of the contract (golden hashes and tests/reference.py pin it). All draws are 32-bit
 # (next_uint32: PCG64 yields two per 64-bit step). Probabilities arrive as thresholds p * 2**32.
 # - bernoulli: Bernoulli trials over the batch's units (row-major) by geometric skipping: the count of
-#   unselected units before the next selected one is drawn by inversion, so a batch costs one draw per
-#   *selected* unit instead of one per token. One next_uint64 at the start of the batch and at each
-#   selected unit's start: its low 32 bits give the next gap, its high 32 bits the replacement draw of
-#   that unit's first token. Further tokens of a selected word draw next_uint32 for their replacement;
-#   a token that becomes a random id draws once more (bounded).
+#   unselected units before the next selected one (the gap) is drawn by inversion, so a batch costs one
+#   draw per *selected* unit instead of one per token. gap(u) for a 32-bit u is the largest k with
+#   u < gap_table[k] (gap_table[k] = round((1 - p)**k * 2**32), k < K); gap_guess[u >> 22] is where the
+#   search starts. If u < gap_table[K] the gap is K plus a gap from a fresh next_uint32 (memorylessness).
+#   One next_uint64 at each selected unit's start: its low 32 bits give the next gap, its high 32 bits
+#   the replacement draw of that unit's first token; the batch's first gap comes from one next_uint32.
+#   Further tokens of a selected word draw next_uint32 for their replacement; a token that becomes a
+#   random id draws once more (bounded).
 # - exact: round(p * units) units per row by selection sampling (Knuth's algorithm S): at each unit start
 #   one bounded draw in [0, units left), selected if below the count still to choose; replacement as above.
 # - span: budget round(p * eligible tokens); until the budget is reached: a span length (truncated
 #   geometric, drawn by coins), a start unit (bounded draw), the span's units selected; then the row's
 #   replacement draws in token order.
 from cpython.pycapsule cimport PyCapsule_GetPointer
-from libc.math cimport floor, log
+from libc.math cimport floor
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 
@@ -43,12 +46,16 @@ BERNOULLI, EXACT, SPAN = _BERNOULLI, _EXACT, _SPAN
 cdef struct Plan:
     const uint8_t* eligible
     const uint8_t* word_start      # NULL: every eligible token is its own unit
-    const int64_t* pool
+    const int64_t* pool            # NULL: the pool is every id in [0, vocab) except `excluded`
+    const int64_t* excluded        # sorted
+    Py_ssize_t n_excluded
     uint32_t pool_size
     int64_t mask_id
     int mode
     double p
-    double inv_log_q               # 1 / log(1 - p) for the geometric gaps: 0 for p = 1, NaN for p = 0
+    const uint64_t* gap_table      # K + 1 entries; K = 0 means p = 0 (never select)
+    const int64_t* gap_guess       # 1024 entries: the gap of the largest u in each bucket of u >> 22
+    Py_ssize_t gap_k
     uint64_t mask_threshold
     uint64_t random_threshold
     uint64_t span_threshold
@@ -63,14 +70,20 @@ cdef inline bint _coin(bitgen_t* rng, uint64_t threshold) noexcept nogil:
 cdef Py_ssize_t NEVER = <Py_ssize_t> 1 << 62
 
 
-cdef inline Py_ssize_t _gap(uint32_t bits, double inv_log_q) noexcept nogil:
-    """Geometric(p) failures before the next success: floor(log(U) / log(1 - p)), U = (bits + 1) / 2**32.
-
-    32 bits of U cut the tail at P(gap) < 2**-32, the same resolution as every other draw here.
-    """
-    # NaN (p = 0) fails the comparison below and gives NEVER; 0 (p = 1) gives gaps of 0.
-    cdef double gap = floor(log((bits + 1.0) * 2.3283064365386963e-10) * inv_log_q)
-    return <Py_ssize_t> gap if gap < <double> NEVER else NEVER
+cdef inline Py_ssize_t _gap(bitgen_t* rng, const Plan* plan, uint32_t u) noexcept nogil:
+    """Geometric(p) failures before the next success, by table inversion of the 32-bit draw u."""
+    cdef Py_ssize_t gap = 0, k
+    if plan.gap_k == 0:
+        return NEVER
+    while u < plan.gap_table[plan.gap_k]:
+        gap += plan.gap_k
+        if gap >= NEVER:
+            return NEVER
+        u = rng.next_uint32(rng.state)
+    k = plan.gap_guess[u >> 22]
+    while u < plan.gap_table[k + 1]:
+        k += 1
+    return gap + k
 
 
 cdef inline uint32_t _below(bitgen_t* rng, uint32_t n) noexcept nogil:
@@ -85,9 +98,22 @@ cdef inline uint32_t _below(bitgen_t* rng, uint32_t n) noexcept nogil:
     return <uint32_t> (m >> 32)
 
 
+cdef inline int64_t _pool_id(const Plan* plan, int64_t index) noexcept nogil:
+    """The index-th id of the pool: a table lookup, or for a few exclusions (the specials) a walk past
+    them, which keeps a 50k-entry table out of the cache the token streams use."""
+    cdef Py_ssize_t j
+    if plan.pool != NULL:
+        return plan.pool[index]
+    for j in range(plan.n_excluded):
+        if plan.excluded[j] > index:
+            break
+        index += 1
+    return index
+
+
 cdef inline int64_t _replacement(bitgen_t* rng, const Plan* plan, int64_t token, uint32_t u) noexcept nogil:
     if plan.mask_threshold <= u < plan.random_threshold:
-        return plan.pool[_below(rng, plan.pool_size)]
+        return _pool_id(plan, _below(rng, plan.pool_size))
     # Mask or keep as a select rather than a branch: the 80/20 split would mispredict often.
     return plan.mask_id if u < plan.mask_threshold else token
 
@@ -122,6 +148,26 @@ cdef inline Py_ssize_t _units(const token_t* ids, const uint8_t* attention, Py_s
     return n_units
 
 
+cdef inline Py_ssize_t _skip_tokens(const token_t* ids, const uint8_t* attention, Py_ssize_t length,
+                                   const Plan* plan, Py_ssize_t i, Py_ssize_t* skip) noexcept nogil:
+    """Token-level units: the position of the eligible token after `skip` more eligible ones, from i
+    (or length, with `skip` reduced by those passed). Jumps `skip` tokens at a time and counts the
+    eligible ones branch-free, since nearly every token is eligible."""
+    cdef Py_ssize_t j, k, n_ok
+    while i < length:
+        j = min(i + skip[0], length)
+        n_ok = 0
+        for k in range(i, j):
+            n_ok += _eligible(ids[k], attention, k, plan)
+        skip[0] -= n_ok
+        i = j
+        if skip[0] == 0:
+            while i < length and not _eligible(ids[i], attention, i, plan):
+                i += 1
+            return i
+    return i
+
+
 cdef inline void _bernoulli_row(const token_t* ids, const uint8_t* attention, Py_ssize_t length,
                                 const Plan* plan, bitgen_t* rng, Py_ssize_t* skip_io,
                                 int64_t* out, int64_t* labels) noexcept nogil:
@@ -135,19 +181,22 @@ cdef inline void _bernoulli_row(const token_t* ids, const uint8_t* attention, Py
         labels[i] = IGNORE_INDEX
     i = 0
     while True:
-        # Walk to the unit where the gap runs out: one well-predicted branch per token.
-        while i < length:
-            ok = _eligible(ids[i], attention, i, plan)
-            if ok and _starts_unit(ids[i], previous_ok, plan):
-                if skip == 0:
-                    break
-                skip -= 1
-            previous_ok = ok
-            i += 1
+        if plan.word_start == NULL:
+            i = _skip_tokens(ids, attention, length, plan, i, &skip)
+        else:
+            # Walk to the word where the gap runs out: one well-predicted branch per token.
+            while i < length:
+                ok = _eligible(ids[i], attention, i, plan)
+                if ok and _starts_unit(ids[i], previous_ok, plan):
+                    if skip == 0:
+                        break
+                    skip -= 1
+                previous_ok = ok
+                i += 1
         if i >= length:
             break
         draw = rng.next_uint64(rng.state)
-        skip = _gap(<uint32_t> draw, plan.inv_log_q)
+        skip = _gap(rng, plan, <uint32_t> draw)
         token = ids[i]
         labels[i] = token
         out[i] = _replacement(rng, plan, token, <uint32_t> (draw >> 32))
@@ -250,14 +299,18 @@ def first_out_of_range(const token_t[:, ::1] input_ids, int64_t vocab_size):
 
 def mask_batch(const token_t[:, ::1] input_ids, const uint8_t[:, ::1] attention,
                const uint8_t[::1] eligible, const uint8_t[::1] word_start, const int64_t[::1] pool,
-               int64_t mask_id, int mode, double p, double inv_log_q,
+               const int64_t[::1] excluded, int64_t pool_size,
+               int64_t mask_id, int mode, double p, const uint64_t[::1] gap_table, const int64_t[::1] gap_guess,
                uint64_t mask_threshold, uint64_t random_threshold,
                uint64_t span_threshold, int64_t span_max, object bit_generator,
                int64_t[:, ::1] out_ids, int64_t[:, ::1] labels):
     """Mask rows of `input_ids` into `out_ids` / `labels` (both (B, L) int64, preallocated).
 
+    `gap_table` / `gap_guess` drive Bernoulli selection (see the header; fastlm.masking builds them).
+
     `attention` (uint8, same shape) and `word_start` (uint8 per vocabulary id) may be None. The caller has
-    checked every id < len(eligible), the shapes, and that `pool` is non-empty when random replacement can
+    checked every id < len(eligible), the shapes, and that the pool (`pool`, or [0, len(eligible)) minus
+    the sorted `excluded`: pool_size ids either way) is non-empty when random replacement can
     happen.
     """
     cdef Py_ssize_t r, rows = input_ids.shape[0], length = input_ids.shape[1], skip = 0
@@ -272,11 +325,15 @@ def mask_batch(const token_t[:, ::1] input_ids, const uint8_t[:, ::1] attention,
     plan.eligible = &eligible[0]
     plan.word_start = NULL if word_start is None else &word_start[0]
     plan.pool = NULL if pool.shape[0] == 0 else &pool[0]
-    plan.pool_size = <uint32_t> pool.shape[0]
+    plan.excluded = NULL if excluded.shape[0] == 0 else &excluded[0]
+    plan.n_excluded = excluded.shape[0]
+    plan.pool_size = <uint32_t> pool_size
     plan.mask_id = mask_id
     plan.mode = mode
     plan.p = p
-    plan.inv_log_q = inv_log_q
+    plan.gap_table = &gap_table[0]
+    plan.gap_guess = &gap_guess[0]
+    plan.gap_k = gap_table.shape[0] - 1
     plan.mask_threshold = mask_threshold
     plan.random_threshold = random_threshold
     plan.span_threshold = span_threshold
@@ -291,7 +348,7 @@ def mask_batch(const token_t[:, ::1] input_ids, const uint8_t[:, ::1] attention,
             raise MemoryError("mask_batch: cannot allocate its span work arrays")
     with bit_generator.lock, nogil:
         if mode == _BERNOULLI:
-            skip = _gap(rng.next_uint32(rng.state), inv_log_q)
+            skip = _gap(rng, &plan, rng.next_uint32(rng.state))
         for r in range(rows):
             if has_attention:
                 attention_row = &attention[r, 0]

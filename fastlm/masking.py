@@ -15,7 +15,6 @@ workers or ranks; :meth:`Masker.mask_fixed` keys each row by its own tokens, for
 masks must not change between runs, batch sizes or checkpoints.
 """
 import hashlib
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +45,31 @@ class Span:
 def _threshold(probability):
     """p as a threshold on 32-bit draws: a draw u selects when u < p * 2**32 (p = 1 always selects)."""
     return int(round(probability * 2**32))
+
+
+# Gap tables stop here; longer gaps continue by memorylessness (only p < ~0.005 gets that far).
+_GAP_TABLE_MAX = 4096
+
+
+def gap_tables(probability):
+    """Tables for Geometric(p) gaps by inversion of a 32-bit draw u (see csrc/_masking.pyx).
+
+    table[k] = round((1 - p)**k * 2**32), so P(gap >= k) = table[k] / 2**32; it runs to the first k whose
+    entry is 0 (or to _GAP_TABLE_MAX). guess[b] is the gap of u = the largest value with u >> 22 == b.
+    p = 0 gives a one-entry table: never select.
+    """
+    if probability == 0:
+        return np.array([2**32], dtype=np.uint64), np.zeros(1024, dtype=np.int64)
+    q = 1.0 - probability
+    table = [2**32]
+    while table[-1] > 0 and len(table) <= _GAP_TABLE_MAX:
+        table.append(round(q ** len(table) * 2**32))
+    table = np.array(table, dtype=np.uint64)
+    top = (np.arange(1024, dtype=np.uint64) + 1) * 2**22 - 1
+    # Entries 1..K-1 above u, counted on the reversed (increasing) table.
+    guess = (table.size - 1) - np.searchsorted(table[::-1], top, side="right")
+    guess = np.clip(guess, 0, table.size - 2).astype(np.int64)
+    return table, guess
 
 
 def _check_probability(name, value):
@@ -188,13 +212,13 @@ class Masker:
         self.eligible = eligible
         # The random-replacement pool: every id that exists and is not special.
         self.pool = np.flatnonzero(eligible).astype(np.int64)
+        excluded = np.flatnonzero(eligible == 0).astype(np.int64)
+        # Few exclusions (the usual specials): the kernel maps a draw past them instead of reading a table.
+        self._kernel_pool = (np.empty(0, np.int64), excluded) if excluded.size <= 64 else (self.pool, np.empty(0, np.int64))
         if self.pool.size == 0 and self.random_replace_prob > 0:
             raise ValueError("random_replace_prob > 0 but the vocabulary has no non-special id to draw")
 
-        # Bernoulli selection skips geometric gaps of scale 1 / log(1 - p): NaN never selects (p = 0),
-        # 0 gives gaps of 0 (p = 1).
-        p = self.mlm_probability
-        self._inv_log_q = math.nan if p == 0 else 0.0 if p == 1 else 1.0 / math.log1p(-p)
+        self._gap_table, self._gap_guess = gap_tables(self.mlm_probability)
         self._mode = _k.SPAN if span is not None else _k.EXACT if exact else _k.BERNOULLI
         self._thresholds = dict(
             mask_threshold=_threshold(self.mask_replace_prob),
@@ -277,8 +301,8 @@ class Masker:
 
     def _run(self, ids, attention, bit_generator, out_ids, labels):
         _k.mask_batch(
-            ids, attention, self.eligible, self.word_starts, self.pool, self.mask_id, self._mode,
-            self.mlm_probability, self._inv_log_q, self._thresholds["mask_threshold"],
+            ids, attention, self.eligible, self.word_starts, *self._kernel_pool, self.pool.size, self.mask_id, self._mode,
+            self.mlm_probability, self._gap_table, self._gap_guess, self._thresholds["mask_threshold"],
             self._thresholds["random_threshold"], self._thresholds["span_threshold"],
             self.span.max_length if self.span else 0, bit_generator, out_ids, labels,
         )

@@ -153,13 +153,20 @@ def ref_mask(rows, attention, bits, *, eligible, word_starts, pool, mask_id, mod
     """
     mask_threshold = round(mask_replace_prob * 2**32)
     random_threshold = round(min(1.0, mask_replace_prob + random_replace_prob) * 2**32)
-    never = 1 << 62
+    # P(gap >= k) = round((1 - p)**k * 2**32) / 2**32, tabulated to its first 0 or to 4096 entries;
+    # past the table the gap restarts from a fresh draw (the geometric is memoryless).
+    table = [2**32]
+    while p > 0 and table[-1] > 0 and len(table) <= 4096:
+        table.append(round((1.0 - p) ** len(table) * 2**32))
 
-    def gap(bits32):
+    def gap(u):
         if p == 0:
-            return never
-        scale = 0.0 if p == 1 else 1.0 / math.log1p(-p)
-        return min(math.floor(math.log((bits32 + 1.0) * 2.3283064365386963e-10) * scale), never)
+            return 1 << 62
+        extra = 0
+        while u < table[-1]:
+            extra += len(table) - 1
+            u = bits.u32()
+        return extra + max(k for k in range(len(table)) if u < table[k])
 
     def replacement(token, u):
         if mask_threshold <= u < random_threshold:

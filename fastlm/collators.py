@@ -13,7 +13,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from fastlm._kernels import load
 from fastlm.masking import IGNORE_INDEX, Masker
+
+_k = load("_masking")
 
 RETURN_TENSORS = ("pt", "np")
 # Features HF's collators drop before the model sees the batch.
@@ -42,13 +45,14 @@ def _padded_length(lengths, pad_to_multiple_of):
 
 
 def _pad_column(name, rows, lengths, width, fill, padding_side):
-    if all(n == width for n in lengths):
-        # Rows of one length (group_texts blocks): numpy's list-of-lists conversion is the fast path.
-        try:
-            return np.array(rows, dtype=np.int64).reshape(len(rows), width)
-        except (TypeError, ValueError) as error:
-            raise TypeError(f"feature {name!r} must hold integer ids: {error}") from None
     out = np.full((len(rows), width), fill, dtype=np.int64)
+    if all(type(row) is list for row in rows):
+        try:
+            _k.fill_rows(rows, out, padding_side == "left")
+        except TypeError as error:
+            raise TypeError(f"feature {name!r} must hold integer ids: {error}") from None
+        return out
+    # Arrays or tensors (a dataset with a numpy / torch format): numpy converts them row by row.
     for i, (row, n) in enumerate(zip(rows, lengths)):
         if n:
             if padding_side == "right":

@@ -200,3 +200,15 @@ def test_bad_input_raises_clear_errors(gpt2_tok, roberta_tok, lines):
         DataCollatorForCLM(pad_id=None)(ragged)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         DataCollatorForMLM(roberta_tok)([{"input_ids": [0, 70000, 2]}])
+    with pytest.raises(TypeError, match="'input_ids' must hold integer ids"):
+        DataCollatorForMLM(roberta_tok)([{"input_ids": [0, 1.5, 2]}])
+
+
+def test_tensor_and_array_rows_collate_like_lists(roberta_tok, lines):
+    """A dataset with a torch or numpy format hands the collator tensors instead of lists."""
+    features = features_of(roberta_tok, lines[:6], max_length=30)
+    expected = DataCollatorForMLM(roberta_tok, seed=2)(features)
+    for convert in (torch.tensor, np.array):
+        converted = [{k: convert(v) for k, v in f.items()} for f in features]
+        out = DataCollatorForMLM(roberta_tok, seed=2)(converted)
+        assert all(torch.equal(out[k], expected[k]) for k in expected)

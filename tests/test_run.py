@@ -345,6 +345,16 @@ def test_fine_tunes_from_a_save_pretrained_directory(clm_run, clm_stores, tmp_pa
     assert tuned["perplexity"] < results["perplexity"] * 1.05
 
 
+def test_embeddings_grow_to_the_tokenizer(clm_stores, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _tiny_gpt(1000).save_pretrained(tmp_path / "small_vocab")  # the store's tokenizer has 1024 ids
+    args = _clm_args(clm_stores, tmp_path / "out", "--max_steps", "1")
+    args[args.index("--config_name"):args.index("--config_name") + 2] = ["--model_name_or_path", str(tmp_path / "small_vocab")]
+    run.main(args)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").get_input_embeddings().num_embeddings == 1024
+
+
 @pytest.mark.parametrize("stage, precision", [(1, "fp32"), (2, "bf16"), (3, "fp32")])
 def test_zero_stages_train(stage, precision, clm_stores, tmp_path):
     results = run.main(_clm_args(clm_stores, tmp_path, "--max_steps", "4", "--zero_stage", str(stage),

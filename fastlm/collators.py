@@ -110,9 +110,13 @@ class DataCollatorForMLM:
 
     Reproducibility: batch k of an epoch is masked with the stream keyed by (seed, epoch, k), whatever
     the number of DataLoader workers (worker w of n handles batches w, w + n, ...: map-style datasets, in
-    order). Call ``set_epoch(epoch)`` before each epoch's iterator is created (as with
-    ``DistributedSampler``): it gives new masks per epoch, and the same ones for any worker count. Without
-    it, worker processes (re-created each epoch) restart at batch 0, while the main process keeps counting. With ``fixed=True`` each row
+    order). With ranks, rank r's j-th batch is global batch j * world_size + r (rank and world size from
+    the arguments or torch.distributed), so ranks never share a stream. Call ``set_epoch(epoch)`` before
+    each epoch's iterator is created (as with ``DistributedSampler``), or pass ``trainer_callback()`` to
+    the Trainer (its ``on_epoch_begin`` runs before the epoch's workers start): new masks per epoch, the
+    same for any worker count. Without it, worker processes (re-created each epoch) restart at batch 0
+    while the main process keeps counting. A resumed Trainer skips batches without collating them, so the
+    numbering restarts there. With ``fixed=True`` each row
     is masked from its own tokens (:meth:`fastlm.masking.Masker.mask_fixed`): use it for evaluation sets.
 
     Args:
@@ -123,11 +127,13 @@ class DataCollatorForMLM:
         pad_to_multiple_of, return_tensors: as in transformers ("pt" or "np").
         seed: stream seed; None draws one from the OS once (so every worker shares it).
         fixed: per-row evaluation masks.
+        rank, world_size: this process's place among the training processes (default: torch.distributed's
+            when initialised, else 0 of 1).
     """
 
     def __init__(self, tokenizer, mlm_probability=0.15, *, mask_replace_prob=0.8, random_replace_prob=0.1,
                  whole_word_mask=False, exact=False, span=None, pad_to_multiple_of=None, return_tensors="pt",
-                 seed=None, fixed=False):
+                 seed=None, fixed=False, rank=None, world_size=None):
         if getattr(tokenizer, "mask_token_id", None) is None:
             raise ValueError("no mask id: this tokenizer has no mask token, which masked-LM training needs; "
                              "use DataCollatorForCLM for causal LM")
@@ -144,6 +150,11 @@ class DataCollatorForMLM:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.return_tensors = _check_return_tensors(return_tensors)
         self.fixed = bool(fixed)
+        if (rank is None) != (world_size is None):
+            raise ValueError("pass both rank and world_size, or neither")
+        if world_size is not None and not (isinstance(world_size, int) and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self._calls = 0
         self._pid = os.getpid()
@@ -155,6 +166,18 @@ class DataCollatorForMLM:
         self.epoch = int(epoch)
         self._calls = 0
 
+    def trainer_callback(self):
+        """A ``transformers.TrainerCallback`` that calls :meth:`set_epoch` at each epoch's start."""
+        from transformers import TrainerCallback
+
+        collator = self
+
+        class SetMaskingEpoch(TrainerCallback):
+            def on_epoch_begin(self, args, state, control, **kwargs):
+                collator.set_epoch(int(round(state.epoch or 0)))
+
+        return SetMaskingEpoch()
+
     def _next_batch_index(self):
         torch = sys.modules.get("torch")
         worker = torch.utils.data.get_worker_info() if torch is not None else None
@@ -162,10 +185,13 @@ class DataCollatorForMLM:
             # A DataLoader worker's copy: it carries the parent's count, but its batches start at its id.
             self._pid, self._calls = os.getpid(), 0
         calls, self._calls = self._calls, self._calls + 1
-        if worker is None:
-            return calls
         # DataLoader hands map-style batches to its workers round-robin, in order.
-        return calls * worker.num_workers + worker.id
+        local = calls if worker is None else calls * worker.num_workers + worker.id
+        rank, world_size = self.rank, self.world_size
+        if world_size is None:
+            distributed = torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+        return local * world_size + rank
 
     def __call__(self, features):
         batch = pad_features(features, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of,

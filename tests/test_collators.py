@@ -94,6 +94,18 @@ def test_mlm_masks_are_reproducible_per_batch_and_epoch(roberta_tok, lines):
     assert torch.equal(first(features)["labels"], a["labels"])
 
 
+def test_ranks_take_interleaved_global_batch_indices(roberta_tok, lines):
+    features = features_of(roberta_tok, lines[:8], max_length=32)
+    reference = DataCollatorForMLM(roberta_tok, seed=4, return_tensors="np")
+    batches = [reference(features)["labels"] for _ in range(4)]  # global batches 0..3
+    for rank in (0, 1):
+        collator = DataCollatorForMLM(roberta_tok, seed=4, rank=rank, world_size=2, return_tensors="np")
+        assert (collator(features)["labels"] == batches[rank]).all()
+        assert (collator(features)["labels"] == batches[2 + rank]).all()
+    with pytest.raises(ValueError, match="rank"):
+        DataCollatorForMLM(roberta_tok, rank=2, world_size=2)
+
+
 def test_fixed_collator_masks_each_example_the_same_in_any_batch(roberta_tok, lines):
     features = features_of(roberta_tok, lines[:12])
     collator = DataCollatorForMLM(roberta_tok, seed=1, fixed=True, return_tensors="np")
@@ -135,15 +147,19 @@ def test_trainer_trains_a_tiny_roberta_with_our_collator(roberta_tok, lines, tmp
                            intermediate_size=64, max_position_embeddings=80)
     model = RobertaForMaskedLM(config)
     train = features_of(roberta_tok, lines[:64], max_length=32, return_special_tokens_mask=True)
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8,
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=16, per_device_train_batch_size=8,
                              learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
                              use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=train,
-                      data_collator=DataCollatorForMLM(roberta_tok, mlm_probability=0.15, seed=0))
+    collator = DataCollatorForMLM(roberta_tok, mlm_probability=0.15, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator,
+                      callbacks=[collator.trainer_callback()])
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert len(losses) == 8 and all(np.isfinite(losses))
+    assert len(losses) == 16 and all(np.isfinite(losses))
     assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.3
+    # 64 examples / 8 per step: 16 steps are two epochs; the callback numbered the second one 1, and
+    # restarted the batch count there.
+    assert collator.epoch == 1 and collator._calls == 8
 
 
 # --- causal LM ---------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@
 # - every selected token becomes a target (label = its id) and is then replaced: u < mask_threshold ->
 #   mask id, u < random_threshold -> a uniform draw from `pool` (the non-special ids), else kept.
 #
-# Draw order is part of the contract (golden hashes and tests/reference.py pin it). All draws are 32-bit
-# (next_uint32: PCG64 yields two per 64-bit step). Probabilities arrive as thresholds p * 2**32.
+# Draw order is part of the contract (golden hashes and tests/reference.py pin it). Draws are next_uint32
+# (PCG64 yields two per 64-bit step) unless stated; probabilities arrive as thresholds p * 2**32.
 # - bernoulli: Bernoulli trials over the batch's units (row-major) by geometric skipping: the count of
 #   unselected units before the next selected one (the gap) is drawn by inversion, so a batch costs one
 #   draw per *selected* unit instead of one per token. gap(u) for a 32-bit u is the largest k with
@@ -68,7 +68,7 @@ cdef inline bint _coin(bitgen_t* rng, uint64_t threshold) noexcept nogil:
     return rng.next_uint32(rng.state) < threshold
 
 
-# Gaps are capped here: "never again in this batch" for p so small the float gap overflows.
+# "Never again in this batch": the gap for p = 0, and the cap of gaps accumulated past the table.
 cdef Py_ssize_t NEVER = <Py_ssize_t> 1 << 62
 
 

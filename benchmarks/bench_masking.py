@@ -152,6 +152,7 @@ def _n_tokens(word_features):
 
 
 @pytest.mark.benchmark(group="whole-word collate 64x512")
+@pytest.mark.filterwarnings("ignore:Random token replacement is not supported")
 def bench_whole_word_hf(benchmark, word_features, roberta_tok):
     # HF's whole-word mode forces mask_replace_prob=1 (with a warning); fastlm keeps 80/10/10.
     collator = transformers.DataCollatorForLanguageModeling(roberta_tok, whole_word_mask=True, seed=0)

@@ -14,6 +14,7 @@ stay flat. Under `--benchmark-disable` (make test) the corpus is 1x/2x and each 
 import itertools
 import lzma
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -28,11 +29,14 @@ BLOCK = 128
 NUM_PROC = 2
 ROOT = Path(__file__).resolve().parents[1]
 
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of the (large) pytest
+# process would report the parent's size. VmHWM is the peak of the child's own address space.
 PEAK_RSS = """
-import resource, sys
+import re, sys
 from fastlm.prepare import prepare
 prepare([sys.argv[1]], sys.argv[2], tokenizer=sys.argv[3], num_proc=int(sys.argv[4]), progress=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux -> MiB
+with open("/proc/self/status") as f:
+    print(int(re.search(r"VmHWM:\\s+(\\d+) kB", f.read()).group(1)) / 1024)
 """
 
 
@@ -68,14 +72,28 @@ def n_tokens(corpus, gpt2_tok):
     return sum(map(len, gpt2_tok(corpus["rows"])["input_ids"]))
 
 
+def _cpu_seconds():
+    # Children count once reaped: datasets.map's worker pool is joined before map returns.
+    return sum(
+        usage.ru_utime + usage.ru_stime
+        for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
+
+
+def _timed(benchmark, request, fn):
+    """benchmark.pedantic(fn), also recording CPU seconds per round: on a shared machine wall time
+    depends on the neighbours' load, CPU time much less."""
+    rounds = 1 if _smoke(request) else 3
+    start = _cpu_seconds()
+    result = benchmark.pedantic(fn, rounds=rounds, iterations=1)
+    benchmark.extra_info["cpu_s_per_round"] = round((_cpu_seconds() - start) / rounds, 2)
+    return result
+
+
 def _throughput(benchmark, n_tokens):
     benchmark.extra_info["tokens"] = n_tokens
     if benchmark.stats:
         benchmark.extra_info["Mtokens_per_s"] = round(n_tokens / benchmark.stats.stats.median / 1e6, 3)
-
-
-def _rounds(request):
-    return 1 if _smoke(request) else 3
 
 
 def _peak_rss_mb(source, output):
@@ -97,7 +115,7 @@ def bench_prepare_and_pack_fastlm(benchmark, request, corpus, gpt2_tok, n_tokens
         )
         return store, fastlm.pack_blocks(store.tokens, store.offsets, BLOCK)
 
-    store, blocks = benchmark.pedantic(prepare_and_pack, rounds=_rounds(request), iterations=1)
+    store, blocks = _timed(benchmark, request, prepare_and_pack)
     # Same token stream as the tutorial: same number of tokens and of full blocks (up to the
     # tutorial's per-1000-row remainders, which pack_blocks does not drop).
     assert store.n_tokens == n_tokens
@@ -125,7 +143,7 @@ def bench_tutorial_map_tokenize_group_texts(benchmark, request, corpus, gpt2_tok
         tokenized = raw.map(tokenize, batched=True, num_proc=NUM_PROC, remove_columns=["text"], load_from_cache_file=False)
         return tokenized.map(chain_group_texts, batched=True, num_proc=NUM_PROC, load_from_cache_file=False)
 
-    blocks = benchmark.pedantic(tokenize_and_group, rounds=_rounds(request), iterations=1)
+    blocks = _timed(benchmark, request, tokenize_and_group)
     # The tutorial drops each 1000-row batch's remainder, so it keeps slightly fewer blocks.
     assert 0.99 * (n_tokens // BLOCK) <= len(blocks) <= n_tokens // BLOCK
     _throughput(benchmark, n_tokens)

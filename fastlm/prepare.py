@@ -87,23 +87,23 @@ def prepare(
             _file_batches(source, doc_boundary, text_column, errors) for source in sources
         )
 
-    from fastlm import tokenizer as tokenizers_
+    from fastlm import tokenizer as tokenizer_lib
 
     if train_tokenizer:
-        tok = tokenizers_.train_bpe_tokenizer(read_batches(), vocab_size)
+        tok = tokenizer_lib.train_bpe_tokenizer(read_batches(), vocab_size)
         tokenizer_name = f"byte-level BPE trained by fastlm prepare (vocab_size={vocab_size})"
     else:
-        tok = tokenizers_.load_tokenizer(tokenizer)
+        tok = tokenizer_lib.load_tokenizer(tokenizer)
         tokenizer_name = str(tokenizer) if isinstance(tokenizer, (str, Path, tuple, list)) else (tok.name_or_path or type(tok).__name__)
     bos = _required_special(tok, "bos", prepend_bos)
     eos = _required_special(tok, "eos", append_eos)
-    total_vocab = tokenizers_.vocab_size(tok)
+    total_vocab = tokenizer_lib.vocab_size(tok)
     dtype = dtype_for_vocab(total_vocab)
     meta = {
         "vocab_size": total_vocab,
-        "special_ids": tokenizers_.special_ids(tok),
+        "special_ids": tokenizer_lib.special_ids(tok),
         "tokenizer_name": tokenizer_name,
-        "tokenizer_fingerprint": tokenizers_.fingerprint(tok),
+        "tokenizer_fingerprint": tokenizer_lib.fingerprint(tok),
         "source": (
             {"dataset": str(dataset_name), "config": dataset_config, "split": split, "data_files": [str(s) for s in sources]}
             if dataset_name is not None

@@ -18,7 +18,8 @@
 #   One next_uint64 at each selected unit's start: its low 32 bits give the next gap, its high 32 bits
 #   the replacement draw of that unit's first token; the batch's first gap comes from one next_uint32.
 #   Further tokens of a selected word draw next_uint32 for their replacement; a token that becomes a
-#   random id draws once more (bounded).
+#   random id draws once more (bounded). Token-level rows first list their eligible positions, so the
+#   gaps jump through that list; whole-word rows walk token by token.
 # - exact: round(p * units) units per row by selection sampling (Knuth's algorithm S): at each unit start
 #   one bounded draw in [0, units left), selected if below the count still to choose; replacement as above.
 # - span: budget round(p * eligible tokens); until the budget is reached: a span length (truncated
@@ -150,30 +151,41 @@ cdef inline Py_ssize_t _units(const token_t* ids, const uint8_t* attention, Py_s
     return n_units
 
 
-cdef inline Py_ssize_t _skip_tokens(const token_t* ids, const uint8_t* attention, Py_ssize_t length,
-                                   const Plan* plan, Py_ssize_t i, Py_ssize_t* skip) noexcept nogil:
-    """Token-level units: the position of the eligible token after `skip` more eligible ones, from i
-    (or length, with `skip` reduced by those passed). Jumps `skip` tokens at a time and counts the
-    eligible ones branch-free, since nearly every token is eligible."""
-    cdef Py_ssize_t j, k, n_ok
-    while i < length:
-        j = min(i + skip[0], length)
-        n_ok = 0
-        for k in range(i, j):
-            n_ok += _eligible(ids[k], attention, k, plan)
-        skip[0] -= n_ok
-        i = j
-        if skip[0] == 0:
-            while i < length and not _eligible(ids[i], attention, i, plan):
-                i += 1
-            return i
-    return i
+cdef inline void _bernoulli_tokens_row(const token_t* ids, const uint8_t* attention, Py_ssize_t length,
+                                       const Plan* plan, bitgen_t* rng, Py_ssize_t* skip_io,
+                                       Py_ssize_t* eligible_at, int64_t* out, int64_t* labels) noexcept nogil:
+    """Token-level Bernoulli: list the eligible positions branch-free, then jump gap by gap through them
+    (no per-token branch left to mispredict between selections)."""
+    cdef Py_ssize_t i, n = 0, e = skip_io[0]
+    cdef uint64_t draw
+    cdef int64_t token
+    # Two loops rather than _eligible's short-circuit, so both stay free of data-dependent branches.
+    if attention == NULL:
+        for i in range(length):
+            out[i] = ids[i]
+            labels[i] = IGNORE_INDEX
+            eligible_at[n] = i
+            n += plan.eligible[ids[i]]
+    else:
+        for i in range(length):
+            out[i] = ids[i]
+            labels[i] = IGNORE_INDEX
+            eligible_at[n] = i
+            n += plan.eligible[ids[i]] & (attention[i] != 0)
+    while e < n:
+        i = eligible_at[e]
+        draw = rng.next_uint64(rng.state)
+        e += 1 + _gap(rng, plan, <uint32_t> draw)
+        token = ids[i]
+        labels[i] = token
+        out[i] = _replacement(rng, plan, token, <uint32_t> (draw >> 32))
+    skip_io[0] = e - n
 
 
 cdef inline void _bernoulli_row(const token_t* ids, const uint8_t* attention, Py_ssize_t length,
                                 const Plan* plan, bitgen_t* rng, Py_ssize_t* skip_io,
                                 int64_t* out, int64_t* labels) noexcept nogil:
-    """Bernoulli selection by geometric skipping; skip_io carries the running gap across rows."""
+    """Whole-word Bernoulli selection by geometric skipping; skip_io carries the running gap across rows."""
     cdef Py_ssize_t i, skip = skip_io[0]
     cdef bint ok, previous_ok = False
     cdef uint64_t draw
@@ -183,18 +195,15 @@ cdef inline void _bernoulli_row(const token_t* ids, const uint8_t* attention, Py
         labels[i] = IGNORE_INDEX
     i = 0
     while True:
-        if plan.word_start == NULL:
-            i = _skip_tokens(ids, attention, length, plan, i, &skip)
-        else:
-            # Walk to the word where the gap runs out: one well-predicted branch per token.
-            while i < length:
-                ok = _eligible(ids[i], attention, i, plan)
-                if ok and _starts_unit(ids[i], previous_ok, plan):
-                    if skip == 0:
-                        break
-                    skip -= 1
-                previous_ok = ok
-                i += 1
+        # Walk to the word where the gap runs out: one well-predicted branch per token.
+        while i < length:
+            ok = _eligible(ids[i], attention, i, plan)
+            if ok and _starts_unit(ids[i], previous_ok, plan):
+                if skip == 0:
+                    break
+                skip -= 1
+            previous_ok = ok
+            i += 1
         if i >= length:
             break
         draw = rng.next_uint64(rng.state)
@@ -341,13 +350,17 @@ def mask_batch(const token_t[:, ::1] input_ids, const uint8_t[:, ::1] attention,
     plan.span_threshold = span_threshold
     plan.span_max = span_max
     cdef bint has_attention = attention is not None
-    if mode == _SPAN:
+    # Work rows: unit starts (span) or eligible positions (token-level Bernoulli); span also needs the
+    # unit ends and a selected flag per token.
+    cdef bint span_mode = mode == _SPAN
+    if span_mode or (mode == _BERNOULLI and word_start is None):
         unit_start = <Py_ssize_t*> malloc(length * sizeof(Py_ssize_t))
-        unit_end = <Py_ssize_t*> malloc(length * sizeof(Py_ssize_t))
-        selected = <uint8_t*> malloc(length)
-        if not (unit_start and unit_end and selected):
+        if span_mode:
+            unit_end = <Py_ssize_t*> malloc(length * sizeof(Py_ssize_t))
+            selected = <uint8_t*> malloc(length)
+        if not unit_start or (span_mode and not (unit_end and selected)):
             free(unit_start); free(unit_end); free(selected)
-            raise MemoryError("mask_batch: cannot allocate its span work arrays")
+            raise MemoryError("mask_batch: cannot allocate its work rows")
     with bit_generator.lock, nogil:
         if mode == _BERNOULLI:
             skip = _gap(rng, &plan, rng.next_uint32(rng.state))
@@ -359,6 +372,9 @@ def mask_batch(const token_t[:, ::1] input_ids, const uint8_t[:, ::1] attention,
                           selected, &out_ids[r, 0], &labels[r, 0])
             elif mode == _EXACT:
                 _exact_row(&input_ids[r, 0], attention_row, length, &plan, rng, &out_ids[r, 0], &labels[r, 0])
+            elif plan.word_start == NULL:
+                _bernoulli_tokens_row(&input_ids[r, 0], attention_row, length, &plan, rng, &skip, unit_start,
+                                      &out_ids[r, 0], &labels[r, 0])
             else:
                 _bernoulli_row(&input_ids[r, 0], attention_row, length, &plan, rng, &skip,
                                &out_ids[r, 0], &labels[r, 0])

@@ -51,7 +51,7 @@ def _threshold(probability):
 _GAP_TABLE_MAX = 4096
 
 
-def gap_tables(probability):
+def _gap_tables(probability):
     """Tables for Geometric(p) gaps by inversion of a 32-bit draw u (see csrc/_masking.pyx).
 
     table[k] = round((1 - p)**k * 2**32), so P(gap >= k) = table[k] / 2**32; it runs to the first k whose
@@ -218,7 +218,7 @@ class Masker:
         if self.pool.size == 0 and self.random_replace_prob > 0:
             raise ValueError("random_replace_prob > 0 but the vocabulary has no non-special id to draw")
 
-        self._gap_table, self._gap_guess = gap_tables(self.mlm_probability)
+        self._gap_table, self._gap_guess = _gap_tables(self.mlm_probability)
         self._mode = _k.SPAN if span is not None else _k.EXACT if exact else _k.BERNOULLI
         self._thresholds = dict(
             mask_threshold=_threshold(self.mask_replace_prob),

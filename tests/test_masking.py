@@ -155,6 +155,23 @@ def test_exact_mode_selects_round_p_times_eligible_per_row(big_batch, p):
     assert ((labels != IGNORE_INDEX).sum(axis=1) == np.floor(p * eligible + 0.5)).all()
 
 
+@pytest.mark.parametrize("p", [0.001, 0.0002])
+def test_small_p_gaps_beyond_the_table_match_reference_and_rate(big_batch, p):
+    """Below p ~ 0.005 gaps outgrow the 4096-entry table and continue from fresh draws."""
+    ids, attention = big_batch
+    masker = Masker(vocab_size=VOCAB, mask_id=MASK, special_ids=SPECIALS, mlm_probability=p, seed=2)
+    _, labels = masker(ids, attention)
+    eligible = [int(i not in SPECIALS) for i in range(VOCAB)]
+    expected_out, expected_labels = ref_mask(
+        ids.tolist(), attention.tolist(), RefBits(np.random.PCG64([0, 0, 2])), eligible=eligible, word_starts=None,
+        pool=[i for i in range(VOCAB) if eligible[i]], mask_id=MASK, mode="bernoulli", p=p,
+        mask_replace_prob=0.8, random_replace_prob=0.1)
+    assert labels.tolist() == expected_labels
+    n_eligible = int(((attention == 1) & ~np.isin(ids, SPECIALS)).sum())
+    n_selected = sum(int((masker(ids, attention, batch_index=b)[1] != IGNORE_INDEX).sum()) for b in range(20))
+    assert binomial_ok(n_selected, 20 * n_eligible, p)
+
+
 def test_p_zero_and_one(big_batch):
     ids, attention = big_batch
     eligible = (attention == 1) & ~np.isin(ids, SPECIALS)

@@ -82,7 +82,8 @@ def pad_features(features, *, pad_id, pad_to_multiple_of=None, padding_side="rig
     if pad_id is None and any(n != width for n in lengths):
         raise ValueError("the examples have different lengths but the tokenizer has no pad token: set one "
                          "(e.g. tokenizer.pad_token = tokenizer.eos_token) or pass pad_id")
-    fills = {"input_ids": pad_id, "attention_mask": 0, "special_tokens_mask": 1,
+    # Without a pad id nothing gets padded (checked above); 0 only fills np.full.
+    fills = {"input_ids": 0 if pad_id is None else pad_id, "attention_mask": 0, "special_tokens_mask": 1,
              "token_type_ids": pad_token_type_id, "labels": IGNORE_INDEX}
     batch = {}
     for key in features[0]:

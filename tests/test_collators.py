@@ -214,6 +214,8 @@ def test_bad_input_raises_clear_errors(gpt2_tok, roberta_tok, lines):
     ragged = features_of(gpt2_tok, lines[:4])
     with pytest.raises(ValueError, match="no pad token"):
         DataCollatorForCLM(pad_id=None)(ragged)
+    same_length = [{"input_ids": f["input_ids"][:3]} for f in ragged]
+    assert DataCollatorForCLM(pad_id=None)(same_length)["labels"].shape == (4, 3)  # nothing to pad: fine
     with pytest.raises(ValueError, match="outside the vocabulary"):
         DataCollatorForMLM(roberta_tok)([{"input_ids": [0, 70000, 2]}])
     with pytest.raises(TypeError, match="'input_ids' must hold integer ids"):

@@ -47,7 +47,7 @@ def _parser():
     prepare.add_argument("--prepend-bos", action="store_true", help="start every document with the bos token")
     prepare.add_argument("--add-special-tokens", action="store_true",
                          help="apply the tokenizer's own template to each document (e.g. [CLS] ... [SEP])")
-    prepare.add_argument("--num-proc", type=int, default=1, help="tokenizer processes (default: 1)")
+    prepare.add_argument("--num-proc", type=int, default=1, help="batches tokenised at once, in threads (default: 1)")
     prepare.add_argument("--dataset", dest="dataset_name",
                          help="Hugging Face dataset name or save_to_disk directory (sources become its data_files)")
     prepare.add_argument("--dataset-config", help="dataset configuration name")

@@ -222,3 +222,30 @@ def ref_mask(rows, attention, bits, *, eligible, word_starts, pool, mask_id, mod
         out_rows.append(out)
         label_rows.append(labels)
     return out_rows, label_rows
+
+
+# --- document boundaries (fastlm.prepare's chunked text reader) ---------------------------------------
+
+def ref_lines(text):
+    """Lines ending at "\\n" (kept); the last one may lack it."""
+    lines = text.split("\n")
+    return [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+
+
+def ref_line_documents(text):
+    """doc_boundary="line": every line with some non-whitespace text, as written."""
+    return [line for line in ref_lines(text) if line.strip()]
+
+
+def ref_paragraph_documents(text):
+    """doc_boundary="paragraph": runs of non-blank lines, joined as written."""
+    docs, current = [], []
+    for line in ref_lines(text):
+        if line.strip():
+            current.append(line)
+        elif current:
+            docs.append("".join(current))
+            current = []
+    if current:
+        docs.append("".join(current))
+    return docs

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastlm.prepare import prepare
 from fastlm.store import StoreError, TokenStore, merge_stores
 from tests.data import shared_path, wikitext_lines
+from tests.reference import ref_line_documents, ref_paragraph_documents
 
 prepare_module = sys.modules["fastlm.prepare"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +125,27 @@ def test_paragraph_and_file_boundaries(tmp_path, gpt2_tok, monkeypatch, batch_by
     lines = prepare([path], tmp_path / "l", tokenizer=gpt2_tok, progress=False)
     expected = ["first line\n", "second line\n", "third para\r\n", "still third\n", "last, no newline"]
     assert store_docs(lines) == ids(gpt2_tok, expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(alphabet="ab \t\r\n\x0c\u2028\u00e9\u20ac\U0001f600", max_size=80),
+    batch_bytes=st.integers(1, 40),
+    boundary=st.sampled_from(["line", "paragraph"]),
+)
+def test_chunked_reader_splits_documents_like_the_reference(tmp_path_factory, text, batch_bytes, boundary):
+    # Read batches cut anywhere after a newline (multi-byte characters, "\r\n", blank runs):
+    # the documents must not depend on where the cuts fall.
+    path = tmp_path_factory.mktemp("reader") / "c.txt"
+    path.write_bytes(text.encode("utf-8"))
+    old = prepare_module._BATCH_BYTES
+    prepare_module._BATCH_BYTES = batch_bytes
+    try:
+        got = [doc for batch in prepare_module._file_batches(path, boundary, "text", "strict") for doc in batch]
+    finally:
+        prepare_module._BATCH_BYTES = old
+    reference = ref_line_documents if boundary == "line" else ref_paragraph_documents
+    assert got == reference(text)
 
 
 def test_eos_and_bos_around_every_document(tmp_path, gpt2_tok, docs):

@@ -259,3 +259,22 @@ def test_merge_refuses_different_tokenizers(tmp_path):
     assert not (tmp_path / "m").exists()
     with pytest.raises(ValueError, match="at least one"):
         merge_stores([], tmp_path / "m")
+
+
+def test_offsets_past_2_to_the_32(tmp_path):
+    # fairseq's test_4billion_tokens: a sparse 8 GiB token file, so nothing is actually written.
+    big = 2**32 + 5
+    path = tmp_path / "big"
+    path.mkdir()
+    with open(path / "tokens.bin", "wb") as f:
+        f.truncate((big + 3) * 2)
+        f.seek(big * 2)
+        f.write(np.array([7, 8, 9], np.uint16).tobytes())
+    np.array([0, big, big + 3], np.int64).tofile(path / "offsets.bin")
+    meta = {"format": "fastlm-token-store", "format_version": 1, "dtype": "uint16", "vocab_size": 10,
+            "n_docs": 2, "n_tokens": big + 3, "special_ids": {}}
+    (path / "meta.json").write_text(json.dumps(meta))
+    store = TokenStore.open(path)
+    assert store.doc(1).tolist() == [7, 8, 9]
+    assert store[1:].offsets.tolist() == [0, 3] and store[1:].doc(0).tolist() == [7, 8, 9]
+    assert store.doc(0).shape == (big,)

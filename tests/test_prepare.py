@@ -314,6 +314,13 @@ def test_missing_source_and_existing_output(tmp_path, gpt2_tok):
     ]
 
 
+def test_unknown_tokenizer_name_offline(tmp_path):
+    path = write_text(tmp_path / "c.txt", "hello\n")
+    with pytest.raises(OSError, match="could not load tokenizer 'no-such-org/no-such-tokenizer'"):
+        prepare([path], tmp_path / "s", tokenizer="no-such-org/no-such-tokenizer", progress=False)
+    assert not (tmp_path / "s").exists()
+
+
 def test_an_exception_midway_leaves_nothing(tmp_path, gpt2_tok, docs, monkeypatch):
     monkeypatch.setattr(prepare_module, "_BATCH_BYTES", 500)
     path = write_text(tmp_path / "c.txt", "".join(docs))

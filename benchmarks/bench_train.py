@@ -36,7 +36,7 @@ def _runner_argv(store, out, *extra):
     return ["--task", "clm", "--train_store", str(store), "--config_name", "gpt2-tiny",
             "--block_size", str(BLOCK), "--per_device_train_batch_size", str(BATCH), "--learning_rate", str(LR),
             "--max_steps", str(STEPS), "--validation_split_percentage", "0", "--logging_steps", str(STEPS),
-            "--dataloader_num_workers", "1", "--disable_tqdm", "--output_dir", str(out), *extra]
+            "--disable_tqdm", "--output_dir", str(out), *extra]
 
 
 @pytest.mark.benchmark(group="train: tiny GPT-2, block 128, batch 8, 40 steps (CPU)")
@@ -68,7 +68,7 @@ def bench_hf_trainer(benchmark, train_store, tmp_path):
         model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=BLOCK, **shape))
         args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, learning_rate=LR,
                                  max_steps=STEPS, lr_scheduler_type="linear", max_grad_norm=1.0,
-                                 dataloader_num_workers=1, report_to=[], use_cpu=True, save_strategy="no",
+                                 dataloader_num_workers=0, report_to=[], use_cpu=True, save_strategy="no",
                                  logging_steps=STEPS, disable_tqdm=True)
         return Trainer(model=model, args=args, train_dataset=dataset).train()
 

@@ -41,7 +41,7 @@ def _runner_argv(store, out, *extra):
 
 @pytest.mark.benchmark(group="train: tiny GPT-2, block 128, batch 8, 40 steps (CPU)")
 def bench_runner(benchmark, train_store, tmp_path):
-    results = benchmark.pedantic(run.main, args=(_runner_argv(train_store, tmp_path),), rounds=3, iterations=1)
+    results = benchmark.pedantic(run.train, args=(_runner_argv(train_store, tmp_path),), rounds=3, iterations=1)
     assert results["steps"] == STEPS
     benchmark.extra_info["steps_per_s"] = results["train_steps_per_s"]
     benchmark.extra_info["tokens_per_s"] = results["train_tokens_per_s_per_rank"]
@@ -99,7 +99,7 @@ def bench_runner_gpt2_124m_gpu(benchmark, tmp_path, gpt2_tok):
             "--per_device_train_batch_size", "8", "--precision", "bf16", "--max_steps", "50", "--logging_steps", "10",
             "--validation_split_percentage", "0", "--learning_rate", "6e-4", "--disable_tqdm",
             "--output_dir", str(tmp_path / "run")]
-    results = benchmark.pedantic(run.main, args=(argv,), rounds=1, iterations=1)
+    results = benchmark.pedantic(run.train, args=(argv,), rounds=1, iterations=1)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steady = [m for m in metrics if "mfu" in m][1:]  # the first window includes warm-up
     benchmark.extra_info["tokens_per_s"] = float(np.mean([m["tokens_per_s"] for m in steady]))

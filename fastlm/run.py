@@ -717,8 +717,15 @@ def _set_rng_state(state):
 # --- the run ------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    """Run from command-line arguments (sys.argv[1:] by default; none at all = the offline demo).
-    Returns results.json's content on rank 0 of a single-process run."""
+    """The command line (`python -m fastlm.run`, `fastlm train`): train, then return exit status 0.
+    Bad configurations exit with status 2 and one message."""
+    train(argv)
+    return 0
+
+
+def train(argv=None):
+    """Train from command-line arguments (sys.argv[1:] by default; none at all = the offline demo).
+    Returns results.json's content on rank 0 (None on other ranks)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
         print("[fastlm] no arguments: the offline demo. Training a tiny GPT on the stdlib's pydoc topics "
@@ -1036,4 +1043,4 @@ def demo_argv(output_dir=DEMO_DIR, max_steps=300):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

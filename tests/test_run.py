@@ -71,7 +71,7 @@ def _train_losses(out):
 @pytest.fixture(scope="module")
 def clm_run(clm_stores, tmp_path_factory):
     out = tmp_path_factory.mktemp("clm_run")
-    results = run.main(_clm_args(clm_stores, out, "--max_steps", "30", "--warmup_steps", "3",
+    results = run.train(_clm_args(clm_stores, out, "--max_steps", "30", "--warmup_steps", "3",
                                  "--save_steps", "15", "--eval_steps", "15"))
     return out, results
 
@@ -325,7 +325,7 @@ def test_resume_continues_exactly(clm_run, clm_stores, tmp_path):
     shutil.copytree(out / "checkpoints" / "step15", tmp_path / "checkpoints" / "step15")
     (tmp_path / "checkpoints" / "latest").write_text("step15")
     shutil.copy(out / "metrics.jsonl", tmp_path / "metrics.jsonl")
-    resumed = run.main(_clm_args(clm_stores, tmp_path, "--max_steps", "30", "--warmup_steps", "3",
+    resumed = run.train(_clm_args(clm_stores, tmp_path, "--max_steps", "30", "--warmup_steps", "3",
                                  "--save_steps", "15", "--eval_steps", "15", "--resume"))
     full, again = _train_losses(out), _train_losses(tmp_path)
     assert sorted(again) == list(range(1, 31))
@@ -339,7 +339,7 @@ def test_fine_tunes_from_a_save_pretrained_directory(clm_run, clm_stores, tmp_pa
     out, results = clm_run
     args = _clm_args(clm_stores, tmp_path, "--max_steps", "3", "--learning_rate", "1e-4")
     args[args.index("--config_name"):args.index("--config_name") + 2] = ["--model_name_or_path", str(out / "model")]
-    tuned = run.main(args)
+    tuned = run.train(args)
     first = _train_losses(tmp_path)[1]
     assert first < _train_losses(out)[1] - 1.0  # it started from the trained weights, not from scratch
     assert tuned["perplexity"] < results["perplexity"] * 1.05
@@ -351,13 +351,15 @@ def test_embeddings_grow_to_the_tokenizer(clm_stores, tmp_path):
     _tiny_gpt(1000).save_pretrained(tmp_path / "small_vocab")  # the store's tokenizer has 1024 ids
     args = _clm_args(clm_stores, tmp_path / "out", "--max_steps", "1")
     args[args.index("--config_name"):args.index("--config_name") + 2] = ["--model_name_or_path", str(tmp_path / "small_vocab")]
-    run.main(args)
+    from fastlm.cli import main as fastlm_command
+
+    assert fastlm_command(["train", *args]) == 0  # `fastlm train ...` exits 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").get_input_embeddings().num_embeddings == 1024
 
 
 @pytest.mark.parametrize("stage, precision", [(1, "fp32"), (2, "bf16"), (3, "fp32")])
 def test_zero_stages_train(stage, precision, clm_stores, tmp_path):
-    results = run.main(_clm_args(clm_stores, tmp_path, "--max_steps", "4", "--zero_stage", str(stage),
+    results = run.train(_clm_args(clm_stores, tmp_path, "--max_steps", "4", "--zero_stage", str(stage),
                                  "--precision", precision, "--learning_rate", "1e-2"))
     losses = _train_losses(tmp_path)
     # A fresh model's loss is about ln(vocab): ZeRO-3 must not skip HF's weight init (it would be ~40).
@@ -378,7 +380,7 @@ def test_mlm_run_learns_and_matches_trainer_with_the_same_fixed_masks(mlm_stores
     from fastlm.data import eval_batches
     from fastlm.store import TokenStore
 
-    results = run.main(["--task", "mlm", "--train_store", str(mlm_stores[0]), "--eval_store", str(mlm_stores[1]),
+    results = run.train(["--task", "mlm", "--train_store", str(mlm_stores[0]), "--eval_store", str(mlm_stores[1]),
                         "--config_name", "roberta-tiny", "--block_size", "64", "--per_device_train_batch_size", "8",
                         "--learning_rate", "5e-3", "--max_steps", "12", "--output_dir", str(tmp_path), *TINY,
                         "--dataloader_num_workers", "1"])  # masks drawn in a DataLoader worker
@@ -420,7 +422,7 @@ def test_train_batches_are_disjoint_across_ranks_and_deterministic(clm_stores):
 
 
 def test_demo_arguments_prepare_a_corpus_every_machine_has(tmp_path):
-    results = run.main([*run.demo_argv(tmp_path, max_steps=3), "--disable_tqdm"])
+    results = run.train([*run.demo_argv(tmp_path, max_steps=3), "--disable_tqdm"])
     from pydoc_data.topics import topics
 
     assert len((tmp_path / "pydoc_topics.txt").read_text(encoding="utf-8").splitlines()) == len(topics)
@@ -440,13 +442,13 @@ def test_dataset_with_document_packing_and_strided_evaluation(text_files, tmp_pa
     argv = ["--dataset_name", str(tmp_path / "wiki"), "--train_tokenizer", "--vocab_size", "512",
             "--config_name", "gpt2-tiny", "--block_size", "64", "--packing", "documents", "--eval_stride", "32",
             "--max_steps", "2", "--output_dir", str(tmp_path / "out"), *TINY]
-    results = run.main(argv)
+    results = run.train(argv)
     (cache,) = (tmp_path / "out" / "data").iterdir()
     eval_store = TokenStore.open(cache / "validation")
     assert results["eval_tokens"] == eval_store.tokens.shape[0] - 1
     assert results["steps"] == 2 and math.isfinite(results["perplexity"])
     stamp = (cache / "train" / "tokens.bin").stat().st_mtime_ns
-    run.main(argv)  # a second run reuses the prepared stores
+    run.train(argv)  # a second run reuses the prepared stores
     assert (cache / "train" / "tokens.bin").stat().st_mtime_ns == stamp
 
 

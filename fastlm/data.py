@@ -39,8 +39,9 @@ class TrainBatches:
     DistributedSampler(drop_last=True)), so gradient accumulation never straddles two epochs.
     """
 
-    def __init__(self, blocks, *, micro_batch, accumulation, rank, world_size, epoch, seed, masker=None):
-        self.blocks, self.micro_batch = blocks, micro_batch
+    def __init__(self, blocks, *, micro_batch, accumulation, rank, world_size, epoch, seed, masker=None,
+                 position_offset=0):
+        self.blocks, self.micro_batch, self.position_offset = blocks, micro_batch, position_offset
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
         self.masker = masker
         per_rank = len(blocks) // (micro_batch * world_size)
@@ -65,10 +66,18 @@ class TrainBatches:
             batch["input_ids"], batch["labels"] = self.masker(
                 batch["input_ids"], batch["attention_mask"], epoch=self.epoch, batch_index=self.global_batch(j)
             )
-        return batch
+        return _offset_positions(batch, self.position_offset)
 
 
-def eval_batches(blocks, *, batch_size, rank, world_size, masker=None):
+def _offset_positions(batch, offset):
+    """Packed documents restart position_ids at 0; RoBERTa-style models count positions from
+    padding_idx + 1, so they need the offset added."""
+    if offset and "position_ids" in batch:
+        batch["position_ids"] += offset
+    return batch
+
+
+def eval_batches(blocks, *, batch_size, rank, world_size, masker=None, position_offset=0):
     """Yield this rank's evaluation batches as (batch, counts) pairs, covering every block exactly once.
 
     Ranks take contiguous shares; the last batch may be short. Every rank yields the same number of
@@ -89,4 +98,4 @@ def eval_batches(blocks, *, batch_size, rank, world_size, masker=None):
         batch = blocks.gather(np.arange(lo, hi) if counts else np.arange(1))
         if masker is not None:
             batch["input_ids"], batch["labels"] = masker.mask_fixed(batch["input_ids"], batch["attention_mask"])
-        yield batch, counts
+        yield _offset_positions(batch, position_offset), counts

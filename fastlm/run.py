@@ -451,7 +451,8 @@ def _prepare_into(args, train_dir, eval_dir):
             return False
 
     # Special tokens as the tutorial's tokenizer(...) call adds them (<s> ... </s> per RoBERTa document).
-    common = dict(doc_boundary=args.doc_boundary, add_special_tokens=True, progress=True)
+    # overwrite: only a store that failed to open is rebuilt (say a run killed while preparing).
+    common = dict(doc_boundary=args.doc_boundary, add_special_tokens=True, progress=True, overwrite=True)
     if args.dataset_name:
         common.update(dataset_name=args.dataset_name, dataset_config=args.dataset_config_name)
     if not ready(train_dir):
@@ -537,11 +538,17 @@ def _vocab_needed(tokenizer):
     return max(len(tokenizer), max(ids, default=-1) + 1)
 
 
+def position_offset(config):
+    """Where a model's position ids start: RoBERTa-style embeddings number positions after the padding
+    index (HF's create_position_ids_from_input_ids), others from 0."""
+    if config.model_type in ("roberta", "xlm-roberta", "camembert", "longformer") and config.pad_token_id is not None:
+        return config.pad_token_id + 1
+    return 0
+
+
 def _max_positions(config):
     n = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if n and config.model_type in ("roberta", "xlm-roberta", "camembert"):
-        n -= 2  # padding offset
-    return n
+    return n - position_offset(config) if n else n
 
 
 def _build_model(args, tokenizer, ds_config):
@@ -626,7 +633,8 @@ def evaluate(engine, blocks, *, args, rank, world_size, masker=None):
     engine.eval()
     with torch.no_grad():
         for batch, counts in eval_batches(blocks, batch_size=args.per_device_eval_batch_size, rank=rank,
-                                          world_size=world_size, masker=masker):
+                                          world_size=world_size, masker=masker,
+                                          position_offset=position_offset(engine.module.config)):
             batch = {k: torch.from_numpy(v).to(engine.device) for k, v in batch.items()}
             labels = batch.pop("labels")
             logits = engine(**batch).logits
@@ -857,7 +865,8 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
     engine.train()
     while state["step"] < total_steps:
         dataset = TrainBatches(train_blocks, micro_batch=args.per_device_train_batch_size, accumulation=accum,
-                               rank=rank, world_size=world_size, epoch=state["epoch"], seed=args.seed, masker=masker)
+                               rank=rank, world_size=world_size, epoch=state["epoch"], seed=args.seed, masker=masker,
+                               position_offset=position_offset(engine.module.config))
         # A private generator for worker seeds: drawing them from the global torch RNG would shift the
         # dropout stream between a resumed and an uninterrupted run.
         loader = DataLoader(dataset, batch_size=None, sampler=range(state["next_batch"], len(dataset)),

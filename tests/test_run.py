@@ -402,6 +402,28 @@ def test_mlm_run_learns_and_matches_trainer_with_the_same_fixed_masks(mlm_stores
     assert results["perplexity"] == pytest.approx(math.exp(hf["eval_loss"]), rel=1e-4)
 
 
+def test_packed_documents_feed_roberta_its_own_position_numbering(mlm_stores, tmp_path):
+    """pack_documents restarts position_ids at 0 per document; RoBERTa numbers positions from
+    padding_idx + 1, so the runner shifts them (else every document would start on the padding slot)."""
+    from fastlm import pack_documents
+    from fastlm.data import eval_batches
+    from fastlm.store import TokenStore
+
+    results = run.train(["--task", "mlm", "--train_store", str(mlm_stores[0]), "--eval_store", str(mlm_stores[1]),
+                         "--config_name", "roberta-tiny", "--block_size", "64", "--packing", "documents",
+                         "--max_steps", "2", "--output_dir", str(tmp_path), *TINY])
+    assert math.isfinite(results["perplexity"])
+    from transformers import AutoConfig
+
+    offset = run.position_offset(AutoConfig.from_pretrained(tmp_path / "model"))
+    assert offset == 2
+    store = TokenStore.open(mlm_stores[1])
+    (batch, _), *_ = eval_batches(pack_documents(store.tokens, store.offsets, 64, pad_id=1), batch_size=4, rank=0,
+                                  world_size=1, position_offset=offset)
+    real = batch["attention_mask"] == 1
+    assert batch["position_ids"][real].min() == 2 and batch["position_ids"][:, 0].tolist() == [2, 2, 2, 2]
+
+
 def test_train_batches_are_disjoint_across_ranks_and_deterministic(clm_stores):
     from fastlm import pack_blocks
     from fastlm.data import TrainBatches

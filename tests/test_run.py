@@ -335,6 +335,25 @@ def test_resume_continues_exactly(clm_run, clm_stores, tmp_path):
     assert resumed["perplexity"] == pytest.approx(json.loads((out / "results.json").read_text())["perplexity"], rel=1e-6)
 
 
+def test_resume_is_exact_across_an_epoch_boundary_with_accumulation(clm_stores, tmp_path):
+    """Training on the small evaluation store, micro batch 16 x 2 accumulation steps: an epoch is a few
+    optimizer steps, so the run resumed at step 6 crosses into new epochs (new shuffles) and must still
+    repeat every loss."""
+    small = (clm_stores[1], clm_stores[1])
+    argv = ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "2", "--max_steps", "40",
+            "--save_steps", "6"]
+    full = run.train(_clm_args(small, tmp_path / "full", *argv))
+    assert full["epochs"] > 2
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step6", resumed_dir / "checkpoints" / "step6")
+    (resumed_dir / "checkpoints" / "latest").write_text("step6")
+    run.train(_clm_args(small, resumed_dir, *argv, "--resume"))
+    a, b = _train_losses(tmp_path / "full"), _train_losses(resumed_dir)
+    assert sorted(b) == list(range(7, 41))  # no metrics.jsonl was copied: only the resumed steps
+    for step in range(7, 41):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=0), step
+
+
 def test_fine_tunes_from_a_save_pretrained_directory(clm_run, clm_stores, tmp_path):
     out, results = clm_run
     args = _clm_args(clm_stores, tmp_path, "--max_steps", "3", "--learning_rate", "1e-4")

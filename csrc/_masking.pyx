@@ -25,8 +25,6 @@
 # - span: budget round(p * eligible tokens); until the budget is reached: a span length (truncated
 #   geometric, drawn by coins), a start unit (bounded draw), the span's units selected; then the row's
 #   replacement draws in token order.
-from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
-from cpython.long cimport PyLong_AsLongLong
 from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.math cimport floor
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
@@ -391,23 +389,3 @@ def span_lengths(object bit_generator, uint64_t span_threshold, int64_t span_max
     with bit_generator.lock, nogil:
         for i in range(out.shape[0]):
             out[i] = _span_length(rng, &plan)
-
-
-def fill_rows(list rows, int64_t[:, ::1] out, bint left):
-    """Copy rows (lists of Python ints) into the rows of `out`, right-aligned when `left` (left padding).
-
-    The caller filled `out` with the padding value and checked every row fits; this is the collator's
-    list-to-array step, which numpy does at ~15 ns per element. Needs the GIL by nature.
-    """
-    cdef Py_ssize_t r, i, n, start, width = out.shape[1]
-    cdef object row
-    for r in range(PyList_GET_SIZE(rows)):
-        row = <object> PyList_GET_ITEM(rows, r)
-        if type(row) is not list:
-            raise TypeError(f"row {r} is a {type(row).__name__}, expected a list of ints")
-        n = PyList_GET_SIZE(row)
-        if n > width:
-            raise ValueError(f"row {r} has {n} ids, more than the {width} columns")
-        start = width - n if left else 0
-        for i in range(n):
-            out[r, start + i] = PyLong_AsLongLong(<object> PyList_GET_ITEM(row, i))

@@ -1,14 +1,12 @@
 # Packing kernels: cut a document stream into blocks, pack whole documents into blocks, and gather
 # blocks into preallocated batches. The Python wrappers in fastlm/packing.py validate and allocate;
-# everything here runs without the GIL except the Python-list flattening for the datasets.map drop-in.
+# everything here runs without the GIL.
 #
 # Shared conventions:
 # - `tokens` is the flat token array, `offsets` (int64, n_docs + 1) delimits document i as
 #   tokens[offsets[i]:offsets[i + 1]].
 # - The "stream" is the documents concatenated, with `separator` appended after every document when
 #   separator >= 0. Stream position of document i's first token: offsets[i] - offsets[0] + i * has_sep.
-from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
-from cpython.long cimport PyLong_AsLongLong
 from libc.stdint cimport int64_t, uint8_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
@@ -283,22 +281,3 @@ def gather_packed(const token_t[::1] tokens, const int64_t[::1] block_offsets,
                 attention_mask[r, col] = 0
                 position_ids[r, col] = 0
                 col += 1
-
-
-# --- Python lists (the datasets.map drop-in) --------------------------------------------------------
-
-def flatten_int_lists(list rows, int64_t[::1] out):
-    """Copy a list of lists of Python ints into `out` (sized by the caller); needs the GIL by nature."""
-    cdef Py_ssize_t r, i, k = 0, n
-    cdef object row
-    for r in range(PyList_GET_SIZE(rows)):
-        row = <object> PyList_GET_ITEM(rows, r)
-        if type(row) is not list:
-            raise TypeError(f"row {r} is a {type(row).__name__}, expected a list of ints")
-        n = PyList_GET_SIZE(row)
-        if k + n > out.shape[0]:
-            raise ValueError("rows changed size while being flattened")
-        for i in range(n):
-            out[k] = PyLong_AsLongLong(<object> PyList_GET_ITEM(row, i))
-            k += 1
-    return k

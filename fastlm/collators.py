@@ -16,7 +16,7 @@ import numpy as np
 from fastlm._kernels import load
 from fastlm.masking import IGNORE_INDEX, Masker
 
-_k = load("_masking")
+_lists = load("_lists")
 
 RETURN_TENSORS = ("pt", "np")
 # Features HF's collators drop before the model sees the batch.
@@ -47,8 +47,12 @@ def _padded_length(lengths, pad_to_multiple_of):
 def _pad_column(name, rows, lengths, width, fill, padding_side):
     out = np.full((len(rows), width), fill, dtype=np.int64)
     if all(type(row) is list for row in rows):
+        # Row i starts at column 0, or (left padding) where its right end meets the last column.
+        dest = np.arange(len(rows), dtype=np.int64) * width
+        if padding_side == "left":
+            dest += width - np.asarray(lengths, dtype=np.int64)
         try:
-            _k.fill_rows(rows, out, padding_side == "left")
+            _lists.copy_int_lists(rows, out.reshape(-1), dest)
         except TypeError as error:
             raise TypeError(f"feature {name!r} must hold integer ids: {error}") from None
         return out

@@ -19,6 +19,7 @@ import numpy as np
 from fastlm._kernels import load
 
 _k = load("_packing")
+_lists = load("_lists")
 
 TOKEN_DTYPES = (np.uint16, np.uint32, np.int32, np.int64)
 IGNORE_INDEX = -100
@@ -365,11 +366,13 @@ def _flatten_rows(key, rows):
         return rows.reshape(-1)
     rows = [row if type(row) is list else list(row) for row in rows]
     try:
-        total = sum(map(len, rows))
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
     except TypeError:
         raise TypeError(f"column {key!r} must hold lists of token ids") from None
-    flat = np.empty(total, dtype=np.int64)
-    _k.flatten_int_lists(rows, flat)
+    dest = np.zeros(len(rows), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=dest[1:])
+    flat = np.empty(int(lengths.sum()), dtype=np.int64)
+    _lists.copy_int_lists(rows, flat, dest)
     return flat
 
 

@@ -257,7 +257,8 @@ class PackedDocuments:
         Returns int64 (k, block_size) ``input_ids``, ``labels`` (-100 at each document start and on
         padding), ``attention_mask`` and ``position_ids`` (restarting per document). With
         ``flatten=True``, returns the padding-free layout of transformers' ``DataCollatorWithFlattening``
-        instead: (1, total) rows plus ``cu_seq_lens_q/k`` and ``max_length_q/k`` for flash-attention varlen.
+        instead: (1, total) rows plus ``cu_seq_lens_q/k`` and ``max_length_q/k`` for flash-attention varlen
+        and ``seq_idx`` (the sequence of each token).
         """
         indices = _check_indices(indices, len(self))
         batch = _batch_arrays(
@@ -276,8 +277,10 @@ def _flatten(batch):
     starts = np.flatnonzero(flat["position_ids"][0] == 0)
     cu_seq_lens = np.append(starts, flat["input_ids"].shape[1]).astype(np.int32)
     max_length = int(np.diff(cu_seq_lens).max()) if cu_seq_lens.size > 1 else 0
+    # Which sequence each token belongs to (int32, as HF's return_seq_idx and mamba kernels expect).
+    seq_idx = (np.cumsum(flat["position_ids"][0] == 0) - 1).astype(np.int32)[None, :]
     flat.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens,
-                max_length_q=max_length, max_length_k=max_length)
+                max_length_q=max_length, max_length_k=max_length, seq_idx=seq_idx)
     return flat
 
 

@@ -149,6 +149,26 @@ def test_flatten_matches_data_collator_with_flattening_layout():
     assert flat["max_length_q"] == 6
     assert flat["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 3]]
     assert flat["labels"][0, 0] == IGNORE_INDEX and flat["labels"][0, 6] == IGNORE_INDEX
+    assert flat["seq_idx"].tolist() == [[0] * 6 + [1] * 4] and flat["seq_idx"].dtype == np.int32
+
+
+def test_flatten_equals_transformers_data_collator_with_flattening():
+    transformers = pytest.importorskip("transformers")
+    tokens = np.arange(1, 30, dtype=np.int64)
+    offsets = np.array([0, 5, 12, 20, 29], dtype=np.int64)
+    packed = pack_documents(tokens, offsets, 16)
+    flat = packed.gather(np.arange(len(packed)), flatten=True)
+    # HF flattens the same sequences, in the order the packed blocks hold them.
+    batch = packed.gather(np.arange(len(packed)))
+    sequences = []
+    for row, positions, mask in zip(batch["input_ids"], batch["position_ids"], batch["attention_mask"]):
+        starts = list(np.flatnonzero((positions == 0) & (mask == 1))) + [int(mask.sum())]
+        sequences += [{"input_ids": row[a:b].tolist()} for a, b in zip(starts[:-1], starts[1:])]
+    hf = transformers.DataCollatorWithFlattening(return_tensors="np", return_flash_attn_kwargs=True,
+                                                 return_seq_idx=True)(sequences)
+    for key in ("input_ids", "labels", "position_ids", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k"):
+        assert np.array_equal(np.asarray(hf[key]), flat[key]), key
+    assert hf["max_length_q"] == flat["max_length_q"]
 
 
 def test_as_array_is_a_zero_copy_view():

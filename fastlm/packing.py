@@ -78,6 +78,28 @@ def _check_choice(name, value, choices):
     return value
 
 
+def _check_token_id(name, value, optional=True):
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative token id, got {value!r}")
+    return int(value)
+
+
+def _check_layout_array(name, array, length=None):
+    """A result's index array: the kernels read it unchecked, so it must be exactly what they expect."""
+    if not (isinstance(array, np.ndarray) and array.dtype == np.int64 and array.ndim == 1 and array.flags.c_contiguous):
+        raise TypeError(f"{name} must be a 1-D C-contiguous int64 array")
+    if length is not None and array.shape[0] != length:
+        raise ValueError(f"{name} has {array.shape[0]} entries, expected {length}")
+    return array.shape[0]
+
+
+def _check_same_offsets(offsets, n_tokens):
+    _check_layout_array("offsets", offsets)
+    _check_offsets(offsets, n_tokens)
+
+
 def _check_indices(indices, n_blocks):
     indices = np.atleast_1d(np.asarray(indices))
     if indices.dtype.kind not in "iu" or indices.ndim != 1:
@@ -116,6 +138,23 @@ class BlockIndex:
     context: np.ndarray
     separator: int | None
     pad_id: int | None
+
+    def __post_init__(self):
+        # The kernels run without bounds checks, so an index built or edited by hand is checked here.
+        _check_tokens(self.tokens)
+        _check_same_offsets(self.offsets, self.tokens.shape[0])
+        _check_positive("block_size", self.block_size)
+        _check_token_id("separator", self.separator)
+        _check_token_id("pad_id", self.pad_id)
+        n = _check_layout_array("starts", self.starts)
+        _check_layout_array("lengths", self.lengths, n)
+        _check_layout_array("context", self.context, n)
+        has_sep = int(self.separator is not None)
+        stream_len = int(self.offsets[-1] - self.offsets[0]) + has_sep * (self.offsets.shape[0] - 1)
+        if n and (self.starts.min() < 0 or self.lengths.min() < 0 or self.lengths.max() > self.block_size
+                  or np.any(self.starts + self.lengths > stream_len)
+                  or np.any(self.context < 0) or np.any(self.context > self.lengths)):
+            raise ValueError("block index out of bounds: blocks must lie inside the document stream")
 
     def __len__(self):
         return self.starts.shape[0]
@@ -182,9 +221,8 @@ def pack_blocks(tokens, offsets, block_size, *, remainder="drop", separator=None
     _check_choice("remainder", remainder, REMAINDER_MODES)
     if remainder == "pad" and pad_id is None:
         raise ValueError('remainder="pad" needs a pad_id (e.g. the tokenizer\'s pad or eos id)')
-    for name, value in (("separator", separator), ("pad_id", pad_id)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
-            raise ValueError(f"{name} must be a non-negative token id, got {value!r}")
+    separator = _check_token_id("separator", separator)
+    pad_id = _check_token_id("pad_id", pad_id)
     stride = block_size if stride is None else _check_positive("stride", stride)
     if stride > block_size:
         raise ValueError(f"stride ({stride}) must not exceed block_size ({block_size}): tokens would be skipped")
@@ -239,6 +277,24 @@ class PackedDocuments:
     seg_lengths: np.ndarray
     pad_id: int
     n_dropped: int
+
+    def __post_init__(self):
+        # The kernels run without bounds checks, so a layout built or edited by hand is checked here.
+        _check_tokens(self.tokens)
+        _check_positive("block_size", self.block_size)
+        _check_token_id("pad_id", self.pad_id, optional=False)
+        n_segments = _check_layout_array("seg_starts", self.seg_starts)
+        _check_layout_array("seg_lengths", self.seg_lengths, n_segments)
+        n_blocks = _check_layout_array("block_offsets", self.block_offsets) - 1
+        bounds = self.block_offsets
+        if n_blocks < 0 or bounds[0] != 0 or bounds[-1] != n_segments or np.any(bounds[1:] < bounds[:-1]):
+            raise ValueError("block_offsets must run from 0 to the segment count without decreasing")
+        if n_segments and (self.seg_starts.min() < 0 or self.seg_lengths.min() < 0
+                           or np.any(self.seg_starts + self.seg_lengths > self.tokens.shape[0])):
+            raise ValueError("segments must lie inside tokens")
+        filled = np.concatenate(([0], np.cumsum(self.seg_lengths)))
+        if n_blocks and np.any(filled[bounds[1:]] - filled[bounds[:-1]] > self.block_size):
+            raise ValueError(f"a block holds more than block_size ({self.block_size}) tokens")
 
     def __len__(self):
         return self.block_offsets.shape[0] - 1
@@ -296,8 +352,7 @@ def pack_documents(tokens, offsets, block_size, *, overlong="split", pad_id=0):
     offsets = _check_offsets(offsets, tokens.shape[0])
     block_size = _check_positive("block_size", block_size)
     _check_choice("overlong", overlong, OVERLONG_MODES)
-    if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)) or pad_id < 0:
-        raise ValueError(f"pad_id must be a non-negative token id, got {pad_id!r}")
+    pad_id = _check_token_id("pad_id", pad_id, optional=False)
     split = overlong == "split"
 
     n_pieces = _k.count_pieces(offsets, block_size, split)
@@ -313,7 +368,7 @@ def pack_documents(tokens, offsets, block_size, *, overlong="split", pad_id=0):
     np.cumsum(np.bincount(piece_block, minlength=n_blocks), out=block_offsets[1:])
     n_dropped = int(offsets[-1] - offsets[0]) - int(piece_lengths.sum())
     return PackedDocuments(
-        tokens, block_size, block_offsets, piece_starts[order], piece_lengths[order], int(pad_id), n_dropped
+        tokens, block_size, block_offsets, piece_starts[order], piece_lengths[order], pad_id, n_dropped
     )
 
 

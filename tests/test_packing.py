@@ -335,3 +335,27 @@ def test_offsets_beyond_4_billion_tokens(tmp_path):
     assert batch["input_ids"][row].tolist() == tail.tolist()
     assert batch["position_ids"][row, 44] == 0
     assert packed.n_dropped == (n - 64) - 64
+
+
+def test_hand_built_results_are_checked_before_reaching_the_kernels():
+    """gather() runs without bounds checks, so a result built or edited by hand is refused up front."""
+    from dataclasses import replace
+
+    tokens = np.arange(20, dtype=np.uint16)
+    blocks = pack_blocks(tokens, [0, 10, 20], 4)
+    with pytest.raises(ValueError, match="out of bounds"):
+        replace(blocks, starts=blocks.starts + 100)
+    with pytest.raises(ValueError, match="out of bounds"):
+        replace(blocks, lengths=blocks.lengths + 1)
+    with pytest.raises(TypeError, match="int64"):
+        replace(blocks, starts=blocks.starts.astype(np.int32))
+    with pytest.raises(ValueError, match="entries"):
+        replace(blocks, context=np.zeros(1, np.int64))
+
+    packed = pack_documents(tokens, [0, 10, 20], 8)
+    with pytest.raises(ValueError, match="inside tokens"):
+        replace(packed, seg_starts=packed.seg_starts + 15)
+    with pytest.raises(ValueError, match="more than block_size"):
+        replace(packed, block_size=2)
+    with pytest.raises(ValueError, match="block_offsets"):
+        replace(packed, block_offsets=packed.block_offsets[::-1].copy())

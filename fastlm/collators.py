@@ -44,7 +44,18 @@ def _padded_length(lengths, pad_to_multiple_of):
     return longest
 
 
+def _padding_mask(lengths, width, padding_side):
+    """1 on each row's real tokens, 0 on its padding."""
+    columns = np.arange(width)
+    lengths = np.asarray(lengths, dtype=np.int64)[:, None]
+    real = columns < lengths if padding_side == "right" else columns >= width - lengths
+    return real.astype(np.int64)
+
+
 def _pad_column(name, rows, lengths, width, fill, padding_side):
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        if len(row) != n:
+            raise ValueError(f"feature {name!r} of example {i} has {len(row)} entries but its input_ids has {n}")
     out = np.full((len(rows), width), fill, dtype=np.int64)
     if all(type(row) is list for row in rows):
         # Row i starts at column 0, or (left padding) where its right end meets the last column.
@@ -99,8 +110,7 @@ def pad_features(features, *, pad_id, pad_to_multiple_of=None, padding_side="rig
         else:
             batch[key] = np.asarray(rows)
     if with_attention and "attention_mask" not in batch:
-        batch["attention_mask"] = _pad_column("attention_mask", [[1] * n for n in lengths], lengths, width, 0,
-                                              padding_side)
+        batch["attention_mask"] = _padding_mask(lengths, width, padding_side)
     return batch
 
 
@@ -224,8 +234,8 @@ class DataCollatorForCLM:
 
     ``padding_free=True`` concatenates the examples into one (1, total) row with ``position_ids``
     restarting per example and label -100 at each example's first token (it would be predicted from the
-    previous example), like ``DataCollatorWithFlattening``; examples are laid out longest first (the
-    packing core's order). ``return_flash_attn_kwargs=True`` adds ``cu_seq_lens_q/k`` (int32) and
+    previous example), like ``DataCollatorWithFlattening`` (given ``labels`` features are used, first
+    label of each example dropped); examples keep their input order. ``return_flash_attn_kwargs=True`` adds ``cu_seq_lens_q/k`` (int32) and
     ``max_length_q/k`` for flash-attention varlen kernels.
     """
 
@@ -248,8 +258,12 @@ class DataCollatorForCLM:
         for key in _DROPPED_KEYS:
             batch.pop(key, None)
         labels = batch["input_ids"].copy()
-        if "attention_mask" in batch:
-            labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+        # Padding by position, not by pad id: an EOS used as pad keeps its labels where it is real.
+        attention = batch.get("attention_mask")
+        if attention is None:  # bare id lists carry no mask
+            lengths = [len(f["input_ids"] if isinstance(f, Mapping) else f) for f in features]
+            attention = _padding_mask(lengths, labels.shape[1], self.padding_side)
+        labels[attention == 0] = IGNORE_INDEX
         batch["labels"] = labels
         return _to_tensors(batch, self.return_tensors)
 
@@ -271,6 +285,16 @@ class DataCollatorForCLM:
         # One block as long as the batch: every example fits whole, none is split.
         flat = pack_documents(tokens, offsets, total).gather([0], flatten=True)
         batch = {key: flat[key] for key in ("input_ids", "labels", "position_ids")}
+        if all(isinstance(f, Mapping) and "labels" in f for f in features):
+            # Given labels win (e.g. prompts masked for SFT), as in DataCollatorWithFlattening; each
+            # example's first label still goes, since the previous example would predict it.
+            given = [np.asarray(f["labels"], dtype=np.int64) for f in features]
+            for i, (labels, n) in enumerate(zip(given, lengths)):
+                if labels.shape != (n,):
+                    raise ValueError(f"labels of example {i} have shape {labels.shape}, its input_ids {n} tokens")
+            flat_labels = np.concatenate(given)
+            flat_labels[offsets[:-1][lengths > 0]] = IGNORE_INDEX
+            batch["labels"] = flat_labels[None, :]
         if self.return_flash_attn_kwargs:
             batch.update({key: flat[key] for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")})
         return batch

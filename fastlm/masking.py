@@ -20,11 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastlm._kernels import load
+from fastlm.packing import IGNORE_INDEX, TOKEN_DTYPES
 
 _k = load("_masking")
 
-TOKEN_DTYPES = (np.uint16, np.uint32, np.int32, np.int64)
-IGNORE_INDEX = -100
 WORD_SCHEMES = ("wordpiece", "bpe")
 # Separates the evaluation streams' keys [row digest, tag, seed] from training keys [batch, epoch, seed].
 _FIXED_STREAM_TAG = 0x6D61736B_66697864
@@ -60,6 +59,9 @@ def _gap_tables(probability):
     """
     if probability == 0:
         return np.array([2**32], dtype=np.uint64), np.zeros(1024, dtype=np.int64)
+    if probability < 2**-32:
+        # (1 - p) rounds to 1 on the 32-bit scale: the table would never decay and the kernel never stop.
+        raise ValueError(f"mlm_probability must be 0 or at least 2**-32 (about 2.3e-10), got {probability!r}")
     q = 1.0 - probability
     table = [2**32]
     while table[-1] > 0 and len(table) <= _GAP_TABLE_MAX:

@@ -230,3 +230,26 @@ def test_tensor_and_array_rows_collate_like_lists(roberta_tok, lines):
         converted = [{k: convert(v) for k, v in f.items()} for f in features]
         out = DataCollatorForMLM(roberta_tok, seed=2)(converted)
         assert all(torch.equal(out[k], expected[k]) for k in expected)
+
+
+def test_clm_bare_id_lists_get_no_labels_on_padding():
+    batch = DataCollatorForCLM(pad_id=0, return_tensors="np")([[5, 6, 7], [8]])
+    assert batch["labels"].tolist() == [[5, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    left = DataCollatorForCLM(pad_id=0, return_tensors="np")
+    left.padding_side = "left"
+    assert left([[5, 6, 7], [8]])["labels"].tolist() == [[5, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 8]]
+
+
+def test_features_whose_lengths_disagree_are_refused():
+    collator = DataCollatorForCLM(pad_id=0, return_tensors="np")
+    with pytest.raises(ValueError, match="'labels' of example 0 has 4 entries but its input_ids has 2"):
+        collator([{"input_ids": [1, 2], "labels": [1, 2, 3, 9]}, {"input_ids": [5], "labels": [5]}])
+
+
+def test_clm_padding_free_uses_given_labels_like_hf():
+    transformers = pytest.importorskip("transformers")
+    features = [{"input_ids": [1, 2], "labels": [-100, 2]}, {"input_ids": [3, 4, 5], "labels": [-100, -100, 5]}]
+    ours = DataCollatorForCLM(pad_id=0, padding_free=True, return_tensors="np")(features)
+    hf = transformers.DataCollatorWithFlattening(return_tensors="np")(features)
+    assert ours["labels"].tolist() == np.asarray(hf["labels"]).tolist() == [[-100, 2, -100, -100, 5]]
+    assert ours["input_ids"].tolist() == [[1, 2, 3, 4, 5]]

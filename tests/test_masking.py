@@ -403,3 +403,12 @@ def test_bad_input_raises_clear_errors(roberta_tok, gpt2_tok):
         masker(ids, np.ones((2, 4)))
     with pytest.raises(ValueError, match="batch_index"):
         masker(ids, batch_index=-1)
+
+
+def test_probabilities_too_small_for_32_bit_draws_are_refused():
+    """Below 2**-32 the gap table never decays and the kernel would loop for ~2**50 draws."""
+    with pytest.raises(ValueError, match=r"at least 2\*\*-32"):
+        Masker(vocab_size=VOCAB, mask_id=MASK, special_ids=SPECIALS, mlm_probability=1e-15)
+    masker = Masker(vocab_size=VOCAB, mask_id=MASK, special_ids=SPECIALS, mlm_probability=2**-31)
+    _, labels = masker(np.full((2, 64), 7, dtype=np.int64))
+    assert (labels == IGNORE_INDEX).all()

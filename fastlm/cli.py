@@ -141,9 +141,7 @@ def _pack(args):
     from fastlm.store import TokenStore
 
     store = TokenStore.open(args.store)
-    pad_id = store.special_ids.get("pad")
-    pad_id = store.special_ids.get("eos") if pad_id is None else pad_id
-    pad_id = 0 if pad_id is None else pad_id
+    pad_id = store.pad_id
     modes = [(f"pack_blocks remainder={mode}", lambda mode=mode: pack_blocks(
         store.tokens, store.offsets, args.block_size, remainder=mode, pad_id=pad_id)) for mode in ("drop", "pad", "keep")]
     modes += [(f"pack_documents overlong={mode}", lambda mode=mode: pack_documents(

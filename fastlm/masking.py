@@ -21,6 +21,7 @@ import numpy as np
 
 from fastlm._kernels import load
 from fastlm.packing import IGNORE_INDEX, TOKEN_DTYPES
+from fastlm.tokenizer import vocab_size as tokenizer_vocab_size
 
 _k = load("_masking")
 
@@ -237,7 +238,7 @@ class Masker:
         """
         vocab = tokenizer.get_vocab()
         ids = np.fromiter(vocab.values(), dtype=np.int64, count=len(vocab))
-        vocab_size = max(int(ids.max()) + 1, len(tokenizer)) if ids.size else len(tokenizer)
+        vocab_size = tokenizer_vocab_size(tokenizer)
         word_starts = None
         if whole_word is not None and whole_word is not False:
             tokens = list(vocab)

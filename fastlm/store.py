@@ -176,6 +176,16 @@ class TokenStore:
         return dict(self.meta.get("special_ids", {}))
 
     @property
+    def pad_id(self):
+        """The id to pad blocks with: the pad token, else eos (GPT-2 has no pad), else 0 (never a target:
+        padding gets label -100 and attention 0)."""
+        specials = self.special_ids
+        for name in ("pad", "eos"):
+            if specials.get(name) is not None:
+                return int(specials[name])
+        return 0
+
+    @property
     def n_tokens(self):
         return int(self.tokens.shape[0])
 

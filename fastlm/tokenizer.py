@@ -107,7 +107,7 @@ def train_bpe_tokenizer(batches, vocab_size):
 
 def vocab_size(tokenizer):
     """Ids run below this: the largest id + 1 (sparse vocabularies such as RoBERTa's have gaps)."""
-    return max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
 
 
 def special_ids(tokenizer):

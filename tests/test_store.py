@@ -278,3 +278,9 @@ def test_offsets_past_2_to_the_32(tmp_path):
     assert store.doc(1).tolist() == [7, 8, 9]
     assert store[1:].offsets.tolist() == [0, 3] and store[1:].doc(0).tolist() == [7, 8, 9]
     assert store.doc(0).shape == (big,)
+
+
+@pytest.mark.parametrize("specials, expected", [({"pad": 1, "eos": 2}, 1), ({"eos": 2}, 2), ({}, 0)])
+def test_pad_id_falls_back_to_eos_then_zero(tmp_path, specials, expected):
+    store = write_store(tmp_path / "s", DOCS, meta={**META, "special_ids": specials})
+    assert store.pad_id == expected

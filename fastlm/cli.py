@@ -8,6 +8,7 @@
     fastlm train ...            (fastlm.run; `fastlm train --help` lists its options)
 """
 import argparse
+import os
 import sys
 import time
 
@@ -23,6 +24,11 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     try:
         return args.command(args)
+    except BrokenPipeError:
+        # The reader stopped early (`fastlm inspect S | head`): not an error. Point stdout at devnull so
+        # the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, TypeError, OSError) as error:
         # Bad input is the user's to fix: one clear line, not a traceback.
         print(f"fastlm {args.command_name}: error: {error}", file=sys.stderr)

@@ -114,3 +114,14 @@ def test_console_entry_lists_the_commands():
     assert result.returncode == 0
     for command in ("prepare", "merge", "inspect", "pack", "train"):
         assert command in result.stdout
+
+
+def test_a_reader_that_stops_early_is_not_an_error(store_path):
+    """`fastlm inspect S | head -1`: more output than the pipe holds, then the pipe closes."""
+    inspect = subprocess.Popen([sys.executable, "-m", "fastlm.cli", "inspect", str(store_path), "--docs", "100"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    inspect.stdout.readline()
+    inspect.stdout.close()
+    _, stderr = inspect.communicate(timeout=60)
+    assert inspect.returncode == 0, stderr.decode()
+    assert b"Broken pipe" not in stderr and b"Traceback" not in stderr

@@ -820,7 +820,7 @@ def _run(args, explicit):
                    ckpt_dir=ckpt_dir, flops_per_token=flops_per_token)
 
     final_eval = evaluate(engine, eval_blocks, args=args, rank=rank, world_size=world_size, masker=masker) if eval_blocks else {}
-    ranks = _rank_report(seen, final_eval.get("eval_loss"), world_size)
+    ranks = _rank_report(seen, final_eval.get("eval_loss"), world_size=world_size, device=engine.device)
     _save_model(engine, tokenizer, out / "model", rank)
     results = None
     if rank == 0:
@@ -916,16 +916,27 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
                   "train_tokens_per_s_per_rank": tokens / loop_time if steps else 0.0}
 
 
-def _rank_report(seen, eval_loss, world_size):
+def _sum_over_ranks(values, *, dtype, device, world_size):
+    """`values` summed elementwise over all ranks, returned on the CPU. The tensor is built on `device`
+    (the engine's): on GPUs the process group is NCCL, which cannot reduce CPU tensors."""
+    import torch
+    import torch.distributed as dist
+
+    totals = torch.as_tensor(values, dtype=dtype, device=device)
+    if world_size > 1:
+        dist.all_reduce(totals)
+    return totals.cpu()
+
+
+def _rank_report(seen, eval_loss, *, world_size, device):
     """Cross-rank checks for results.json: blocks trained in the first epoch of this run, how many of them
     more than one rank trained on (0 when the shares are disjoint), and each rank's final eval loss."""
     import torch
     import torch.distributed as dist
 
-    counts = torch.from_numpy(seen)
+    counts = _sum_over_ranks(seen, dtype=torch.int32, device=device, world_size=world_size)
     losses = [eval_loss]
     if world_size > 1:
-        dist.all_reduce(counts)
         losses = [None] * world_size
         dist.all_gather_object(losses, eval_loss)
     return {"blocks_trained": int((counts > 0).sum()), "overlapping_blocks": int((counts > 1).sum()),
@@ -972,7 +983,6 @@ class _Logger:
 
     def step_done(self, total_steps):
         import torch
-        import torch.distributed as dist
 
         step = self.state["step"]
         if self.rank == 0:
@@ -982,9 +992,8 @@ class _Logger:
         self.loss.zero_()
         if not self.due(step, total_steps):
             return
-        totals = torch.tensor(self.state["window"], dtype=torch.float64)
-        if self.world_size > 1:
-            dist.all_reduce(totals)
+        totals = _sum_over_ranks(self.state["window"], dtype=torch.float64, device=self.engine.device,
+                                 world_size=self.world_size)
         loss_sum, n_micro, tokens = totals.tolist()
         seconds = time.perf_counter() - self.since
         self.state["tokens_seen"] += int(tokens)

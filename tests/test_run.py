@@ -187,6 +187,33 @@ def test_token_nll_counts_only_targets_and_shifts_for_clm():
     assert int(n) == 5
 
 
+class _Reduced(Exception):
+    pass
+
+
+def test_cross_rank_sums_are_built_on_the_engine_device(monkeypatch):
+    """NCCL reduces only CUDA tensors: the tensors handed to all_reduce must live on the device the run
+    uses. There is no GPU here, so the "meta" device stands in for it and all_reduce only records."""
+    import torch
+    import torch.distributed as dist
+
+    devices = []
+
+    def all_reduce(tensor, *args, **kwargs):
+        devices.append(tensor.device)
+        raise _Reduced
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    meta = torch.device("meta")
+    with pytest.raises(_Reduced):
+        run._rank_report(np.zeros(5, dtype=np.int32), 1.0, world_size=2, device=meta)
+    with pytest.raises(_Reduced):
+        run._sum_over_ranks([1.0, 2, 3], dtype=torch.float64, device=meta, world_size=2)
+    assert devices == [meta, meta]
+    totals = run._sum_over_ranks([1.5, 2, 3], dtype=torch.float64, device="cpu", world_size=1)
+    assert totals.tolist() == [1.5, 2.0, 3.0]
+
+
 class _PlainEngine:
     """The slice of a DeepSpeed engine that run.evaluate uses, over a bare HF model."""
 

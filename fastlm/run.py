@@ -803,8 +803,10 @@ def _run(args, explicit):
     ckpt_dir = out / "checkpoints"
     state = {"step": 0, "epoch": 0, "next_batch": 0, "tokens_seen": 0, "train_loss_sum": 0.0,
              "train_loss_count": 0, "window": [0.0, 0, 0]}
+    layout = _data_layout(args, world_size=world_size, n_blocks=len(train_blocks))
     if args.resume:
         _, client_state = engine.load_checkpoint(str(ckpt_dir))
+        _check_same_layout(client_state.get("layout"), layout)
         state.update({k: client_state[k] for k in state})
         _set_rng_state(client_state["rng"])
     metrics_path = out / "metrics.jsonl"
@@ -817,7 +819,7 @@ def _run(args, explicit):
 
     seen, stats = _train(engine, args, train_blocks, eval_blocks, masker, state, total_steps=total_steps,
                    rank=rank, world_size=world_size, device_type=device_type, metrics_path=metrics_path,
-                   ckpt_dir=ckpt_dir, flops_per_token=flops_per_token)
+                   ckpt_dir=ckpt_dir, flops_per_token=flops_per_token, layout=layout)
 
     final_eval = evaluate(engine, eval_blocks, args=args, rank=rank, world_size=world_size, masker=masker) if eval_blocks else {}
     ranks = _rank_report(seen, final_eval.get("eval_loss"), world_size=world_size, device=engine.device)
@@ -845,8 +847,26 @@ def _run(args, explicit):
     return results
 
 
+def _data_layout(args, *, world_size, n_blocks):
+    """What a checkpoint's data position (epoch, micro batch) counts in: the same position means the
+    same batches only with the same shuffle seed, blocks, micro batch, accumulation and rank count."""
+    return {"per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": world_size,
+            "seed": args.seed, "block_size": args.block_size, "packing": args.packing, "train_blocks": n_blocks}
+
+
+def _check_same_layout(saved, now):
+    if saved is None:
+        raise ConfigError("--resume: the checkpoint does not record its data layout (batch sizes, ranks, seed, "
+                          "blocks), so its data position cannot be trusted; start a new run")
+    changed = [f"{name} {saved.get(name)} -> {value}" for name, value in now.items() if saved.get(name) != value]
+    if changed:
+        raise ConfigError(f"--resume: the checkpoint's data position belongs to another data layout "
+                          f"({', '.join(changed)}); resume with the settings it was saved with or start a new run")
+
+
 def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_steps, rank, world_size,
-           device_type, metrics_path, ckpt_dir, flops_per_token):
+           device_type, metrics_path, ckpt_dir, flops_per_token, layout):
     """The loop; advances `state` (the resumable position) and returns this run's throughput."""
     import torch
     from torch.utils.data import DataLoader
@@ -867,6 +887,9 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
         dataset = TrainBatches(train_blocks, micro_batch=args.per_device_train_batch_size, accumulation=accum,
                                rank=rank, world_size=world_size, epoch=state["epoch"], seed=args.seed, masker=masker,
                                position_offset=position_offset(engine.module.config))
+        if state["next_batch"] >= len(dataset):  # the loop below would then spin without a step
+            raise RuntimeError(f"epoch {state['epoch']} has {len(dataset)} micro batches for rank {rank}; "
+                               f"none left from micro batch {state['next_batch']} on")
         # A private generator for worker seeds: drawing them from the global torch RNG would shift the
         # dropout stream between a resumed and an uninterrupted run.
         loader = DataLoader(dataset, batch_size=None, sampler=range(state["next_batch"], len(dataset)),
@@ -902,7 +925,7 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
                     log.write(evaluate(engine, eval_blocks, args=args, rank=rank, world_size=world_size, masker=masker))
                 if args.save_steps and state["step"] % args.save_steps == 0:
                     engine.save_checkpoint(str(ckpt_dir), tag=f"step{state['step']}",
-                                           client_state={**state, "rng": _rng_state()})
+                                           client_state={**state, "rng": _rng_state(), "layout": layout})
             step_time += time.perf_counter() - t0
             if state["step"] >= total_steps:
                 break

@@ -1,9 +1,11 @@
 """The runner end to end on CPU: tiny models, a few steps each, in-process (single rank, gloo) except the
 2-rank test, which goes through the `deepspeed` launcher."""
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -360,6 +362,36 @@ def test_resume_continues_exactly(clm_run, clm_stores, tmp_path):
         assert again[step] == pytest.approx(full[step], rel=1e-6, abs=0), step
     assert resumed["tokens_seen"] == 30 * 8 * 64
     assert resumed["perplexity"] == pytest.approx(json.loads((out / "results.json").read_text())["perplexity"], rel=1e-6)
+
+
+@contextlib.contextmanager
+def _deadline(seconds):
+    """Turn a hang into a failure: SIGALRM interrupts the main thread after `seconds`."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_resume_with_another_batch_size_is_a_clear_error(clm_run, clm_stores, tmp_path, capsys):
+    """The checkpoint's data position counts micro batches of 8 blocks: with 16 the same position means
+    other blocks (silent drift), or one past the end of a short epoch (a loop that never steps)."""
+    out, _ = clm_run
+    shutil.copytree(out / "checkpoints" / "step15", tmp_path / "checkpoints" / "step15")
+    (tmp_path / "checkpoints" / "latest").write_text("step15")
+    argv = _clm_args(clm_stores, tmp_path, "--max_steps", "30", "--resume")
+    argv[argv.index("--per_device_train_batch_size") + 1] = "16"
+    with _deadline(120), pytest.raises(SystemExit) as exit_:
+        run.train(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "per_device_train_batch_size 8 -> 16" in err and "Traceback" not in err
 
 
 def test_resume_is_exact_across_an_epoch_boundary_with_accumulation(clm_stores, tmp_path):

@@ -594,6 +594,38 @@ def _flops_per_token(model, block_size):
     return 6 * n + 12 * layers * width * block_size
 
 
+def model_inputs(batch, config, *, task, dtype):
+    """The model's keyword arguments for a batch of tensors. Batches of whole documents packed together
+    (only pack_documents gives position_ids) get attention that stops at document boundaries.
+
+    Causal LMs: transformers 5 finds the documents from position_ids restarting at 0
+    (masking_utils.find_packed_sequence_indices), but only with no attention_mask and no KV cache, so
+    both go. The padding after the last document has position 0 and label -100: each pad token is a
+    one-token document of its own, attended by nothing else.
+    Encoders (RoBERTa, BERT): create_bidirectional_mask ignores position_ids, so they get a 4-D
+    block-diagonal mask from transformers' own mask builder (a 4-D mask is used as given), in the
+    form the model's attention implementation (sdpa, eager) expects. Position ids that all start at
+    an offset (RoBERTa's padding_idx + 1) mark documents the same way.
+    Limitation: with flash attention (not the runner's default) the 4-D mask is not used.
+    """
+    if "position_ids" not in batch:
+        return batch
+    import torch
+    from transformers.masking_utils import (create_bidirectional_mask, find_packed_sequence_indices,
+                                            packed_sequence_mask_function)
+
+    inputs = {k: v for k, v in batch.items() if k != "attention_mask"}
+    if task == "clm":
+        return {**inputs, "use_cache": False}  # GPT-2's config says use_cache=True
+    documents = find_packed_sequence_indices(batch["position_ids"])
+    if documents is None:  # one document a row, no padding: the plain mask is right
+        return batch
+    shape_only = torch.empty(*batch["input_ids"].shape, 0, dtype=dtype, device=batch["input_ids"].device)
+    inputs["attention_mask"] = create_bidirectional_mask(
+        config, shape_only, None, and_mask_function=packed_sequence_mask_function(documents))
+    return inputs
+
+
 # --- evaluation ---------------------------------------------------------------------------------------
 
 def perplexity(nll_sum, n_targets):
@@ -629,6 +661,7 @@ def evaluate(engine, blocks, *, args, rank, world_size, masker=None):
     from fastlm.data import eval_batches
 
     totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    config, dtype = engine.module.config, engine.module.dtype
     was_training = engine.module.training
     engine.eval()
     with torch.no_grad():
@@ -637,7 +670,7 @@ def evaluate(engine, blocks, *, args, rank, world_size, masker=None):
                                           position_offset=position_offset(engine.module.config)):
             batch = {k: torch.from_numpy(v).to(engine.device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            logits = engine(**batch).logits
+            logits = engine(**model_inputs(batch, config, task=args.task, dtype=dtype)).logits
             if counts:
                 nll, n = token_nll(logits, labels, shift=args.task == "clm")
                 totals[0] += nll
@@ -882,6 +915,7 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
     first_step, data_time, step_time, startup_time, tokens = state["step"], 0.0, 0.0, 0.0, 0
     # Which blocks this rank trained on in its first epoch: summed over ranks it shows the shares are disjoint.
     first_epoch, seen = state["epoch"], np.zeros(len(train_blocks), dtype=np.int32)
+    config, dtype = engine.module.config, engine.module.dtype
     engine.train()
     while state["step"] < total_steps:
         dataset = TrainBatches(train_blocks, micro_batch=args.per_device_train_batch_size, accumulation=accum,
@@ -906,7 +940,7 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
                 data_time += t0 - fetch_start
             n_tokens = int(batch["attention_mask"].sum())
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
-            loss = engine(**batch).loss
+            loss = engine(**model_inputs(batch, config, task=args.task, dtype=dtype)).loss
             engine.backward(loss)
             if (j + 1) % accum == 0 and log.due(state["step"] + 1, total_steps) and _unscaled_plain_grads(engine):
                 log.grad_norm = _grad_norm(engine.module)  # DeepSpeed reports none on this path

@@ -240,6 +240,47 @@ def _tiny_gpt(vocab_size, seed=0):
     return GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=vocab_size, n_positions=64)).eval()
 
 
+def _tiny_roberta(vocab_size, seed=0):
+    import torch
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    torch.manual_seed(seed)
+    return RobertaForMaskedLM(RobertaConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=64,
+                                            intermediate_size=128, vocab_size=vocab_size, pad_token_id=1,
+                                            max_position_embeddings=34)).eval()
+
+
+@pytest.mark.parametrize("task, attn", [("clm", "sdpa"), ("clm", "eager"), ("mlm", "sdpa"), ("mlm", "eager")])
+def test_packed_documents_do_not_attend_to_each_other(task, attn):
+    """Three documents best-fit into one block with padding: each document's logits must equal those of
+    the document run alone (positions from the model's start), so no document sees another."""
+    import torch
+
+    from fastlm import pack_documents
+
+    model = _tiny_gpt(50) if task == "clm" else _tiny_roberta(50)
+    model.set_attn_implementation(attn)
+    offset = run.position_offset(model.config)
+    rng = np.random.default_rng(0)
+    lengths = [9, 5, 7]
+    tokens = rng.integers(3, 50, sum(lengths)).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    packed = pack_documents(tokens, offsets, 24, pad_id=1)
+    assert len(packed) == 1  # 21 tokens and 3 pads in one block
+    batch = {k: torch.from_numpy(v) for k, v in packed.gather(np.arange(1)).items()}
+    batch["position_ids"] += offset
+    batch.pop("labels")
+    with torch.no_grad():
+        logits = model(**run.model_inputs(batch, model.config, task=task, dtype=model.dtype)).logits[0]
+        starts = np.flatnonzero(batch["position_ids"][0].numpy() == offset)
+        for doc, length in enumerate(lengths):
+            (start,) = [s for s in starts if np.array_equal(batch["input_ids"][0, s:s + length].numpy(),
+                                                             tokens[offsets[doc]:offsets[doc + 1]])]
+            alone = model(input_ids=batch["input_ids"][:, start:start + length],
+                          position_ids=torch.arange(length)[None] + offset).logits[0]
+            torch.testing.assert_close(logits[start:start + length], alone, rtol=1e-4, atol=1e-5)
+
+
 def test_evaluation_weights_ragged_batches_by_tokens(clm_stores):
     """Documents packed whole leave blocks with different target counts: the result must equal the
     per-token mean over all blocks, not the mean of batch means."""
@@ -258,8 +299,9 @@ def test_evaluation_weights_ragged_batches_by_tokens(clm_stores):
     with torch.no_grad():
         for lo in range(0, len(blocks), 3):
             batch = {k: torch.from_numpy(v) for k, v in blocks.gather(np.arange(lo, min(lo + 3, len(blocks)))).items()}
-            labels = batch.pop("labels")
-            logp = torch.log_softmax(model(**batch).logits[:, :-1].double(), -1)
+            labels, _ = batch.pop("labels"), batch.pop("attention_mask")
+            # Documents apart: position_ids restarting, no mask (test_packed_documents_do_not_attend_to_each_other)
+            logp = torch.log_softmax(model(**batch, use_cache=False).logits[:, :-1].double(), -1)
             targets = labels[:, 1:]
             keep = targets != -100
             token_nll = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)[keep]

@@ -349,6 +349,9 @@ def check_args(args):
     for name in ("block_size", "per_device_eval_batch_size", "num_train_epochs", "logging_steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.task == "clm" and args.block_size < 2:
+        raise ConfigError(f"--block_size must be >= 2 for clm (a block of n tokens holds n - 1 next-token "
+                          f"targets), got {args.block_size}")
     for name in ("max_steps", "warmup_steps", "eval_steps", "save_steps", "dataloader_num_workers"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name} must be >= 0, got {getattr(args, name)}")
@@ -680,8 +683,10 @@ def evaluate(engine, blocks, *, args, rank, world_size, masker=None):
     if world_size > 1:
         dist.all_reduce(totals)
     nll_sum, n_targets = totals.tolist()
-    return {"eval_loss": nll_sum / n_targets if n_targets else math.nan,
-            "perplexity": perplexity(nll_sum, n_targets), "eval_tokens": int(n_targets)}
+    if not n_targets:  # e.g. one-token documents packed whole: report it, don't fail after the training
+        return {"eval_loss": math.nan, "perplexity": math.nan, "eval_tokens": 0}
+    return {"eval_loss": nll_sum / n_targets, "perplexity": perplexity(nll_sum, n_targets),
+            "eval_tokens": int(n_targets)}
 
 
 # --- outputs ------------------------------------------------------------------------------------------

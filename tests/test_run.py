@@ -141,6 +141,7 @@ def test_json_contradicting_an_explicit_flag_is_rejected(tmp_path):
     (["--train_store", "s", "--config_name", "x", "--task", "mlm", "--eval_stride", "8"], "--eval_stride is for CLM"),
     (["--train_store", "s", "--config_name", "x", "--eval_stride", "999"], "--eval_stride must be in [1, block_size=128]"),
     (["--train_store", "s", "--config_name", "x", "--precision", "fp16"], "fp16 is not supported on CPU"),
+    (["--train_store", "s", "--config_name", "x", "--block_size", "1"], "--block_size must be >= 2 for clm"),
 ])
 def test_bad_command_lines_exit_with_one_clear_message(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
@@ -312,6 +313,16 @@ def test_evaluation_weights_ragged_batches_by_tokens(clm_stores):
     assert got["eval_loss"] == pytest.approx(nll_sum / count, rel=1e-5)
     assert got["perplexity"] == pytest.approx(math.exp(nll_sum / count), rel=1e-5)
     assert abs(np.mean(batch_means) - nll_sum / count) > 1e-4  # the data really is ragged
+
+
+def test_evaluation_without_targets_reports_nan_perplexity():
+    """One-token documents packed whole hold no CLM target (each document's first token is never one)."""
+    from fastlm import pack_documents
+
+    blocks = pack_documents(np.arange(3, 13, dtype=np.int32), np.arange(11, dtype=np.int64), 4)
+    args, _ = _args("--block_size", "4")
+    got = run.evaluate(_PlainEngine(_tiny_gpt(16)), blocks, args=args, rank=0, world_size=1)
+    assert got["eval_tokens"] == 0 and math.isnan(got["eval_loss"]) and math.isnan(got["perplexity"])
 
 
 def test_strided_evaluation_matches_the_hf_sliding_window_recipe(clm_stores):

@@ -728,6 +728,8 @@ def _plot_losses(metrics, path):
 def _save_model(engine, tokenizer, directory, rank):
     """save_pretrained into directory, atomically; ZeRO-3 first gathers the partitioned weights (every
     rank takes part)."""
+    from fastlm.store import _replace_directory
+
     state_dict = None
     if engine.zero_optimization_partition_weights():
         state_dict = engine._zero3_consolidated_16bit_state_dict()
@@ -737,8 +739,7 @@ def _save_model(engine, tokenizer, directory, rank):
     shutil.rmtree(tmp, ignore_errors=True)
     engine.module.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    _replace_directory(tmp, directory, overwrite=True)  # the old model goes only once the new one is in place
 
 
 def _rng_state():

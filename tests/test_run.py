@@ -282,6 +282,34 @@ def test_packed_documents_do_not_attend_to_each_other(task, attn):
             torch.testing.assert_close(logits[start:start + length], alone, rtol=1e-4, atol=1e-5)
 
 
+class _Killed(BaseException):
+    pass
+
+
+def test_saving_the_model_replaces_the_old_one_only_once_the_new_one_is_in_place(gpt2_tok, tmp_path, monkeypatch):
+    """A kill at the moment the old model's files are first deleted must leave a whole model/ behind:
+    the new one, already moved in."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "OLD").write_text("the previous model")
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if any(p.name == "OLD" for p in Path(path).rglob("*")):
+            raise _Killed
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    engine = _PlainEngine(_tiny_gpt(len(gpt2_tok)))
+    engine.zero_optimization_partition_weights = lambda: False
+    with pytest.raises(_Killed):
+        run._save_model(engine, gpt2_tok, model_dir, rank=0)
+    assert not (model_dir / "OLD").exists()
+    assert AutoModelForCausalLM.from_pretrained(model_dir).config.n_embd == 64
+
+
 def test_evaluation_weights_ragged_batches_by_tokens(clm_stores):
     """Documents packed whole leave blocks with different target counts: the result must equal the
     per-token mean over all blocks, not the mean of batch means."""

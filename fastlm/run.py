@@ -48,6 +48,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastlm.tokenizer import TRAINED_SPECIAL_TOKEN
+
 TASKS = ("clm", "mlm")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -344,6 +346,9 @@ def check_args(args):
     if files and not (args.train_tokenizer or args.tokenizer_name or args.model_name_or_path):
         raise ConfigError("preparing text needs a tokenizer: --tokenizer_name, --model_name_or_path "
                           "or --train_tokenizer")
+    if args.train_tokenizer and args.vocab_size < 257:  # train_bpe_tokenizer's minimum
+        raise ConfigError(f"--vocab_size must be >= 257 for --train_tokenizer (256 byte tokens + "
+                          f"{TRAINED_SPECIAL_TOKEN}), got {args.vocab_size}")
     if bool(args.model_name_or_path) == bool(args.config_name):
         raise ConfigError("give exactly one of --model_name_or_path (fine-tune) and --config_name (from scratch)")
     for name in ("block_size", "per_device_eval_batch_size", "num_train_epochs", "logging_steps"):

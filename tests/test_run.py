@@ -142,6 +142,8 @@ def test_json_contradicting_an_explicit_flag_is_rejected(tmp_path):
     (["--train_store", "s", "--config_name", "x", "--eval_stride", "999"], "--eval_stride must be in [1, block_size=128]"),
     (["--train_store", "s", "--config_name", "x", "--precision", "fp16"], "fp16 is not supported on CPU"),
     (["--train_store", "s", "--config_name", "x", "--block_size", "1"], "--block_size must be >= 2 for clm"),
+    (["--train_file", "t.txt", "--train_tokenizer", "--vocab_size", "100", "--config_name", "gpt2-tiny"],
+     "--vocab_size must be >= 257 for --train_tokenizer"),
 ])
 def test_bad_command_lines_exit_with_one_clear_message(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:

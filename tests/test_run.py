@@ -563,26 +563,35 @@ def test_mlm_run_learns_and_matches_trainer_with_the_same_fixed_masks(mlm_stores
     assert results["perplexity"] == pytest.approx(math.exp(hf["eval_loss"]), rel=1e-4)
 
 
-def test_packed_documents_feed_roberta_its_own_position_numbering(mlm_stores, tmp_path):
+def test_packed_documents_feed_roberta_its_own_position_numbering(mlm_stores, tmp_path, monkeypatch):
     """pack_documents restarts position_ids at 0 per document; RoBERTa numbers positions from
-    padding_idx + 1, so the runner shifts them (else every document would start on the padding slot)."""
-    from fastlm import pack_documents
-    from fastlm.data import eval_batches
-    from fastlm.store import TokenStore
+    padding_idx + 1, so the runner must shift them (else every document would start on the padding slot).
+    Checked on what the model really receives, in training and evaluation."""
+    seen = []
+    build_model = run._build_model
 
+    def recording_build_model(*args, **kwargs):
+        model, keep_alive = build_model(*args, **kwargs)
+        model.register_forward_pre_hook(lambda module, _, inputs: seen.append(
+            (module.training, inputs["position_ids"].clone(), inputs["attention_mask"].clone())), with_kwargs=True)
+        return model, keep_alive
+
+    monkeypatch.setattr(run, "_build_model", recording_build_model)
     results = run.train(["--task", "mlm", "--train_store", str(mlm_stores[0]), "--eval_store", str(mlm_stores[1]),
                          "--config_name", "roberta-tiny", "--block_size", "64", "--packing", "documents",
                          "--max_steps", "2", "--output_dir", str(tmp_path), *TINY])
     assert math.isfinite(results["perplexity"])
-    from transformers import AutoConfig
-
-    offset = run.position_offset(AutoConfig.from_pretrained(tmp_path / "model"))
-    assert offset == 2
-    store = TokenStore.open(mlm_stores[1])
-    (batch, _), *_ = eval_batches(pack_documents(store.tokens, store.offsets, 64, pad_id=1), batch_size=4, rank=0,
-                                  world_size=1, position_offset=offset)
-    real = batch["attention_mask"] == 1
-    assert batch["position_ids"][real].min() == 2 and batch["position_ids"][:, 0].tolist() == [2, 2, 2, 2]
+    assert [training for training, *_ in seen].count(True) == 2 and not seen[-1][0]  # 2 steps, then evaluation
+    pad_id = 1  # RoBERTa's <pad>
+    shared_rows = []
+    for _, position_ids, attention_mask in seen:
+        assert position_ids[:, 0].tolist() == [pad_id + 1] * len(position_ids)
+        assert int(position_ids.min()) == pad_id + 1
+        # Rows holding more than one document (or padding, which also sits at padding_idx + 1) get a
+        # 4-D block-diagonal mask; rows that are one whole document each keep the plain mask.
+        shared_rows.append(int((position_ids == pad_id + 1).sum()) > len(position_ids))
+        assert attention_mask.ndim == (4 if shared_rows[-1] else 2)
+    assert any(shared_rows)
 
 
 def test_train_batches_are_disjoint_across_ranks_and_deterministic(clm_stores):

@@ -17,9 +17,9 @@ def split_documents(tokens, offsets, eval_fraction):
         raise ValueError(f"validation fraction must be in (0, 1), got {eval_fraction}")
     if n_eval == 0 or n_eval == n_docs:
         raise ValueError(
-            f"cannot hold out {eval_fraction:.0%} of {n_docs} documents for evaluation "
+            f"cannot hold out {eval_fraction * 100:g}% of {n_docs} documents for evaluation "
             f"(it leaves {n_docs - n_eval} for training and {n_eval} for evaluation); "
-            "give an evaluation set or change --validation_split_percentage"
+            "give an evaluation set or change the fraction"
         )
     cut = n_docs - n_eval
     return _doc_range(tokens, offsets, 0, cut), _doc_range(tokens, offsets, cut, n_docs)

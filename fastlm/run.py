@@ -172,11 +172,18 @@ def _parser(suppress_defaults=False):
 
 def parse_args(argv):
     """Args plus the names the user set explicitly (a JSON config may fill the others)."""
-    namespace = _parser().parse_args(argv)
+    args, explicit, _ = _parse(argv)
+    return args, explicit
+
+
+def _parse(argv):
+    """(args, explicit names, the parser, to report later errors in its usage format)."""
+    parser = _parser()
+    namespace = parser.parse_args(argv)
     explicit = set(vars(_parser(suppress_defaults=True).parse_args(argv)))
     values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(Args)}
     values["deepspeed"] = namespace.deepspeed or namespace.deepspeed_config
-    return Args(**values), explicit
+    return Args(**values), explicit, parser
 
 
 # --- DeepSpeed config ---------------------------------------------------------------------------------
@@ -495,7 +502,7 @@ def _eval_documents(args, train_store, eval_store):
     try:
         return split_documents(*train, args.validation_split_percentage / 100)
     except ValueError as error:
-        raise ConfigError(str(error)) from None
+        raise ConfigError(f"--validation_split_percentage {args.validation_split_percentage}: {error}") from None
 
 
 def _pack(args, tokens, offsets, tokenizer, *, stride=None):
@@ -785,8 +792,7 @@ def train(argv=None):
               flush=True)
         argv = demo_argv()
     _device_type()  # sets DS_ACCELERATOR=cpu before deepspeed is first imported, when there is no GPU
-    parser = _parser()
-    args, explicit = parse_args(argv)
+    args, explicit, parser = _parse(argv)
     try:
         return _run(args, explicit)
     except ConfigError as error:

@@ -159,6 +159,16 @@ def test_resume_without_checkpoint_is_rejected(tmp_path, capsys):
     assert "--resume: no checkpoint" in capsys.readouterr().err
 
 
+def test_a_hold_out_too_small_for_one_document_names_the_flag(clm_stores, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["--train_store", str(clm_stores[0]), "--config_name", "gpt2-tiny", "--output_dir", str(tmp_path),
+                  "--validation_split_percentage", "0.01", *TINY])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--validation_split_percentage 0.01: cannot hold out 0.01% of 1200 documents" in err
+    assert "Traceback" not in err
+
+
 def test_lr_schedule_warms_up_then_decays():
     args, _ = _args("--warmup_steps", "4", "--lr_scheduler_type", "linear")
     linear = run.lr_schedule(args, 12)

@@ -48,7 +48,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastlm.tokenizer import TRAINED_SPECIAL_TOKEN
+from fastlm.tokenizer import MIN_TRAINED_VOCAB, TRAINED_SPECIAL_TOKEN, padding_id, special_ids
+from fastlm.tokenizer import vocab_size as tokenizer_vocab_size
 
 TASKS = ("clm", "mlm")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -353,8 +354,8 @@ def check_args(args):
     if files and not (args.train_tokenizer or args.tokenizer_name or args.model_name_or_path):
         raise ConfigError("preparing text needs a tokenizer: --tokenizer_name, --model_name_or_path "
                           "or --train_tokenizer")
-    if args.train_tokenizer and args.vocab_size < 257:  # train_bpe_tokenizer's minimum
-        raise ConfigError(f"--vocab_size must be >= 257 for --train_tokenizer (256 byte tokens + "
+    if args.train_tokenizer and args.vocab_size < MIN_TRAINED_VOCAB:
+        raise ConfigError(f"--vocab_size must be >= {MIN_TRAINED_VOCAB} for --train_tokenizer (256 byte tokens + "
                           f"{TRAINED_SPECIAL_TOKEN}), got {args.vocab_size}")
     if bool(args.model_name_or_path) == bool(args.config_name):
         raise ConfigError("give exactly one of --model_name_or_path (fine-tune) and --config_name (from scratch)")
@@ -508,7 +509,7 @@ def _eval_documents(args, train_store, eval_store):
 def _pack(args, tokens, offsets, tokenizer, *, stride=None):
     from fastlm import pack_blocks, pack_documents
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = padding_id(special_ids(tokenizer))
     if args.packing == "documents" and not stride:
         return pack_documents(tokens, offsets, args.block_size, pad_id=pad_id)
     separator = tokenizer.eos_token_id if args.separator == "eos" else None
@@ -542,15 +543,8 @@ def _model_config(args, tokenizer):
         else:  # RoBERTa's positions start after the padding index
             extra = dict(max_position_embeddings=args.block_size + 2, type_vocab_size=1 if model_type == "roberta" else 2)
         specials = {k: v for k, v in specials.items() if v is not None}
-        return CONFIG_MAPPING[model_type](vocab_size=_vocab_needed(tokenizer), **shape, **extra, **specials)
+        return CONFIG_MAPPING[model_type](vocab_size=tokenizer_vocab_size(tokenizer), **shape, **extra, **specials)
     return AutoConfig.from_pretrained(args.config_name)
-
-
-def _vocab_needed(tokenizer):
-    """Embedding rows the tokenizer can index: len(tokenizer) can be smaller than its largest id + 1
-    (RoBERTa's vocab.json without the madeupword entries still puts <mask> at 50264)."""
-    ids = tokenizer.get_vocab().values()
-    return max(len(tokenizer), max(ids, default=-1) + 1)
 
 
 def position_offset(config):
@@ -585,8 +579,8 @@ def _build_model(args, tokenizer, ds_config):
             model = auto.from_config(config)
     except ValueError as error:  # e.g. a GPT-2 config for --task mlm
         raise ConfigError(f"cannot build a {args.task} model from {args.model_name_or_path or args.config_name}: {error}") from None
-    if _vocab_needed(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(_vocab_needed(tokenizer))
+    if tokenizer_vocab_size(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(tokenizer_vocab_size(tokenizer))
     return model, keep_alive
 
 

@@ -177,13 +177,10 @@ class TokenStore:
 
     @property
     def pad_id(self):
-        """The id to pad blocks with: the pad token, else eos (GPT-2 has no pad), else 0 (never a target:
-        padding gets label -100 and attention 0)."""
-        specials = self.special_ids
-        for name in ("pad", "eos"):
-            if specials.get(name) is not None:
-                return int(specials[name])
-        return 0
+        """The id to pad blocks with (fastlm.tokenizer.padding_id of the store's special ids)."""
+        from fastlm.tokenizer import padding_id
+
+        return padding_id(self.special_ids)
 
     @property
     def n_tokens(self):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 # The one special token a trained byte-level BPE gets: GPT-2's, used as eos, bos and unk.
 TRAINED_SPECIAL_TOKEN = "<|endoftext|>"
+# A byte-level BPE needs its 256 byte tokens plus that special token.
+MIN_TRAINED_VOCAB = 257
 
 
 def load_tokenizer(spec):
@@ -93,8 +95,9 @@ def train_bpe_tokenizer(batches, vocab_size):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
-    if not isinstance(vocab_size, int) or vocab_size < 257:
-        raise ValueError(f"--vocab-size must be an integer >= 257 (256 bytes + {TRAINED_SPECIAL_TOKEN}), got {vocab_size!r}")
+    if not isinstance(vocab_size, int) or vocab_size < MIN_TRAINED_VOCAB:
+        raise ValueError(f"--vocab-size must be an integer >= {MIN_TRAINED_VOCAB} (256 bytes + "
+                         f"{TRAINED_SPECIAL_TOKEN}), got {vocab_size!r}")
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(batches, vocab_size=vocab_size, special_tokens=[TRAINED_SPECIAL_TOKEN], show_progress=False)
     return PreTrainedTokenizerFast(
@@ -108,6 +111,15 @@ def train_bpe_tokenizer(batches, vocab_size):
 def vocab_size(tokenizer):
     """Ids run below this: the largest id + 1 (sparse vocabularies such as RoBERTa's have gaps)."""
     return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+
+
+def padding_id(specials):
+    """The id to pad blocks with, from {name: id} special ids: pad, else eos (GPT-2 has no pad), else 0
+    (never a target either way: padding gets label -100 and attention 0)."""
+    for name in ("pad", "eos"):
+        if specials.get(name) is not None:
+            return int(specials[name])
+    return 0
 
 
 def special_ids(tokenizer):

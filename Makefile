@@ -21,6 +21,8 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
+	# The editable install just compiled the kernels in place: no second build for .kernels.
+	touch $(VENV)/.kernels
 
 # Editing a .pyx only needs the in-place extension rebuild, not a reinstall.
 $(VENV)/.kernels: $(VENV)/.installed $(wildcard csrc/*.pyx csrc/*.pxd)

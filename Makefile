@@ -19,10 +19,11 @@ $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	# The build requirements go into the venv itself (no isolated build env), so the in-place rebuilds
+	# below use the same Cython and find the kernels up to date instead of compiling them twice.
+	$(PY) -m pip install -q "setuptools>=64" "Cython>=3" "numpy>=2"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $@
-	# The editable install just compiled the kernels in place: no second build for .kernels.
-	touch $(VENV)/.kernels
 
 # Editing a .pyx only needs the in-place extension rebuild, not a reinstall.
 $(VENV)/.kernels: $(VENV)/.installed $(wildcard csrc/*.pyx csrc/*.pxd)

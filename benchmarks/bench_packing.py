@@ -14,6 +14,9 @@ from tests.reference import chain_group_texts, seed_group_texts
 
 BLOCK = 128
 MAP_BATCH = 1000  # datasets.map's default batch_size: the tutorial drops the remainder of each
+# One group: the seed's group_texts (slow, timed once) is the baseline for the dict-of-lists and the
+# array rows alike.
+BLOCKS_GROUP = "corpus -> 128-token blocks (dict-of-lists batches and flat arrays)"
 
 
 @pytest.fixture(scope="module")
@@ -48,19 +51,19 @@ def _over_batches(fn, batches):
     return [fn(batch, BLOCK) for batch in batches]
 
 
-@pytest.mark.benchmark(group="group_texts on 1000-row batches")
+@pytest.mark.benchmark(group=BLOCKS_GROUP)
 def bench_group_texts_seed_sum(benchmark, corpus):
     benchmark.pedantic(_over_batches, (seed_group_texts, corpus["batches"]), rounds=1, iterations=1)
     _throughput(benchmark, corpus["n_tokens"])
 
 
-@pytest.mark.benchmark(group="group_texts on 1000-row batches")
+@pytest.mark.benchmark(group=BLOCKS_GROUP)
 def bench_group_texts_hf_chain(benchmark, corpus):
     benchmark(_over_batches, chain_group_texts, corpus["batches"])
     _throughput(benchmark, corpus["n_tokens"])
 
 
-@pytest.mark.benchmark(group="group_texts on 1000-row batches")
+@pytest.mark.benchmark(group=BLOCKS_GROUP)
 def bench_group_texts_fastlm(benchmark, corpus):
     out = benchmark(_over_batches, fastlm.group_texts, corpus["batches"])
     assert out[0]["input_ids"].tolist() == chain_group_texts(corpus["batches"][0], BLOCK)["input_ids"]
@@ -95,13 +98,7 @@ def _pack_and_gather(tokens, offsets, out):
     return blocks.gather(np.arange(len(blocks)), out=out)
 
 
-@pytest.mark.benchmark(group="array packing (materialised blocks)")
-def bench_array_seed_sum(benchmark, corpus):
-    benchmark.pedantic(_over_batches, (seed_group_texts, corpus["batches"]), rounds=1, iterations=1)
-    _throughput(benchmark, corpus["n_tokens"])
-
-
-@pytest.mark.benchmark(group="array packing (materialised blocks)")
+@pytest.mark.benchmark(group=BLOCKS_GROUP)
 def bench_array_numpy_concatenate_reshape(benchmark, corpus):
     docs = np.split(corpus["tokens"], corpus["offsets"][1:-1])
 
@@ -121,7 +118,7 @@ def token_memmap(corpus, tmp_path_factory):
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
-@pytest.mark.benchmark(group="array packing (materialised blocks)")
+@pytest.mark.benchmark(group=BLOCKS_GROUP)
 def bench_array_fastlm_pack_blocks_and_gather(benchmark, corpus, token_memmap):
     """Index + every block materialised as int64 input_ids, labels, attention_mask (preallocated, as the
     runner's loader does per batch; fresh allocations would add ~8 ms of page faults per call)."""
@@ -133,7 +130,7 @@ def bench_array_fastlm_pack_blocks_and_gather(benchmark, corpus, token_memmap):
     _throughput(benchmark, corpus["n_tokens"])
 
 
-@pytest.mark.benchmark(group="array packing (materialised blocks)")
+@pytest.mark.benchmark(group=BLOCKS_GROUP)
 def bench_array_fastlm_pack_blocks_index_only(benchmark, corpus, token_memmap):
     """What the runner actually builds up front: the block index over the memmap (batches come later)."""
     blocks = benchmark(fastlm.pack_blocks, token_memmap, corpus["offsets"], BLOCK, group_size=MAP_BATCH)

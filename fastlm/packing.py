@@ -95,11 +95,6 @@ def _check_layout_array(name, array, length=None):
     return array.shape[0]
 
 
-def _check_same_offsets(offsets, n_tokens):
-    _check_layout_array("offsets", offsets)
-    _check_offsets(offsets, n_tokens)
-
-
 def _check_indices(indices, n_blocks):
     indices = np.atleast_1d(np.asarray(indices))
     if indices.dtype.kind not in "iu" or indices.ndim != 1:
@@ -142,15 +137,15 @@ class BlockIndex:
     def __post_init__(self):
         # The kernels run without bounds checks, so an index built or edited by hand is checked here.
         _check_tokens(self.tokens)
-        _check_same_offsets(self.offsets, self.tokens.shape[0])
+        _check_layout_array("offsets", self.offsets)
+        _check_offsets(self.offsets, self.tokens.shape[0])
         _check_positive("block_size", self.block_size)
         _check_token_id("separator", self.separator)
         _check_token_id("pad_id", self.pad_id)
         n = _check_layout_array("starts", self.starts)
         _check_layout_array("lengths", self.lengths, n)
         _check_layout_array("context", self.context, n)
-        has_sep = int(self.separator is not None)
-        stream_len = int(self.offsets[-1] - self.offsets[0]) + has_sep * (self.offsets.shape[0] - 1)
+        stream_len = _stream_length(self.offsets, self.separator is not None)
         if n and (self.starts.min() < 0 or self.lengths.min() < 0 or self.lengths.max() > self.block_size
                   or np.any(self.starts + self.lengths > stream_len)
                   or np.any(self.context < 0) or np.any(self.context > self.lengths)):
@@ -239,9 +234,13 @@ def pack_blocks(tokens, offsets, block_size, *, remainder="drop", separator=None
         _k.fill_group_blocks(offsets, block_size, group_size, has_sep, keep_partial, starts, lengths)
         context = np.zeros(n_blocks, dtype=np.int64)
     else:
-        stream_len = int(offsets[-1] - offsets[0]) + has_sep * (offsets.shape[0] - 1)
-        starts, lengths, context = _stream_windows(stream_len, block_size, stride, keep_partial)
+        starts, lengths, context = _stream_windows(_stream_length(offsets, has_sep), block_size, stride, keep_partial)
     return BlockIndex(tokens, offsets, block_size, starts, lengths, context, separator, pad_id)
+
+
+def _stream_length(offsets, has_separator):
+    """Tokens in the concatenated documents, with one separator after each when there is one."""
+    return int(offsets[-1] - offsets[0]) + int(has_separator) * (offsets.shape[0] - 1)
 
 
 def _stream_windows(stream_len, block_size, stride, keep_partial):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fastlm import run
+from fastlm.config import PRESETS
 from tests.data import wikitext_lines
 
 STEPS = 40
@@ -61,7 +62,7 @@ def bench_hf_trainer(benchmark, train_store, tmp_path):
     blocks = pack_blocks(store.tokens, store.offsets, BLOCK)
     rows = blocks.gather(np.arange(len(blocks)))
     dataset = [{k: torch.from_numpy(v[i]) for k, v in rows.items()} for i in range(len(blocks))]
-    shape = run.PRESETS["gpt2-tiny"][1]
+    shape = PRESETS["gpt2-tiny"][1]
 
     def train():
         torch.manual_seed(0)

@@ -1,10 +1,19 @@
-"""Batches over packed blocks for the runner: epoch-seeded shuffling, disjoint shares per rank, MLM masks.
+"""The runner's data plan: training and evaluation sources (stores, prepared from text on first use),
+their packing into blocks, and the order batches take them in (epoch-seeded shuffling, disjoint shares
+per rank, MLM masks).
 
-Everything here is numpy; the DataLoader turns the arrays into tensors. Batches are keyed by global ids
+Batches are numpy; the DataLoader turns the arrays into tensors. Batches are keyed by global ids
 (epoch, micro-batch number, rank) so a run is reproducible whatever the DataLoader worker count, and a
 resumed run can restart at any micro-batch without replaying the ones before it.
 """
+import hashlib
+import json
+from pathlib import Path
+
 import numpy as np
+
+from fastlm.config import ConfigError
+from fastlm.tokenizer import padding_id, special_ids
 
 def split_documents(tokens, offsets, eval_fraction):
     """Hold out the last `eval_fraction` of the documents: ((tokens, offsets), (tokens, offsets)).
@@ -99,3 +108,120 @@ def eval_batches(blocks, *, batch_size, rank, world_size, masker=None, position_
         if masker is not None:
             batch["input_ids"], batch["labels"] = masker.mask_fixed(batch["input_ids"], batch["attention_mask"])
         yield _offset_positions(batch, position_offset), counts
+
+
+# --- sources: stores, prepared on first use -------------------------------------------------------
+
+def _cache_key(args):
+    """Prepared stores are reused while the sources and preparation settings are unchanged."""
+    sources = []
+    for name in (args.train_file, args.validation_file):
+        if name:
+            st = Path(name).stat()
+            sources.append([str(Path(name).resolve()), st.st_size, st.st_mtime_ns])
+    tokenizer = args.tokenizer_name or args.model_name_or_path
+    key = [sources, args.dataset_name, args.dataset_config_name, tokenizer, args.train_tokenizer,
+           args.vocab_size if args.train_tokenizer else None, args.doc_boundary]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def open_or_prepare(args, rank):
+    """(train store, eval store or None). With text sources, rank 0 prepares them into the cache while
+    the other ranks wait at a barrier, then everyone opens the same stores."""
+    from fastlm.store import TokenStore
+
+    if args.train_store:
+        return TokenStore.open(args.train_store), (TokenStore.open(args.eval_store) if args.eval_store else None)
+    cache = Path(args.cache_dir or Path(args.output_dir) / "data") / _cache_key(args)
+    train_dir, eval_dir = cache / "train", cache / "validation"
+    failure = [None]
+    if rank == 0:
+        try:
+            _prepare_into(args, train_dir, eval_dir)
+        except Exception as error:
+            failure = [f"{type(error).__name__}: {error}"]
+            _share(failure)
+            raise
+    _share(failure)  # the others wait here: a barrier that also tells them when rank 0 failed
+    if failure[0]:
+        raise RuntimeError(f"rank 0 could not prepare the data: {failure[0]}")
+    return TokenStore.open(train_dir), (TokenStore.open(eval_dir) if eval_dir.is_dir() else None)
+
+
+def _share(objects):
+    import torch.distributed as dist
+
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(objects, src=0)
+
+
+def _prepare_into(args, train_dir, eval_dir):
+    from fastlm.prepare import prepare
+    from fastlm.store import TokenStore
+
+    def ready(path):
+        try:
+            TokenStore.open(path)
+            return True
+        except ValueError:
+            return False
+
+    # Special tokens as the tutorial's tokenizer(...) call adds them (<s> ... </s> per RoBERTa document).
+    # overwrite: only a store that failed to open is rebuilt (say a run killed while preparing).
+    common = dict(doc_boundary=args.doc_boundary, add_special_tokens=True, progress=True, overwrite=True)
+    if args.dataset_name:
+        common.update(dataset_name=args.dataset_name, dataset_config=args.dataset_config_name)
+    if not ready(train_dir):
+        tokenizer = None if args.train_tokenizer else (args.tokenizer_name or args.model_name_or_path)
+        sources = [args.train_file] if args.train_file else []
+        print(f"[fastlm] preparing {sources or args.dataset_name} -> {train_dir}", flush=True)
+        prepare(sources, train_dir, tokenizer=tokenizer, train_tokenizer=args.train_tokenizer,
+                vocab_size=args.vocab_size if args.train_tokenizer else None,
+                **common, **({"split": "train"} if args.dataset_name else {}))
+    if ready(eval_dir):
+        return
+    # The evaluation text uses the training store's tokenizer (the trained one, with --train_tokenizer).
+    tokenizer = str(TokenStore.open(train_dir).tokenizer_dir)
+    if args.validation_file:
+        prepare([args.validation_file], eval_dir, tokenizer=tokenizer, **common)
+    elif args.dataset_name:
+        try:
+            prepare([], eval_dir, tokenizer=tokenizer, split="validation", **common)
+        except (ValueError, KeyError):
+            pass  # no validation split: --validation_split_percentage holds out train documents
+
+
+def train_eval_documents(args, train_store, eval_store):
+    """((train tokens, offsets), (eval tokens, offsets) or None)."""
+    train = (train_store.tokens, train_store.offsets)
+    if eval_store is not None:
+        return train, (eval_store.tokens, eval_store.offsets)
+    if args.validation_split_percentage == 0:
+        return train, None
+    try:
+        return split_documents(*train, args.validation_split_percentage / 100)
+    except ValueError as error:
+        raise ConfigError(f"--validation_split_percentage {args.validation_split_percentage}: {error}") from None
+
+
+def pack(args, tokens, offsets, tokenizer, *, stride=None):
+    from fastlm import pack_blocks, pack_documents
+
+    pad_id = padding_id(special_ids(tokenizer))
+    if args.packing == "documents" and not stride:
+        return pack_documents(tokens, offsets, args.block_size, pad_id=pad_id)
+    separator = tokenizer.eos_token_id if args.separator == "eos" else None
+    if args.separator == "eos" and separator is None:
+        raise ConfigError("--separator eos: the tokenizer has no EOS token")
+    # Strided evaluation keeps the final partial window so every token is scored, as HF's recipe does.
+    remainder = "pad" if stride else "drop"
+    return pack_blocks(tokens, offsets, args.block_size, separator=separator, stride=stride,
+                       remainder=remainder, pad_id=pad_id)
+
+
+def make_masker(args, tokenizer):
+    from fastlm.masking import Masker
+
+    if tokenizer.mask_token_id is None:
+        raise ConfigError("--task mlm needs a tokenizer with a mask token")
+    return Masker.from_tokenizer(tokenizer, mlm_probability=args.mlm_probability, seed=args.seed)

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastlm import run
+from fastlm import config, data, evaluation, run
+from fastlm import model as model_lib
 from tests.data import wikitext_lines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,87 +79,6 @@ def clm_run(clm_stores, tmp_path_factory):
     return out, results
 
 
-# --- configuration ------------------------------------------------------------------------------------
-
-def _args(*argv):
-    return run.parse_args(["--train_store", "s", "--config_name", "gpt2-tiny", *argv])
-
-
-def test_config_from_flags():
-    args, explicit = _args("--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "3",
-                           "--zero_stage", "2", "--max_grad_norm", "0.5", "--weight_decay", "0.1")
-    config = run.build_ds_config(args, world_size=2, device_type="cpu", explicit=explicit)
-    assert config["train_micro_batch_size_per_gpu"] == 4
-    assert config["gradient_accumulation_steps"] == 3
-    assert config["train_batch_size"] == 24
-    assert config["zero_optimization"]["stage"] == 2
-    assert config["gradient_clipping"] == 0.5
-    assert config["optimizer"]["type"] == "AdamW" and config["optimizer"]["params"]["torch_adam"] is True
-    assert config["optimizer"]["params"]["weight_decay"] == 0.1
-    assert not config["bf16"]["enabled"] and not config["fp16"]["enabled"]  # auto on CPU -> fp32
-    assert args.precision == "fp32"
-
-
-@pytest.mark.parametrize("argv, world, message", [
-    (["--train_batch_size", "10"], 1, "batch sizes do not multiply out: train_batch_size 10 != micro batch 8"),
-    (["--precision", "fp16"], 1, "fp16 is not supported on CPU"),
-    (["--per_device_train_batch_size", "0"], 1, "must be a positive integer"),
-    (["--train_batch_size", "16", "--per_device_train_batch_size", "8"], 4, "x 4 rank(s) = 32"),
-])
-def test_contradictory_flags_are_rejected(argv, world, message):
-    args, explicit = _args(*argv)
-    with pytest.raises(run.ConfigError, match=None) as error:
-        run.build_ds_config(args, world_size=world, device_type="cpu", explicit=explicit)
-    assert message in str(error.value)
-
-
-def test_json_config_is_merged(tmp_path):
-    cfg = tmp_path / "ds.json"
-    cfg.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": "auto",
-                               "zero_optimization": {"stage": 1, "overlap_comm": True}, "bf16": {"enabled": True}}))
-    args, explicit = _args("--deepspeed", str(cfg), "--gradient_accumulation_steps", "4")
-    config = run.build_ds_config(args, world_size=2, device_type="cpu", explicit=explicit)
-    assert config["train_micro_batch_size_per_gpu"] == 2 and args.per_device_train_batch_size == 2
-    assert config["gradient_accumulation_steps"] == 4  # "auto" takes the flag
-    assert config["train_batch_size"] == 16
-    assert config["zero_optimization"] == {"stage": 1, "overlap_comm": True} and args.zero_stage == 1
-    assert args.precision == "bf16" and "fp16" not in config
-
-
-def test_json_contradicting_an_explicit_flag_is_rejected(tmp_path):
-    cfg = tmp_path / "ds.json"
-    cfg.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2}))
-    args, explicit = _args("--deepspeed_config", str(cfg), "--per_device_train_batch_size", "8")
-    with pytest.raises(run.ConfigError, match="--per_device_train_batch_size 8 contradicts train_micro_batch_size_per_gpu = 2"):
-        run.build_ds_config(args, world_size=1, device_type="cpu", explicit=explicit)
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--config_name", "gpt2-tiny"], "give exactly one training source"),
-    (["--train_store", "s", "--train_file", "t.txt", "--config_name", "gpt2-tiny"], "not both"),
-    (["--train_store", "s"], "give exactly one of --model_name_or_path"),
-    (["--train_file", "t.txt", "--config_name", "gpt2-tiny"], "preparing text needs a tokenizer"),
-    (["--train_store", "s", "--config_name", "x", "--task", "mlm", "--eval_stride", "8"], "--eval_stride is for CLM"),
-    (["--train_store", "s", "--config_name", "x", "--eval_stride", "999"], "--eval_stride must be in [1, block_size=128]"),
-    (["--train_store", "s", "--config_name", "x", "--precision", "fp16"], "fp16 is not supported on CPU"),
-    (["--train_store", "s", "--config_name", "x", "--block_size", "1"], "--block_size must be >= 2 for clm"),
-    (["--train_file", "t.txt", "--train_tokenizer", "--vocab_size", "100", "--config_name", "gpt2-tiny"],
-     "--vocab_size must be >= 257 for --train_tokenizer"),
-])
-def test_bad_command_lines_exit_with_one_clear_message(argv, message, capsys, tmp_path):
-    with pytest.raises(SystemExit) as exit_:
-        run.main([*argv, "--output_dir", str(tmp_path)])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
-
-
-def test_resume_without_checkpoint_is_rejected(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        run.main(["--train_store", "s", "--config_name", "gpt2-tiny", "--resume", "--output_dir", str(tmp_path)])
-    assert "--resume: no checkpoint" in capsys.readouterr().err
-
-
 def test_a_hold_out_too_small_for_one_document_names_the_flag(clm_stores, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         run.main(["--train_store", str(clm_stores[0]), "--config_name", "gpt2-tiny", "--output_dir", str(tmp_path),
@@ -169,22 +89,13 @@ def test_a_hold_out_too_small_for_one_document_names_the_flag(clm_stores, tmp_pa
     assert "Traceback" not in err
 
 
-def test_lr_schedule_warms_up_then_decays():
-    args, _ = _args("--warmup_steps", "4", "--lr_scheduler_type", "linear")
-    linear = run.lr_schedule(args, 12)
-    assert [linear(s) for s in (0, 2, 4, 8, 12)] == [0.0, 0.5, 1.0, 0.5, 0.0]
-    args.lr_scheduler_type = "cosine"
-    cosine = run.lr_schedule(args, 12)
-    assert cosine(4) == 1.0 and cosine(8) == pytest.approx(0.5) and cosine(12) == pytest.approx(0.0)
-
-
 # --- perplexity arithmetic ----------------------------------------------------------------------------
 
 def test_perplexity_is_token_weighted_and_overflows_to_inf():
-    assert run.perplexity(math.log(5.0) * 7, 7) == pytest.approx(5.0)
-    assert run.perplexity(1e6, 1) == math.inf
+    assert evaluation.perplexity(math.log(5.0) * 7, 7) == pytest.approx(5.0)
+    assert evaluation.perplexity(1e6, 1) == math.inf
     with pytest.raises(ValueError, match="zero target tokens"):
-        run.perplexity(0.0, 0)
+        evaluation.perplexity(0.0, 0)
 
 
 def test_token_nll_counts_only_targets_and_shifts_for_clm():
@@ -193,13 +104,17 @@ def test_token_nll_counts_only_targets_and_shifts_for_clm():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[1, 2, -100, 4, 5], [6, -100, -100, -100, -100]])
-    nll, n = run.token_nll(logits, labels, shift=True)
+    nll, n = evaluation.token_nll(logits, labels, shift=True)
     logp = torch.log_softmax(logits, -1)
     expected = [-logp[b, t - 1, labels[b, t]] for b in range(2) for t in range(1, 5) if labels[b, t] != -100]
     assert int(n) == 3 == len(expected)
     assert float(nll) == pytest.approx(float(sum(expected)), rel=1e-6)
-    nll, n = run.token_nll(logits, labels, shift=False)
+    nll, n = evaluation.token_nll(logits, labels, shift=False)
     assert int(n) == 5
+
+
+def _args(*argv):
+    return config.parse_args(["--train_store", "s", "--config_name", "gpt2-tiny", *argv])
 
 
 class _Reduced(Exception):
@@ -273,7 +188,7 @@ def test_packed_documents_do_not_attend_to_each_other(task, attn):
 
     model = _tiny_gpt(50) if task == "clm" else _tiny_roberta(50)
     model.set_attn_implementation(attn)
-    offset = run.position_offset(model.config)
+    offset = model_lib.position_offset(model.config)
     rng = np.random.default_rng(0)
     lengths = [9, 5, 7]
     tokens = rng.integers(3, 50, sum(lengths)).astype(np.int32)
@@ -284,7 +199,7 @@ def test_packed_documents_do_not_attend_to_each_other(task, attn):
     batch["position_ids"] += offset
     batch.pop("labels")
     with torch.no_grad():
-        logits = model(**run.model_inputs(batch, model.config, task=task, dtype=model.dtype)).logits[0]
+        logits = model(**model_lib.model_inputs(batch, model.config, task=task, dtype=model.dtype)).logits[0]
         starts = np.flatnonzero(batch["position_ids"][0].numpy() == offset)
         for doc, length in enumerate(lengths):
             (start,) = [s for s in starts if np.array_equal(batch["input_ids"][0, s:s + length].numpy(),
@@ -334,7 +249,7 @@ def test_evaluation_weights_ragged_batches_by_tokens(clm_stores):
     blocks = pack_documents(store.tokens, store.offsets[:41], 64)  # 40 documents
     model = _tiny_gpt(store.meta["vocab_size"])
     args, _ = _args("--per_device_eval_batch_size", "3", "--block_size", "64")
-    got = run.evaluate(_PlainEngine(model), blocks, args=args, rank=0, world_size=1)
+    got = evaluation.evaluate(_PlainEngine(model), blocks, args=args, rank=0, world_size=1)
 
     nll_sum, count, batch_means = 0.0, 0, []
     with torch.no_grad():
@@ -361,7 +276,7 @@ def test_evaluation_without_targets_reports_nan_perplexity():
 
     blocks = pack_documents(np.arange(3, 13, dtype=np.int32), np.arange(11, dtype=np.int64), 4)
     args, _ = _args("--block_size", "4")
-    got = run.evaluate(_PlainEngine(_tiny_gpt(16)), blocks, args=args, rank=0, world_size=1)
+    got = evaluation.evaluate(_PlainEngine(_tiny_gpt(16)), blocks, args=args, rank=0, world_size=1)
     assert got["eval_tokens"] == 0 and math.isnan(got["eval_loss"]) and math.isnan(got["perplexity"])
 
 
@@ -376,7 +291,7 @@ def test_strided_evaluation_matches_the_hf_sliding_window_recipe(clm_stores):
     model = _tiny_gpt(store.meta["vocab_size"])
     args, _ = _args("--block_size", "64", "--eval_stride", "16", "--per_device_eval_batch_size", "4")
     blocks = pack_blocks(tokens, offsets, 64, stride=16, remainder="pad", pad_id=0)
-    got = run.evaluate(_PlainEngine(model), blocks, args=args, rank=0, world_size=1)
+    got = evaluation.evaluate(_PlainEngine(model), blocks, args=args, rank=0, world_size=1)
 
     # HF's "Perplexity of fixed-length models" loop, with token-weighted sums.
     ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None]
@@ -386,7 +301,7 @@ def test_strided_evaluation_matches_the_hf_sliding_window_recipe(clm_stores):
             end = min(begin + 64, ids.shape[1])
             target = ids[:, begin:end].clone()
             target[:, : -(end - prev_end)] = -100
-            nll, n = run.token_nll(model(ids[:, begin:end]).logits, target, shift=True)
+            nll, n = evaluation.token_nll(model(ids[:, begin:end]).logits, target, shift=True)
             nll_sum, count, prev_end = nll_sum + float(nll), count + int(n), end
             if end == ids.shape[1]:
                 break
@@ -562,7 +477,7 @@ def test_mlm_run_learns_and_matches_trainer_with_the_same_fixed_masks(mlm_stores
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
     store = TokenStore.open(mlm_stores[1])
     blocks = pack_blocks(store.tokens, store.offsets, 64)
-    masker = run._masker(run.parse_args(["--task", "mlm", "--seed", "3"])[0], tokenizer)
+    masker = data.make_masker(config.parse_args(["--task", "mlm", "--seed", "3"])[0], tokenizer)
     # One batch holding every block: Trainer's batch mean is then the token-weighted mean.
     (batch, _), = eval_batches(blocks, batch_size=len(blocks), rank=0, world_size=1, masker=masker)
     dataset = [{k: torch.from_numpy(v[i]) for k, v in batch.items()} for i in range(len(blocks))]
@@ -578,7 +493,7 @@ def test_packed_documents_feed_roberta_its_own_position_numbering(mlm_stores, tm
     padding_idx + 1, so the runner must shift them (else every document would start on the padding slot).
     Checked on what the model really receives, in training and evaluation."""
     seen = []
-    build_model = run._build_model
+    build_model = run.build_model
 
     def recording_build_model(*args, **kwargs):
         model, keep_alive = build_model(*args, **kwargs)
@@ -586,7 +501,7 @@ def test_packed_documents_feed_roberta_its_own_position_numbering(mlm_stores, tm
             (module.training, inputs["position_ids"].clone(), inputs["attention_mask"].clone())), with_kwargs=True)
         return model, keep_alive
 
-    monkeypatch.setattr(run, "_build_model", recording_build_model)
+    monkeypatch.setattr(run, "build_model", recording_build_model)
     results = run.train(["--task", "mlm", "--train_store", str(mlm_stores[0]), "--eval_store", str(mlm_stores[1]),
                          "--config_name", "roberta-tiny", "--block_size", "64", "--packing", "documents",
                          "--max_steps", "2", "--output_dir", str(tmp_path), *TINY])

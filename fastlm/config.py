@@ -107,6 +107,22 @@ class Args:
 DESCRIPTION = "Train a causal-LM or masked-LM head on packed blocks from a token store with DeepSpeed; report perplexity."
 
 
+# Flags whose change alters what a resumed run computes: --resume refuses a checkpoint saved with other
+# values. The data layout (micro batch, accumulation, ranks) is not among them: a step trains on the same
+# samples whatever their split (data.TrainBatches), and the training data is compared by content.
+RESULT_FLAGS = ("task", "model_name_or_path", "config_name", "block_size", "packing", "separator",
+                "mlm_probability", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+                "max_grad_norm", "lr_scheduler_type", "warmup_steps", "zero_stage", "precision", "seed")
+# Flags that only change how long the run goes on (and so where the schedule's decay ends): a resumed run
+# may change them, and is told what that does.
+LENGTH_FLAGS = ("max_steps", "num_train_epochs")
+
+
+def resume_settings(args):
+    """The flag values a checkpoint records, for --resume to compare (RESULT_FLAGS, LENGTH_FLAGS)."""
+    return {name: getattr(args, name) for name in RESULT_FLAGS + LENGTH_FLAGS}
+
+
 def _parser(suppress_defaults=False):
     parser = argparse.ArgumentParser(
         prog="fastlm train", description=DESCRIPTION, conflict_handler="resolve",

@@ -39,42 +39,65 @@ def _doc_range(tokens, offsets, first, last):
     return tokens[start:stop], np.asarray(offsets[first : last + 1], dtype=np.int64) - start
 
 
-class TrainBatches:
-    """Map-style dataset: item j is this rank's j-th micro-batch of `epoch`.
+def epoch_order(n_samples, *, seed, epoch):
+    """The order of an epoch's samples: sample position s of `epoch` is block epoch_order(...)[s].
 
-    Blocks are shuffled by a permutation seeded by (epoch, seed); global micro-batch g = j * world + rank
-    takes permutation[g * micro : (g + 1) * micro], so ranks see disjoint blocks. Each epoch holds a whole
-    number of optimizer steps per rank (the tail that would not fill one is dropped, like
-    DistributedSampler(drop_last=True)), so gradient accumulation never straddles two epochs.
+    A function of (seed, epoch) only, so the sample at a global position is the same whatever the
+    micro batch, accumulation or rank count (MosaicML Streaming's "elastic determinism").
+    """
+    return np.random.Generator(np.random.PCG64([epoch, seed])).permutation(n_samples)
+
+
+class TrainBatches:
+    """Map-style dataset: item j is this rank's j-th micro batch of `epoch`, from sample position `start`.
+
+    An optimizer step takes the next global_batch = micro_batch x accumulation x world_size sample
+    positions of the epoch order; within the step, micro batch m of rank r takes the micro_batch positions
+    starting at (m * world_size + r) * micro_batch. So a step trains on the same samples whatever the
+    split of its global batch, ranks see disjoint blocks, and a checkpoint's data position is one number:
+    the epoch's sample position at a step boundary. An epoch ends when fewer than a global batch of
+    positions remain (the tail is dropped, like DistributedSampler(drop_last=True)), so gradient
+    accumulation never straddles two epochs. MLM masks are keyed by (seed, epoch, sample position): a
+    sample gets the same mask in any layout.
     """
 
-    def __init__(self, blocks, *, micro_batch, accumulation, rank, world_size, epoch, seed, masker=None,
-                 position_offset=0):
-        self.blocks, self.micro_batch, self.position_offset = blocks, micro_batch, position_offset
-        self.rank, self.world_size, self.epoch = rank, world_size, epoch
+    def __init__(self, blocks, *, micro_batch, accumulation, rank, world_size, epoch, seed, start=0,
+                 masker=None, position_offset=0):
+        self.blocks, self.micro_batch, self.accumulation, self.position_offset = blocks, micro_batch, accumulation, position_offset
+        self.rank, self.world_size, self.epoch, self.start = rank, world_size, epoch, start
         self.masker = masker
-        per_rank = len(blocks) // (micro_batch * world_size)
-        self.n_batches = per_rank - per_rank % accumulation
-        self.order = np.random.Generator(np.random.PCG64([epoch, seed])).permutation(len(blocks))
+        self.global_batch = micro_batch * accumulation * world_size
+        self.steps = max(0, (len(blocks) - start) // self.global_batch)
+        self.order = epoch_order(len(blocks), seed=seed, epoch=epoch)
 
     def __len__(self):
-        return self.n_batches
+        return self.steps * self.accumulation
 
-    def global_batch(self, j):
-        return j * self.world_size + self.rank
+    def end_position(self, j):
+        """The epoch's sample position once micro batch j (the last of its step) has been trained."""
+        return self.start + (j // self.accumulation + 1) * self.global_batch
+
+    def positions(self, j):
+        step, micro = divmod(j, self.accumulation)
+        first = self.start + step * self.global_batch + (micro * self.world_size + self.rank) * self.micro_batch
+        return np.arange(first, first + self.micro_batch)
 
     def indices(self, j):
-        g = self.global_batch(j)
-        return self.order[g * self.micro_batch : (g + 1) * self.micro_batch]
+        return self.order[self.positions(j)]
 
     def __getitem__(self, j):
-        if not 0 <= j < self.n_batches:
+        if not 0 <= j < len(self):
             raise IndexError(j)
-        batch = self.blocks.gather(np.sort(self.indices(j)))
+        positions = self.positions(j)
+        # Rows in block order read the memmap forward; the masks follow each row's own position.
+        rows = np.argsort(self.order[positions], kind="stable")
+        positions = positions[rows]
+        batch = self.blocks.gather(self.order[positions])
         if self.masker is not None:
-            batch["input_ids"], batch["labels"] = self.masker(
-                batch["input_ids"], batch["attention_mask"], epoch=self.epoch, batch_index=self.global_batch(j)
-            )
+            masked = [self.masker(batch["input_ids"][i:i + 1], batch["attention_mask"][i:i + 1], epoch=self.epoch,
+                                  batch_index=int(p)) for i, p in enumerate(positions)]
+            batch["input_ids"] = np.concatenate([ids for ids, _ in masked])
+            batch["labels"] = np.concatenate([labels for _, labels in masked])
         return _offset_positions(batch, self.position_offset)
 
 
@@ -134,25 +157,27 @@ def open_or_prepare(args, rank):
         return TokenStore.open(args.train_store), (TokenStore.open(args.eval_store) if args.eval_store else None)
     cache = Path(args.cache_dir or Path(args.output_dir) / "data") / _cache_key(args)
     train_dir, eval_dir = cache / "train", cache / "validation"
-    failure = [None]
-    if rank == 0:
-        try:
-            _prepare_into(args, train_dir, eval_dir)
-        except Exception as error:
-            failure = [f"{type(error).__name__}: {error}"]
-            _share(failure)
-            raise
-    _share(failure)  # the others wait here: a barrier that also tells them when rank 0 failed
-    if failure[0]:
-        raise RuntimeError(f"rank 0 could not prepare the data: {failure[0]}")
+    rank0_then_others(lambda: _prepare_into(args, train_dir, eval_dir), rank=rank, what="prepare the data")
     return TokenStore.open(train_dir), (TokenStore.open(eval_dir) if eval_dir.is_dir() else None)
 
 
-def _share(objects):
+def rank0_then_others(work, *, rank, what):
+    """Run work() on rank 0 while the other ranks wait; a failure there stops every rank, naming it."""
     import torch.distributed as dist
 
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(objects, src=0)
+    failure = [None]
+    if rank == 0:
+        try:
+            work()
+        except Exception as error:
+            failure = [f"{type(error).__name__}: {error}"]
+            if dist.get_world_size() > 1:
+                dist.broadcast_object_list(failure, src=0)
+            raise
+    if dist.get_world_size() > 1:  # the others wait here: a barrier that also tells them when rank 0 failed
+        dist.broadcast_object_list(failure, src=0)
+    if failure[0]:
+        raise RuntimeError(f"rank 0 could not {what}: {failure[0]}")
 
 
 def _prepare_into(args, train_dir, eval_dir):

@@ -38,6 +38,7 @@ if __package__ in (None, ""):
     # there instead, so `import fastlm` works even without `pip install -e .`.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import hashlib
 import json
 import os
 import random
@@ -47,8 +48,9 @@ import time
 
 import numpy as np
 
-from fastlm.config import ConfigError, build_ds_config, check_args, lr_schedule, parse
-from fastlm.data import TrainBatches, make_masker, open_or_prepare, pack, train_eval_documents
+from fastlm.config import (LENGTH_FLAGS, RESULT_FLAGS, ConfigError, build_ds_config, check_args, lr_schedule, parse,
+                           resume_settings)
+from fastlm.data import TrainBatches, make_masker, open_or_prepare, pack, rank0_then_others, train_eval_documents
 from fastlm.evaluation import evaluate
 from fastlm.model import build_model, flops_per_token, model_inputs, param_groups, position_offset
 
@@ -89,6 +91,11 @@ def _write_json(path, obj):
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def _read_json(path):
+    """A JSON file's content, or {} when there is none."""
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _read_metrics(path):
@@ -223,6 +230,17 @@ def _run(args, explicit):
             f"{world_size} ranks); use a smaller batch or block size or more data")
     total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
 
+    ckpt_dir = out / "checkpoints"
+    layout = _data_layout(args, world_size=world_size, train_blocks=train_blocks, train_store=train_store)
+    settings = resume_settings(args)
+    resume_tag, universal = None, False
+    if args.resume:  # checked before the model is built: another model shape would fail inside DeepSpeed
+        resume_tag = (ckpt_dir / "latest").read_text().strip()
+        _check_resumable(_read_json(ckpt_dir / resume_tag / CHECKPOINT_SETTINGS), settings, layout, rank=rank)
+        resume_tag, universal = _universal_if_resharded(ckpt_dir, resume_tag, world_size=world_size, rank=rank)
+    if universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+
     model, zero3_context = build_model(args, tokenizer, ds_config)
     token_flops = flops_per_token(model, args.block_size)
     schedule = None
@@ -232,13 +250,13 @@ def _run(args, explicit):
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, args.weight_decay),
                                       config=ds_config, lr_scheduler=schedule)
     del model
-    ckpt_dir = out / "checkpoints"
-    state = {"step": 0, "epoch": 0, "next_batch": 0, "tokens_seen": 0, "train_loss_sum": 0.0,
+    state = {"step": 0, "epoch": 0, "sample": 0, "tokens_seen": 0, "train_loss_sum": 0.0,
              "train_loss_count": 0, "window": [0.0, 0, 0]}
-    layout = _data_layout(args, world_size=world_size, n_blocks=len(train_blocks))
     if args.resume:
-        _, client_state = engine.load_checkpoint(str(ckpt_dir))
-        _check_same_layout(client_state.get("layout"), layout)
+        _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=resume_tag)
+        if universal:  # a one-off bridge between rank counts; the run's own checkpoints are ordinary ones
+            torch.distributed.barrier()  # every rank has read it
+            rank0_then_others(lambda: shutil.rmtree(ckpt_dir / resume_tag), rank=rank, what="remove the converted checkpoint")
         state.update({k: client_state[k] for k in state})
         _set_rng_state(client_state["rng"])
     metrics_path = out / "metrics.jsonl"
@@ -250,8 +268,8 @@ def _run(args, explicit):
         os.replace(tmp, metrics_path)
 
     seen, stats = _train(engine, args, train_blocks, eval_blocks, masker, state, total_steps=total_steps,
-                   rank=rank, world_size=world_size, device_type=device_type, metrics_path=metrics_path,
-                   ckpt_dir=ckpt_dir, flops_per_token=token_flops, layout=layout)
+                         rank=rank, world_size=world_size, device_type=device_type, metrics_path=metrics_path,
+                         ckpt_dir=ckpt_dir, flops_per_token=token_flops, layout=layout, settings=settings)
 
     final_eval = evaluate(engine, eval_blocks, args=args, rank=rank, world_size=world_size, masker=masker) if eval_blocks else {}
     ranks = _rank_report(seen, final_eval.get("eval_loss"), world_size=world_size, device=engine.device)
@@ -279,26 +297,105 @@ def _run(args, explicit):
     return results
 
 
-def _data_layout(args, *, world_size, n_blocks):
-    """What a checkpoint's data position (epoch, micro batch) counts in: the same position means the
-    same batches only with the same shuffle seed, blocks, micro batch, accumulation and rank count."""
-    return {"per_device_train_batch_size": args.per_device_train_batch_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": world_size,
-            "seed": args.seed, "block_size": args.block_size, "packing": args.packing, "train_blocks": n_blocks}
+def _universal_if_resharded(ckpt_dir, tag, *, world_size, rank):
+    """(tag to load, whether it is in DeepSpeed's universal format).
+
+    DeepSpeed cannot load optimizer state partitioned over another number of ranks (ZeRO 1-3, one
+    *zero_pp_rank_* file per rank): such a checkpoint is first converted by rank 0 to DeepSpeed's
+    universal format, which loads on any rank count. ZeRO-0 checkpoints hold whole state and load as they are.
+    """
+    shards = len(list((ckpt_dir / tag).glob("*zero_pp_rank_*_optim_states.pt")))
+    if shards in (0, world_size):
+        return tag, False
+    universal = f"{tag}_universal"
+
+    def convert():
+        import argparse
+        import contextlib
+        import io
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        print(f"[fastlm] the checkpoint's optimizer state is split over {shards} ranks, this run has {world_size}: "
+              f"converting {ckpt_dir / tag} to DeepSpeed's universal format", flush=True)
+        tmp = ckpt_dir / f"{universal}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        options = argparse.Namespace(input_folder=str(ckpt_dir / tag), output_folder=str(tmp), num_extract_workers=1,
+                                     num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress report is pages long
+            ds_to_universal.main(options)
+        shutil.rmtree(ckpt_dir / universal, ignore_errors=True)
+        os.replace(tmp, ckpt_dir / universal)
+
+    rank0_then_others(convert, rank=rank, what="convert the checkpoint to DeepSpeed's universal format")
+    return universal, True
 
 
-def _check_same_layout(saved, now):
-    if saved is None:
-        raise ConfigError("--resume: the checkpoint does not record its data layout (batch sizes, ranks, seed, "
-                          "blocks), so its data position cannot be trusted; start a new run")
-    changed = [f"{name} {saved.get(name)} -> {value}" for name, value in now.items() if saved.get(name) != value]
+# Beside each DeepSpeed checkpoint: what --resume compares before anything is built (data layout, settings).
+CHECKPOINT_SETTINGS = "fastlm.json"
+
+
+def _save_checkpoint(engine, ckpt_dir, tag, state, *, layout, settings, rank):
+    """A DeepSpeed checkpoint with the data position and RNG state in its client state. The settings file
+    goes first: DeepSpeed's `latest` then never points at a checkpoint without one."""
+    if rank == 0:
+        (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+        _write_json(ckpt_dir / tag / CHECKPOINT_SETTINGS, {"layout": layout, "settings": settings})
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**state, "rng": _rng_state()})
+
+
+def _data_layout(args, *, world_size, train_blocks, train_store):
+    """What a checkpoint's data position (epoch, sample position) counts in: the blocks (by content and
+    number) and how each optimizer step splits its global batch."""
+    content = hashlib.sha256(json.dumps(train_store.meta.get("checksums"), sort_keys=True).encode()).hexdigest()
+    return {"train_data": content, "train_blocks": len(train_blocks),
+            "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": world_size}
+
+
+def _check_resumable(saved, settings, layout, *, rank):
+    """Refuse a checkpoint whose run computed something else; say what a changed layout or length does.
+
+    Allowed: another split of the same global batch (micro batch x accumulation x ranks), which trains on
+    the same samples in the same order; another global batch, which continues at the same sample
+    position of the epoch (no sample skipped or repeated) with steps of another size; another training
+    length. Refused: other training data, or any RESULT_FLAGS value.
+    """
+    saved_layout, saved_settings = saved.get("layout"), saved.get("settings")
+    if saved_layout is None or saved_settings is None or "train_data" not in saved_layout:
+        raise ConfigError("--resume: the checkpoint does not record its data layout and settings (it was "
+                          "saved by an older fastlm), so its data position cannot be trusted; start a new run")
+    if (saved_layout["train_data"], saved_layout["train_blocks"]) != (layout["train_data"], layout["train_blocks"]):
+        raise ConfigError(f"--resume: the checkpoint was trained on other data ({saved_layout['train_blocks']} "
+                          f"blocks, content {saved_layout['train_data'][:12]}; now {layout['train_blocks']} blocks, "
+                          f"content {layout['train_data'][:12]}); resume on the same data or start a new run")
+    changed = [f"--{name} {saved_settings.get(name)} -> {settings[name]}" for name in RESULT_FLAGS
+               if saved_settings.get(name) != settings[name]]
     if changed:
-        raise ConfigError(f"--resume: the checkpoint's data position belongs to another data layout "
-                          f"({', '.join(changed)}); resume with the settings it was saved with or start a new run")
+        raise ConfigError(f"--resume: the checkpoint was saved with other settings ({', '.join(changed)}); resume "
+                          "with the settings it was saved with, or start a new run (--output_dir elsewhere)")
+    if rank != 0:
+        return
+    lengths = [f"--{name} {saved_settings.get(name)} -> {settings[name]}" for name in LENGTH_FLAGS
+               if saved_settings.get(name) != settings[name]]
+    if lengths:
+        print(f"[fastlm] resuming with another training length ({', '.join(lengths)}): the learning-rate "
+              "schedule now ends at the new last step", flush=True)
+    split = ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size")
+    was = " x ".join(str(saved_layout[k]) for k in split)
+    now = " x ".join(str(layout[k]) for k in split)
+    if saved_layout["global_batch"] != layout["global_batch"]:
+        print(f"[fastlm] the global batch changed from {saved_layout['global_batch']} ({was}, micro x accumulation "
+              f"x ranks) to {layout['global_batch']} ({now}): continuing at the checkpoint's sample position of the "
+              "epoch, no sample skipped or repeated; steps from here hold another number of samples", flush=True)
+    elif was != now:
+        print(f"[fastlm] resuming with micro batch x accumulation x ranks {now} (was {was}): the same global batch "
+              f"of {layout['global_batch']}, so the same samples in the same order as the uninterrupted run", flush=True)
 
 
 def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_steps, rank, world_size,
-           device_type, metrics_path, ckpt_dir, flops_per_token, layout):
+           device_type, metrics_path, ckpt_dir, flops_per_token, layout, settings):
     """The loop; advances `state` (the resumable position) and returns this run's throughput."""
     import torch
     from torch.utils.data import DataLoader
@@ -317,22 +414,25 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
     engine.train()
     while state["step"] < total_steps:
         dataset = TrainBatches(train_blocks, micro_batch=args.per_device_train_batch_size, accumulation=accum,
-                               rank=rank, world_size=world_size, epoch=state["epoch"], seed=args.seed, masker=masker,
-                               position_offset=position_offset(engine.module.config))
-        if state["next_batch"] >= len(dataset):  # the loop below would then spin without a step
-            raise RuntimeError(f"epoch {state['epoch']} has {len(dataset)} micro batches for rank {rank}; "
-                               f"none left from micro batch {state['next_batch']} on")
+                               rank=rank, world_size=world_size, epoch=state["epoch"], seed=args.seed,
+                               start=state["sample"], masker=masker, position_offset=position_offset(engine.module.config))
+        if len(dataset) == 0:  # resumed with a larger global batch than the epoch has samples left
+            if rank == 0:
+                print(f"[fastlm] epoch {state['epoch']}: {len(train_blocks) - state['sample']} samples left, fewer "
+                      f"than a global batch of {dataset.global_batch}; starting epoch {state['epoch'] + 1}", flush=True)
+            state["epoch"], state["sample"] = state["epoch"] + 1, 0
+            continue
         # A private generator for worker seeds: drawing them from the global torch RNG would shift the
         # dropout stream between a resumed and an uninterrupted run.
-        loader = DataLoader(dataset, batch_size=None, sampler=range(state["next_batch"], len(dataset)),
-                            num_workers=args.dataloader_num_workers, pin_memory=device_type == "cuda",
+        loader = DataLoader(dataset, batch_size=None, num_workers=args.dataloader_num_workers,
+                            pin_memory=device_type == "cuda",
                             generator=torch.Generator().manual_seed(args.seed + state["epoch"]))
-        j, start = state["next_batch"], state["next_batch"]
+        j = 0
         fetch_start = time.perf_counter()
         for batch in loader:
             t0 = time.perf_counter()
             # The first fetch of an epoch includes starting the workers: a one-off, reported on its own.
-            if j == start:
+            if j == 0:
                 startup_time += t0 - fetch_start
             else:
                 data_time += t0 - fetch_start
@@ -350,14 +450,15 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
             j += 1
             if j % accum == 0:
                 state["step"] += 1
-                state["epoch"], state["next_batch"] = (state["epoch"] + 1, 0) if j == len(dataset) else (state["epoch"], j)
+                state["epoch"], state["sample"] = ((state["epoch"] + 1, 0) if j == len(dataset)
+                                                   else (state["epoch"], dataset.end_position(j - 1)))
                 log.step_done(total_steps)
                 if eval_blocks is not None and args.eval_steps and state["step"] % args.eval_steps == 0 \
                         and state["step"] != total_steps:
                     log.write(evaluate(engine, eval_blocks, args=args, rank=rank, world_size=world_size, masker=masker))
                 if args.save_steps and state["step"] % args.save_steps == 0:
-                    engine.save_checkpoint(str(ckpt_dir), tag=f"step{state['step']}",
-                                           client_state={**state, "rng": _rng_state(), "layout": layout})
+                    _save_checkpoint(engine, ckpt_dir, f"step{state['step']}", state, layout=layout,
+                                     settings=settings, rank=rank)
             step_time += time.perf_counter() - t0
             if state["step"] >= total_steps:
                 break

@@ -387,19 +387,129 @@ def _deadline(seconds):
         signal.signal(signal.SIGALRM, previous)
 
 
-def test_resume_with_another_batch_size_is_a_clear_error(clm_run, clm_stores, tmp_path, capsys):
-    """The checkpoint's data position counts micro batches of 8 blocks: with 16 the same position means
-    other blocks (silent drift), or one past the end of a short epoch (a loop that never steps)."""
+def _resume_from(source, step, out):
+    shutil.copytree(Path(source) / "checkpoints" / f"step{step}", Path(out) / "checkpoints" / f"step{step}")
+    (Path(out) / "checkpoints" / "latest").write_text(f"step{step}")
+
+
+def test_resume_with_another_global_batch_continues_at_the_same_sample_position(clm_run, clm_stores, tmp_path, capsys):
+    """The step-15 checkpoint of the micro batch 8 run sits at sample position 120 of epoch 0; with micro
+    batch 16 the run continues from there in steps of 16 samples, and says so."""
     out, _ = clm_run
-    shutil.copytree(out / "checkpoints" / "step15", tmp_path / "checkpoints" / "step15")
-    (tmp_path / "checkpoints" / "latest").write_text("step15")
-    argv = _clm_args(clm_stores, tmp_path, "--max_steps", "30", "--resume")
+    _resume_from(out, 15, tmp_path)
+    argv = _clm_args(clm_stores, tmp_path, "--max_steps", "18", "--warmup_steps", "3", "--resume")
     argv[argv.index("--per_device_train_batch_size") + 1] = "16"
+    with _deadline(120):
+        results = run.train(argv)
+    assert "the global batch changed from 8 (8 x 1 x 1, micro x accumulation x ranks) to 16" in capsys.readouterr().out
+    assert results["tokens_seen"] == (15 * 8 + 3 * 16) * 64
+    assert results["ranks"]["blocks_trained"] == 3 * 16  # this run's samples: positions 120..167, no repeats
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--learning_rate", "1e-3", "--learning_rate 0.003 -> 0.001"),
+    ("--seed", "4", "--seed 3 -> 4"),
+    ("--block_size", "32", "other data"),
+])
+def test_resume_with_other_settings_or_data_is_a_clear_error(clm_run, clm_stores, tmp_path, capsys, flag, value, message):
+    out, _ = clm_run
+    _resume_from(out, 15, tmp_path)
+    argv = _clm_args(clm_stores, tmp_path, "--max_steps", "30", "--warmup_steps", "3", "--resume")
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
     with _deadline(120), pytest.raises(SystemExit) as exit_:
         run.train(argv)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "per_device_train_batch_size 8 -> 16" in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_step_trains_on_the_same_samples_with_the_same_masks_whatever_its_split(mlm_stores, roberta_tok):
+    """Global batch 16 as 16 x 1 x 1, 8 x 2 x 1, 4 x 2 x 2 and 1 x 4 x 4 (micro x accumulation x ranks):
+    every optimizer step gets the same rows, masks included, so only the summation order differs."""
+    from fastlm import pack_blocks
+    from fastlm.data import TrainBatches
+    from fastlm.store import TokenStore
+
+    store = TokenStore.open(mlm_stores[0])
+    blocks = pack_blocks(store.tokens, store.offsets, 64)
+    masker = data.make_masker(config.parse_args(["--task", "mlm", "--seed", "3"])[0], roberta_tok)
+
+    def steps(micro, accum, world, start=0):
+        shares = [TrainBatches(blocks, micro_batch=micro, accumulation=accum, rank=r, world_size=world, epoch=2,
+                               seed=3, start=start, masker=masker) for r in range(world)]
+        by_step = []
+        for k in range(len(shares[0]) // accum):
+            rows = [tuple(ids) + tuple(labels) for share in shares for j in range(k * accum, (k + 1) * accum)
+                    for ids, labels in zip(share[j]["input_ids"], share[j]["labels"])]
+            by_step.append(sorted(rows))
+        return by_step
+
+    reference = steps(16, 1, 1)
+    assert len(reference) == len(blocks) // 16 >= 3
+    for layout in [(8, 2, 1), (4, 2, 2), (1, 4, 4)]:
+        assert steps(*layout) == reference, layout
+    # Resumed at sample position 48 (after 3 steps of 16) with steps of 8: the same samples, none twice.
+    rows = [row for step in steps(8, 1, 1, start=48) for row in step]
+    assert len(rows) == (len(blocks) - 48) // 8 * 8
+    later = [row for step in reference[3:] for row in step]
+    assert sorted(rows[: len(later)]) == sorted(later)
+    continued = TrainBatches(blocks, micro_batch=8, accumulation=1, rank=0, world_size=1, epoch=2, seed=3, start=48)
+    covered = np.concatenate([continued.positions(j) for j in range(len(continued))])
+    assert np.array_equal(covered, np.arange(48, 48 + len(covered)))
+
+
+@pytest.fixture(scope="module")
+def dropout_free_run(clm_stores, tmp_path_factory):
+    """8 steps of global batch 16 (micro 8 x accumulation 2, ZeRO-2), checkpoint at step 4, no dropout:
+    the run that resumes on other layouts must repeat its losses."""
+    from transformers import GPT2Config
+
+    root = tmp_path_factory.mktemp("dropout_free")
+    GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=1024, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+               attn_pdrop=0.0).save_pretrained(root / "config")
+    def argv(out, micro, accum, *extra):
+        args = _clm_args(clm_stores, out, "--max_steps", "8", "--save_steps", "4", "--zero_stage", "2",
+                         "--gradient_accumulation_steps", str(accum), *extra)
+        args[args.index("--config_name") + 1] = str(root / "config")
+        args[args.index("--per_device_train_batch_size") + 1] = str(micro)
+        return args
+    run.train(argv(root / "full", 8, 2))
+    return root / "full", argv
+
+
+def test_resume_with_another_split_of_the_global_batch_repeats_the_losses(dropout_free_run, tmp_path, capsys):
+    full, argv = dropout_free_run
+    _resume_from(full, 4, tmp_path)
+    run.train(argv(tmp_path, 4, 4, "--resume"))
+    assert "the same global batch of 16, so the same samples in the same order" in capsys.readouterr().out
+    a, b = _train_losses(full), _train_losses(tmp_path)
+    assert sorted(b) == [5, 6, 7, 8]
+    for step in b:
+        assert b[step] == pytest.approx(a[step], rel=2e-5, abs=0), step
+
+
+def test_resume_on_another_rank_count_repeats_the_losses(dropout_free_run, tmp_path):
+    """A 1-rank ZeRO-2 checkpoint resumed by `deepspeed --num_gpus 2` (micro 4 x accumulation 2 x 2 ranks):
+    the optimizer state is converted to DeepSpeed's universal format first."""
+    full, argv = dropout_free_run
+    _resume_from(full, 4, tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(run._free_port()), str(ROOT / "fastlm" / "run.py"),
+           *argv(tmp_path, 4, 2, "--resume")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "converting" in proc.stdout and "universal format" in proc.stdout
+    a, b = _train_losses(full), _train_losses(tmp_path)
+    assert sorted(b) == [5, 6, 7, 8]
+    for step in b:
+        assert b[step] == pytest.approx(a[step], rel=2e-5, abs=0), step
+    assert not (tmp_path / "checkpoints" / "step4_universal").exists()
+    assert json.loads((tmp_path / "results.json").read_text())["world_size"] == 2
 
 
 def test_resume_is_exact_across_an_epoch_boundary_with_accumulation(clm_stores, tmp_path):

@@ -6,17 +6,21 @@ Layout of a store directory::
                   in 65536 ids, else uint32), native little-endian
     offsets.bin   int64, n_docs + 1 entries: document i is tokens[offsets[i]:offsets[i + 1]]
     meta.json     format version, dtype, vocabulary size, special ids, tokenizer name and
-                  vocabulary fingerprint, counts, source, sha256 of both files, the arguments
+                  vocabulary fingerprint, counts, the largest token id, source, sha256 of both
+                  files, the arguments (field types are checked on open)
     tokenizer/    the tokenizer in save_pretrained form (written by fastlm.prepare)
 
 Writers build the whole directory under a temporary name beside the destination and rename it at
-the end, so an interrupted run never leaves anything that opens as a store. Only numpy is imported
-here: readers (the runner, data loader workers) stay light.
+the end, so an interrupted run never leaves anything that opens as a store; the next writer into the
+same destination removes what a killed one left (temp_dir_beside). Only numpy is imported here:
+readers (the runner, data loader workers) stay light.
 """
+import functools
 import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -30,6 +34,11 @@ OFFSETS_FILE = "offsets.bin"
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
 SPECIAL_NAMES = ("eos", "bos", "pad", "mask", "cls", "sep", "unk")
+# What a store directory may hold: --overwrite replaces a directory only if it holds nothing else.
+STORE_ENTRIES = (TOKENS_FILE, OFFSETS_FILE, META_FILE, TOKENIZER_DIR)
+# Inside a temporary directory: which process made it, so a later run can tell a dead one's leftovers
+# from a live one's work in progress.
+_OWNER_FILE = ".fastlm-owner.json"
 
 # Checks and copies walk the memmaps in chunks of this many items, so no pass over a store ever
 # materialises more than ~128 MB however large the corpus is.
@@ -59,6 +68,46 @@ def _sha256_file(path):
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _is_int(value):
+    # bool is an int subclass and JSON floats such as 11.0 compare equal to ints: neither is a count.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_meta(meta_path, meta):
+    """The token dtype, after checking the type and range of every field the readers rely on."""
+    def corrupt(problem):
+        return StoreError(f"{meta_path} is corrupt: {problem}")
+
+    for name, low in (("n_docs", 0), ("n_tokens", 0), ("vocab_size", 1)):
+        if name not in meta:
+            raise corrupt(f"the field {name!r} is missing")
+        if not _is_int(meta[name]) or meta[name] < low:
+            raise corrupt(f"{name} must be an integer >= {low}, got {meta[name]!r}")
+    vocab_size = meta["vocab_size"]
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        raise corrupt(f"token dtype {meta.get('dtype')!r} is not uint16 or uint32")
+    dtype = np.dtype(meta["dtype"])
+    if vocab_size > 1 << (8 * dtype.itemsize):
+        raise corrupt(f"vocab_size {vocab_size} does not fit in {dtype} token ids")
+    max_id = meta.get("max_token_id")
+    if max_id is not None and not (_is_int(max_id) and 0 <= max_id < vocab_size):
+        raise corrupt(f"max_token_id must be an integer in [0, vocab_size={vocab_size}), got {max_id!r}")
+    specials = meta.get("special_ids", {})
+    if not isinstance(specials, dict):
+        raise corrupt(f"special_ids must be an object, got {specials!r}")
+    for name, token_id in specials.items():
+        if token_id is not None and not (_is_int(token_id) and 0 <= token_id < vocab_size):
+            raise corrupt(f"special id {name}={token_id!r} is not an integer in [0, vocab_size={vocab_size})")
+    checksums = meta.get("checksums", {})
+    if not (isinstance(checksums, dict) and all(isinstance(v, str) for v in checksums.values())):
+        raise corrupt(f"checksums must map file names to sha256 strings, got {checksums!r}")
+    if meta.get("byteorder", sys.byteorder) != sys.byteorder:
+        # The memmaps read native byte order: a store from a big-endian machine would give wrong ids.
+        raise StoreError(f"{meta_path.parent} was written on a {meta['byteorder']}-endian machine; this one is "
+                         f"{sys.byteorder}-endian: re-run fastlm prepare here")
+    return dtype
 
 
 class TokenStore:
@@ -92,22 +141,13 @@ class TokenStore:
             raise StoreError(f"{meta_path} is corrupt: not valid JSON ({error})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise StoreError(f"{path} is not a fastlm token store ({META_FILE} has no format {FORMAT!r})")
-        if meta.get("format_version") != FORMAT_VERSION:
+        if not _is_int(meta.get("format_version")) or meta["format_version"] != FORMAT_VERSION:
             raise StoreError(
                 f"{path} has store format version {meta.get('format_version')!r}; this fastlm reads "
                 f"version {FORMAT_VERSION}: re-run fastlm prepare or upgrade fastlm"
             )
-        try:
-            dtype = np.dtype(meta["dtype"])
-            n_docs = int(meta["n_docs"])
-            n_tokens = int(meta["n_tokens"])
-            vocab_size = int(meta["vocab_size"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise StoreError(f"{meta_path} is corrupt: bad or missing field ({error})") from None
-        if dtype not in (np.uint16, np.uint32):
-            raise StoreError(f"{meta_path} is corrupt: token dtype {dtype} is not uint16 or uint32")
-        if n_docs < 0 or n_tokens < 0:
-            raise StoreError(f"{meta_path} is corrupt: negative n_docs or n_tokens")
+        dtype = _check_meta(meta_path, meta)
+        n_docs, n_tokens = meta["n_docs"], meta["n_tokens"]
 
         tokens = cls._map(path / TOKENS_FILE, dtype, n_tokens)
         offsets = cls._map(path / OFFSETS_FILE, np.dtype(np.int64), n_docs + 1)
@@ -167,6 +207,21 @@ class TokenStore:
         """<store>/tokenizer, in save_pretrained form: AutoTokenizer.from_pretrained(it) works offline."""
         return self.path / TOKENIZER_DIR
 
+    def load_tokenizer(self):
+        """The tokenizer the store was made with (a transformers fast tokenizer, offline). StoreError
+        when tokenizer/ is missing or is not the one the ids come from; ValueError when it is broken."""
+        from fastlm.tokenizer import fingerprint, load_tokenizer
+
+        if not (self.tokenizer_dir / "tokenizer.json").is_file():
+            raise StoreError(f"{self.path} has no tokenizer ({self.tokenizer_dir / 'tokenizer.json'} is missing): "
+                             "copy the store with its tokenizer/ directory, or prepare it again")
+        tokenizer = load_tokenizer(self.tokenizer_dir)
+        recorded = self.meta.get("tokenizer_fingerprint")
+        if recorded is not None and fingerprint(tokenizer) != recorded:
+            raise StoreError(f"{self.tokenizer_dir} is not the tokenizer {self.path} was made with (its vocabulary "
+                             "fingerprint differs from meta.json's)")
+        return tokenizer
+
     @property
     def vocab_size(self):
         return int(self.meta["vocab_size"])
@@ -185,6 +240,17 @@ class TokenStore:
     @property
     def n_tokens(self):
         return int(self.tokens.shape[0])
+
+    @functools.cached_property
+    def max_token_id(self):
+        """The largest token id in the store, None when it holds no tokens.
+
+        Recorded in meta.json by fastlm prepare/merge; a store written before fastlm recorded it (and a
+        slice of a store) gets one pass over its token memmap on first use, kept on this object only:
+        the store's files are never rewritten."""
+        if self.n_tokens == self.meta.get("n_tokens") and "max_token_id" in self.meta:
+            return self.meta["max_token_id"]
+        return int(self.tokens.max()) if self.n_tokens else None
 
     def __len__(self):
         return int(self.offsets.shape[0]) - 1
@@ -246,9 +312,8 @@ class StoreWriter:
         self.dtype = dtype_for_vocab(vocab_size)
         self.vocab_size = int(vocab_size)
         self.overwrite = overwrite
-        _check_destination(self.output, overwrite)
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.tmp-", dir=self.output.parent))
+        check_destination(self.output, overwrite)
+        self.path = temp_dir_beside(self.output)
         # mkdtemp makes a private 0700 directory; a finished store should be as readable as any output.
         os.chmod(self.path, 0o755)
         self._tokens_file = open(self.path / TOKENS_FILE, "wb")
@@ -260,6 +325,7 @@ class StoreWriter:
         self._n_buffered = 1
         self.n_docs = 0
         self.n_tokens = 0
+        self.max_token_id = None
         self._closed = False
 
     def __enter__(self):
@@ -292,6 +358,9 @@ class StoreWriter:
 
     def _write_tokens(self, tokens):
         data = np.ascontiguousarray(tokens.astype(self.dtype, copy=False))
+        if data.size:
+            batch_max = int(data.max())
+            self.max_token_id = batch_max if self.max_token_id is None else max(self.max_token_id, batch_max)
         self._tokens_file.write(data)
         self._tokens_hash.update(data)
         self.n_tokens += data.shape[0]
@@ -332,6 +401,8 @@ class StoreWriter:
         }
         full_meta.update(meta)
         full_meta["special_ids"] = {name: full_meta["special_ids"].get(name) for name in SPECIAL_NAMES}
+        # What the writer saw wins over anything copied from a shard's meta.
+        full_meta["max_token_id"] = self.max_token_id
         full_meta["checksums"] = {
             TOKENS_FILE: self._tokens_hash.hexdigest(),
             OFFSETS_FILE: self._offsets_hash.hexdigest(),
@@ -339,6 +410,8 @@ class StoreWriter:
         with open(self.path / META_FILE, "w", encoding="utf-8") as f:
             json.dump(full_meta, f, indent=2, sort_keys=True)
             f.write("\n")
+        # Checked again: the destination may have changed in the hours a large prepare takes.
+        check_destination(self.output, self.overwrite)
         _replace_directory(self.path, self.output, self.overwrite)
         self._closed = True
         return TokenStore.open(self.output)
@@ -353,21 +426,125 @@ class StoreWriter:
         self._closed = True
 
 
-def _check_destination(output, overwrite):
-    if not output.exists():
+def check_destination(output, overwrite):
+    """Raise FileExistsError unless ``output`` is free, or ``overwrite`` and it is a token store (possibly
+    a broken one) or an empty directory."""
+    output = Path(output)
+    if not os.path.lexists(output):
         return
     if not overwrite:
         raise FileExistsError(f"{output} already exists; pass overwrite=True (--overwrite) to replace it")
-    # overwrite=True only ever deletes an existing store or an empty directory, never user files.
-    if output.is_dir() and not any(output.iterdir()):
+    # overwrite=True only ever deletes a token store (possibly a broken one) or an empty directory:
+    # never a directory that also holds anything else, whatever its meta.json says.
+    if not output.is_dir() or output.is_symlink():
+        raise FileExistsError(f"{output} exists and is not a token store directory; refusing to overwrite it")
+    entries = sorted(entry.name for entry in output.iterdir())
+    if not entries:
         return
-    if not (output / META_FILE).is_file():
-        raise FileExistsError(f"{output} exists and is not a token store; refusing to overwrite it")
+    foreign = [name for name in entries if name not in STORE_ENTRIES]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(f"{output} is not a token store (it holds {shown}); refusing to overwrite it: "
+                              "move those files or choose another output")
+    try:
+        TokenStore.open(output)
+    except StoreError as error:
+        # A broken store (truncated data files) may be replaced; a stranger's meta.json may not.
+        try:
+            meta = json.loads((output / META_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = None
+        if not (isinstance(meta, dict) and meta.get("format") == FORMAT):
+            raise FileExistsError(f"{output} is not a token store ({error}); refusing to overwrite it") from None
+
+
+def temp_dir_beside(destination, kind="tmp"):
+    """A new private directory ``.<name>.<kind>-XXXXXXXX`` beside ``destination``, to build an output in
+    and rename into place; it records its owner process (pid, host, boot, start time).
+
+    First removes the temporary directories that earlier runs left beside the same destination when
+    they were killed: only those whose recorded owner is gone, never a live run's (nor one made on
+    another host, which cannot be checked from here). Pass the result to ``_replace_directory`` to
+    finish, which drops the owner record.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(destination)
+    path = Path(tempfile.mkdtemp(prefix=f".{destination.name}.{kind}-", dir=destination.parent))
+    (path / _OWNER_FILE).write_text(json.dumps(_this_process()), encoding="utf-8")
+    return path
+
+
+def remove_stale_temp_dirs(destination):
+    """Delete the ``.<name>.*`` temporary directories beside ``destination`` whose owner process has
+    died; returns their paths. Directories without an owner record are left alone."""
+    destination = Path(destination)
+    if not destination.parent.is_dir():
+        return []
+    removed = []
+    for entry in destination.parent.iterdir():
+        if not entry.name.startswith(f".{destination.name}.") or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            owner = json.loads((entry / _OWNER_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # no readable owner record: not ours, or created this instant
+        if isinstance(owner, dict) and not _owner_alive(owner):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _this_process():
+    pid = os.getpid()
+    stat = _proc_stat(pid)
+    return {"pid": pid, "host": socket.gethostname(), "boot": _boot_id(), "start": stat and stat[1]}
+
+
+def _boot_id():
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _proc_stat(pid):
+    """(state, start time in clock ticks since boot) of a Linux process; None without /proc or if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: count fields after its last ")".
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0], int(fields[19])
+
+
+def _owner_alive(owner):
+    """False only when the process that made a temporary directory has certainly ended."""
+    pid = owner.get("pid")
+    if not _is_int(pid) or pid <= 0 or owner.get("host") != socket.gethostname():
+        return True
+    if owner.get("boot") != _boot_id():
+        return False  # the machine rebooted since: every process of that boot is gone
+    stat = _proc_stat(pid)
+    if stat is not None:
+        # A zombie has ended; another start time means the pid was reused by a new process.
+        return stat[0] not in "ZX" and (owner.get("start") is None or stat[1] == owner["start"])
+    if os.name == "nt":
+        return True  # os.kill would terminate the process there, not probe it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by another user
+    return True
 
 
 def _replace_directory(tmp, output, overwrite):
+    (tmp / _OWNER_FILE).unlink(missing_ok=True)
     if output.exists() and overwrite:
-        trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        trash = temp_dir_beside(output, "old")
         os.replace(output, trash / output.name)
         os.replace(tmp, output)
         shutil.rmtree(trash, ignore_errors=True)

@@ -1,5 +1,11 @@
-"""fastlm.store: format, validation on open, atomic streaming writer, merge."""
+"""fastlm.store: format, validation on open, atomic streaming writer, merge, temporary directories."""
 import json
+import os
+import re
+import subprocess
+import sys
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,6 +152,50 @@ def test_existing_destination_needs_overwrite_and_must_be_a_store(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
 
 
+def test_overwrite_never_deletes_a_directory_that_is_not_a_store(tmp_path):
+    # The issue's case: a project directory that happens to hold a meta.json.
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "meta.json").write_text("{}")
+    (project / "thesis.tex").write_text("precious")
+    lone_meta = tmp_path / "lone"
+    lone_meta.mkdir()
+    (lone_meta / "meta.json").write_text('{"mine": 1}')
+    store_and_notes = write_store(tmp_path / "s", DOCS).path
+    (store_and_notes / "notes.txt").write_text("mine")
+    a_file = tmp_path / "f"
+    a_file.write_text("mine")
+    for target, message in [(project, "it holds thesis.tex"), (lone_meta, "has no format"),
+                            (store_and_notes, "it holds notes.txt"), (a_file, "not a token store directory")]:
+        with pytest.raises(FileExistsError, match=message):
+            write_store(target, [[7]], overwrite=True)
+    assert (project / "thesis.tex").read_text() == "precious" and (project / "meta.json").read_text() == "{}"
+    assert (lone_meta / "meta.json").read_text() == '{"mine": 1}'
+    assert (store_and_notes / "notes.txt").read_text() == "mine" and len(TokenStore.open(store_and_notes)) == len(DOCS)
+    assert a_file.read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_overwrite_replaces_a_broken_store_and_an_empty_directory(tmp_path):
+    broken = write_store(tmp_path / "s", DOCS).path
+    (broken / "tokens.bin").write_bytes(b"\0")
+    assert [d.tolist() for d in write_store(broken, [[7]], overwrite=True)] == [[7]]
+    (tmp_path / "empty").mkdir()
+    assert [d.tolist() for d in write_store(tmp_path / "empty", [[7]], overwrite=True)] == [[7]]
+
+
+def test_a_directory_that_appears_while_writing_is_not_replaced(tmp_path):
+    # The destination is checked again when the store is renamed into place, not only when writing starts.
+    with pytest.raises(FileExistsError, match="it holds mine.txt"):
+        with StoreWriter(tmp_path / "s", vocab_size=10, overwrite=True) as writer:
+            writer.append(np.array([1, 2]), np.array([2]))
+            (tmp_path / "s").mkdir()
+            (tmp_path / "s" / "mine.txt").write_text("mine")
+            writer.close(META)
+    assert (tmp_path / "s" / "mine.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
 def test_empty_store_opens(tmp_path):
     store = write_store(tmp_path / "s", [])
     assert len(store) == 0 and store.n_tokens == 0
@@ -186,12 +236,39 @@ def test_foreign_and_unknown_version(good_store):
         TokenStore.open(good_store)
 
 
-def test_bad_meta_fields(good_store):
-    _edit_meta(good_store, dtype="float32")
-    with pytest.raises(StoreError, match="not uint16 or uint32"):
+@pytest.mark.parametrize("changes, message", [
+    ({"dtype": "float32"}, "token dtype 'float32' is not uint16 or uint32"),
+    ({"n_docs": "many"}, "n_docs must be an integer >= 0, got 'many'"),
+    ({"n_tokens": 11.0}, "n_tokens must be an integer >= 0, got 11.0"),
+    ({"n_tokens": 11.5}, "n_tokens must be an integer >= 0, got 11.5"),
+    ({"n_tokens": True}, "n_tokens must be an integer >= 0, got True"),
+    ({"n_tokens": None}, "n_tokens must be an integer >= 0, got None"),
+    ({"vocab_size": 0}, "vocab_size must be an integer >= 1, got 0"),
+    ({"vocab_size": 70000}, "vocab_size 70000 does not fit in uint16 token ids"),
+    ({"format_version": True}, "store format version True"),
+    ({"special_ids": {"eos": 5000}}, "special id eos=5000 is not an integer in [0, vocab_size=1000)"),
+    ({"special_ids": {"eos": 1.5}}, "special id eos=1.5"),
+    ({"special_ids": [2]}, "special_ids must be an object"),
+    ({"max_token_id": 1000}, "max_token_id must be an integer in [0, vocab_size=1000), got 1000"),
+    ({"max_token_id": "999"}, "max_token_id must be an integer"),
+    ({"checksums": ["abc"]}, "checksums must map file names to sha256 strings"),
+    ({"byteorder": "big" if sys.byteorder == "little" else "little"}, "-endian machine"),
+])
+def test_meta_fields_are_checked_on_open(good_store, changes, message):
+    _edit_meta(good_store, **changes)
+    with pytest.raises(StoreError, match=re.escape(message)):
         TokenStore.open(good_store)
-    _edit_meta(good_store, dtype="uint16", n_docs="many")
-    with pytest.raises(StoreError, match="bad or missing field"):
+
+
+def test_missing_and_unrepresentable_counts(good_store):
+    meta = json.loads((good_store / "meta.json").read_text())
+    del meta["n_docs"]
+    (good_store / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="the field 'n_docs' is missing"):
+        TokenStore.open(good_store)
+    # JSON has no integer limit: 1e400 parses to inf, which int() cannot take (OverflowError).
+    (good_store / "meta.json").write_text(json.dumps({**meta, "n_docs": 5}).replace('"n_tokens": 11', '"n_tokens": 1e400'))
+    with pytest.raises(StoreError, match="n_tokens must be an integer >= 0, got inf"):
         TokenStore.open(good_store)
 
 
@@ -247,6 +324,8 @@ def test_merge_equals_writing_everything_at_once(tmp_path, monkeypatch, chunk_it
     np.testing.assert_array_equal(merged.offsets, whole.offsets)
     assert merged.meta["checksums"] == whole.meta["checksums"]
     assert merged.meta["source"] == ["part0", "part1", "part2"]
+    # Recomputed over all shards, not copied from the first shard's meta (whose maximum is 3).
+    assert shards[0].meta["max_token_id"] == 3 and merged.meta["max_token_id"] == 999
     assert (merged.tokenizer_dir / "tokenizer.json").read_text() == "{}"
     TokenStore.open(merged.path, verify=True)
 
@@ -284,3 +363,70 @@ def test_offsets_past_2_to_the_32(tmp_path):
 def test_pad_id_falls_back_to_eos_then_zero(tmp_path, specials, expected):
     store = write_store(tmp_path / "s", DOCS, meta={**META, "special_ids": specials})
     assert store.pad_id == expected
+
+
+# --- the maximum token id (checked against a model's embedding size before training) ----------------------
+
+
+def test_max_token_id_is_recorded_in_meta(tmp_path):
+    store = write_store(tmp_path / "s", DOCS)
+    assert store.meta["max_token_id"] == 999 and store.max_token_id == 999
+    assert store[:1].max_token_id == 3 and store[1:2].max_token_id is None
+    empty = write_store(tmp_path / "e", [])
+    assert empty.meta["max_token_id"] is None and empty.max_token_id is None
+
+
+def test_max_token_id_of_an_older_store_is_computed_without_touching_it(good_store):
+    meta = json.loads((good_store / "meta.json").read_text())
+    del meta["max_token_id"]
+    (good_store / "meta.json").write_text(json.dumps(meta))
+    before = {p.name: p.read_bytes() for p in good_store.iterdir()}
+    store = TokenStore.open(good_store, verify=True)
+    assert store.max_token_id == 999
+    assert {p.name: p.read_bytes() for p in good_store.iterdir()} == before
+
+
+# --- temporary directories left by killed runs -------------------------------------------------------------
+
+MAKE_TEMP_DIR = """
+import sys, time
+from fastlm.store import temp_dir_beside
+print(temp_dir_beside(sys.argv[1]), flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def _edit_owner(path, **changes):
+    owner_file = path / store_module._OWNER_FILE
+    owner_file.write_text(json.dumps({**json.loads(owner_file.read_text()), **changes}))
+
+
+def test_the_next_writer_removes_dead_runs_temp_dirs_and_keeps_live_ones(tmp_path):
+    dest = tmp_path / "s"
+    finished = subprocess.run([sys.executable, "-c", MAKE_TEMP_DIR, str(dest), "0"], capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    dead = finished.stdout.strip()
+    running = subprocess.Popen([sys.executable, "-c", MAKE_TEMP_DIR, str(dest), "60"], stdout=subprocess.PIPE, text=True)
+    try:
+        live = running.stdout.readline().strip()
+        ours = store_module.temp_dir_beside(dest)
+        pid_reused = store_module.temp_dir_beside(dest)
+        _edit_owner(pid_reused, start=-1)  # our pid, but a process that started at another time
+        rebooted = store_module.temp_dir_beside(dest)
+        _edit_owner(rebooted, boot="an earlier boot")
+        other_host = store_module.temp_dir_beside(dest)
+        _edit_owner(other_host, host="another-machine", pid=1 << 30)  # cannot be checked from here: kept
+        no_owner = tmp_path / ".s.tmp-made-by-hand"
+        no_owner.mkdir()
+        store = write_store(dest, DOCS)
+        left = {str(p) for p in tmp_path.iterdir() if p.name.startswith(".s.")}
+        assert left == {live, str(ours), str(other_host), str(no_owner)}
+        # The finished store holds no owner record.
+        assert sorted(p.name for p in store.path.iterdir()) == ["meta.json", "offsets.bin", "tokens.bin"]
+        running.kill()
+        # Wait for the end without reaping it: a zombie has ended too.
+        os.waitid(os.P_PID, running.pid, os.WEXITED | os.WNOWAIT)
+        assert store_module.remove_stale_temp_dirs(dest) == [Path(live)]
+    finally:
+        running.kill()
+        running.wait()

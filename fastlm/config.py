@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastlm.tokenizer import MIN_TRAINED_VOCAB, TRAINED_SPECIAL_TOKEN
+from fastlm.tokenizer import check_trained_vocab_size
 
 TASKS = ("clm", "mlm")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -332,9 +332,8 @@ def check_args(args):
     if files and not (args.train_tokenizer or args.tokenizer_name or args.model_name_or_path):
         raise ConfigError("preparing text needs a tokenizer: --tokenizer_name, --model_name_or_path "
                           "or --train_tokenizer")
-    if args.train_tokenizer and args.vocab_size < MIN_TRAINED_VOCAB:
-        raise ConfigError(f"--vocab_size must be >= {MIN_TRAINED_VOCAB} for --train_tokenizer (256 byte tokens + "
-                          f"{TRAINED_SPECIAL_TOKEN}), got {args.vocab_size}")
+    if args.train_tokenizer:
+        check_trained_vocab_size(args.vocab_size, "--vocab_size", error=ConfigError)
     if bool(args.model_name_or_path) == bool(args.config_name):
         raise ConfigError("give exactly one of --model_name_or_path (fine-tune) and --config_name (from scratch)")
     for name in ("block_size", "per_device_eval_batch_size", "num_train_epochs", "logging_steps"):

@@ -10,6 +10,19 @@ from pathlib import Path
 TRAINED_SPECIAL_TOKEN = "<|endoftext|>"
 # A byte-level BPE needs its 256 byte tokens plus that special token.
 MIN_TRAINED_VOCAB = 257
+# The BPE trainer reserves memory in proportion to the requested size before it reads the corpus
+# (1e9 asks for ~70 GB and aborts the whole process); real vocabularies stay far below this.
+MAX_TRAINED_VOCAB = 1 << 22
+
+
+def check_trained_vocab_size(vocab_size, flag="--vocab-size", error=ValueError):
+    """Raise ``error`` (a ValueError) unless a byte-level BPE can be trained to vocab_size; ``flag`` names
+    the option in the message."""
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not (
+        MIN_TRAINED_VOCAB <= vocab_size <= MAX_TRAINED_VOCAB
+    ):
+        raise error(f"{flag} must be an integer in [{MIN_TRAINED_VOCAB}, {MAX_TRAINED_VOCAB}] for a trained "
+                         f"byte-level BPE (256 byte tokens + {TRAINED_SPECIAL_TOKEN} at least), got {vocab_size!r}")
 
 
 def load_tokenizer(spec):
@@ -34,28 +47,33 @@ def load_tokenizer(spec):
     if isinstance(spec, (tuple, list)):
         if len(spec) != 2:
             raise ValueError(f"a tokenizer given as files must be (vocab.json, merges.txt), got {spec!r}")
-        return _bpe_from_files(Path(spec[0]), Path(spec[1]))
+        return _readable(spec[0], lambda: _bpe_from_files(Path(spec[0]), Path(spec[1])))
     if not isinstance(spec, (str, Path)):
         raise TypeError(f"cannot make a tokenizer from {type(spec).__name__}")
     path = Path(spec)
     if path.is_dir() and not (path / "tokenizer_config.json").exists() and not (path / "tokenizer.json").exists():
         if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            return _bpe_from_files(path / "vocab.json", path / "merges.txt")
+            return _readable(path, lambda: _bpe_from_files(path / "vocab.json", path / "merges.txt"))
         if (path / "vocab.txt").is_file():
-            return _wordpiece_from_file(path / "vocab.txt")
+            return _readable(path, lambda: _wordpiece_from_file(path / "vocab.txt"))
     if path.is_file():
         if path.name.endswith(".json") and path.name != "vocab.json":
-            return PreTrainedTokenizerFast(tokenizer_file=str(path))
+            return _readable(path, lambda: PreTrainedTokenizerFast(tokenizer_file=str(path)))
         if path.suffix == ".json":
             merges = path.with_name("merges.txt")
             if not merges.is_file():
                 raise FileNotFoundError(f"BPE vocabulary {path} needs merges.txt beside it ({merges} is missing)")
-            return _bpe_from_files(path, merges)
+            return _readable(path, lambda: _bpe_from_files(path, merges))
         if path.suffix == ".txt":
-            return _wordpiece_from_file(path)
+            return _readable(path, lambda: _wordpiece_from_file(path))
         raise ValueError(f"{path}: not a tokenizer file (expected tokenizer.json, vocab.json or vocab.txt)")
     from transformers import AutoTokenizer
 
+    if path.is_dir():
+        tokenizer = _readable(path, lambda: AutoTokenizer.from_pretrained(str(path), use_fast=True))
+        if not isinstance(tokenizer, PreTrainedTokenizerFast):
+            raise TypeError(f"{path} only holds a slow tokenizer; fastlm needs a fast one")
+        return tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(spec), use_fast=True)
     except OSError as error:
@@ -66,6 +84,19 @@ def load_tokenizer(spec):
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise TypeError(f"{spec!r} only has a slow tokenizer; fastlm needs a fast one")
     return tokenizer
+
+
+def _readable(path, load):
+    """load(), with a broken tokenizer file reported as a one-line ValueError naming ``path``: the Rust
+    tokenizers library raises a bare Exception ("key must be a string at line 1 column 2") and
+    transformers a JSONDecodeError or a multi-line ValueError, none of which names the file."""
+    try:
+        return load()
+    except (OSError, ImportError):
+        raise
+    except Exception as error:
+        detail = " ".join(str(error).split())
+        raise ValueError(f"{path}: not a readable tokenizer ({type(error).__name__}: {detail})") from None
 
 
 def _bpe_from_files(vocab, merges):
@@ -95,9 +126,7 @@ def train_bpe_tokenizer(batches, vocab_size):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
-    if not isinstance(vocab_size, int) or vocab_size < MIN_TRAINED_VOCAB:
-        raise ValueError(f"--vocab-size must be an integer >= {MIN_TRAINED_VOCAB} (256 bytes + "
-                         f"{TRAINED_SPECIAL_TOKEN}), got {vocab_size!r}")
+    check_trained_vocab_size(vocab_size)
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(batches, vocab_size=vocab_size, special_tokens=[TRAINED_SPECIAL_TOKEN], show_progress=False)
     return PreTrainedTokenizerFast(

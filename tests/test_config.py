@@ -72,7 +72,10 @@ def test_json_contradicting_an_explicit_flag_is_rejected(tmp_path):
     (["--train_store", "s", "--config_name", "x", "--precision", "fp16"], "fp16 is not supported on CPU"),
     (["--train_store", "s", "--config_name", "x", "--block_size", "1"], "--block_size must be >= 2 for clm"),
     (["--train_file", "t.txt", "--train_tokenizer", "--vocab_size", "100", "--config_name", "gpt2-tiny"],
-     "--vocab_size must be >= 257 for --train_tokenizer"),
+     "--vocab_size must be an integer in [257, 4194304]"),
+    # The BPE trainer would abort the process (SIGABRT) reserving ~70 GB for this size.
+    (["--train_file", "t.txt", "--train_tokenizer", "--vocab_size", "1000000000", "--config_name", "gpt2-tiny"],
+     "--vocab_size must be an integer in [257, 4194304] for a trained byte-level BPE"),
 ])
 def test_bad_command_lines_exit_with_one_clear_message(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:

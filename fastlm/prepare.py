@@ -14,16 +14,21 @@ WikiText-style raw file gives the same token stream as tokenizing its rows one b
 """
 import bz2
 import gzip
+import io
 import itertools
+import json
 import lzma
 import operator
 import os
+import sys
+import zlib
 from collections import deque
 from pathlib import Path
 
 import numpy as np
 
-from fastlm.store import TOKENIZER_DIR, StoreWriter, dtype_for_vocab
+from fastlm.store import TOKENIZER_DIR, StoreWriter, check_destination, dtype_for_vocab
+from fastlm.tokenizer import check_trained_vocab_size
 
 DOC_BOUNDARIES = ("line", "paragraph", "file")
 ERRORS = ("strict", "replace")
@@ -74,6 +79,8 @@ def prepare(
     """
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     _check_arguments(sources, tokenizer, train_tokenizer, vocab_size, doc_boundary, errors, num_proc, dataset_name)
+    # Before any tokenizer is loaded or trained: a refused destination should not cost an hour first.
+    check_destination(output, overwrite)
     sources = [Path(source) for source in sources]
     if dataset_name is None:
         for source in sources:
@@ -160,6 +167,7 @@ def _check_arguments(sources, tokenizer, train_tokenizer, vocab_size, doc_bounda
             raise ValueError("give either a tokenizer or train_tokenizer=True, not both")
         if vocab_size is None:
             raise ValueError("train_tokenizer=True needs vocab_size (--vocab-size)")
+        check_trained_vocab_size(vocab_size)
     elif tokenizer is None:
         raise ValueError("no tokenizer: pass tokenizer=... (--tokenizer) or train_tokenizer=True (--train-tokenizer)")
     elif vocab_size is not None:
@@ -186,6 +194,23 @@ def _open_binary(path):
     return _COMPRESSED.get(path.suffix.lower(), open)(path, "rb")
 
 
+def _read_blocks(path):
+    """The file's bytes, decompressed, in blocks of _BATCH_BYTES. Corrupt or truncated compressed data
+    is a ValueError naming the file: gzip, lzma and bz2 raise EOFError, zlib.error, LZMAError or a bare
+    OSError that do not say which file."""
+    with _open_binary(path) as f:
+        while True:
+            try:
+                block = f.read(_BATCH_BYTES)
+            except (EOFError, zlib.error, lzma.LZMAError, OSError) as error:
+                if isinstance(error, OSError) and error.errno is not None:
+                    raise  # a real I/O error (disk, permissions): it names the file itself
+                raise ValueError(f"{path}: corrupt or truncated {path.suffix} data ({error})") from None
+            if not block:
+                return
+            yield block
+
+
 def _file_batches(path, doc_boundary, text_column, errors):
     kind = _STRUCTURED.get(path.suffix.lower())
     if kind is None and path.suffix.lower() in _COMPRESSED:
@@ -194,38 +219,38 @@ def _file_batches(path, doc_boundary, text_column, errors):
         chunks = _text_chunks(path, errors)
         return {"line": _lines, "paragraph": _paragraphs, "file": _whole_file}[doc_boundary](chunks)
     return _skip_blank({"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}[kind](
-        path, text_column
+        path, text_column, errors
     ))
 
 
 def _text_chunks(path, errors):
     """Decoded text in ~_BATCH_BYTES pieces that end at a line end (except at end of file)."""
     line = 1
-    with _open_binary(path) as f:
-        rest = b""
-        while True:
-            block = f.read(_BATCH_BYTES)
-            data = rest + block
-            if block:
-                cut = data.rfind(b"\n") + 1
-                if cut == 0:
-                    rest = data
-                    continue
-                data, rest = data[:cut], data[cut:]
-            if not data:
-                return
-            try:
-                text = data.decode("utf-8", errors)
-            except UnicodeDecodeError as error:
-                bad_line = line + data.count(b"\n", 0, error.start)
-                raise ValueError(
-                    f"{path}, line {bad_line}: invalid UTF-8 ({error.reason}: {data[error.start:error.end]!r}); "
-                    "fix the file or pass errors='replace' (--errors replace) to substitute U+FFFD"
-                ) from None
-            line += data.count(b"\n")
-            yield text
-            if not block:
-                return
+    blocks = _read_blocks(path)
+    rest = b""
+    while True:
+        block = next(blocks, b"")
+        data = rest + block
+        if block:
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:
+                rest = data
+                continue
+            data, rest = data[:cut], data[cut:]
+        if not data:
+            return
+        try:
+            text = data.decode("utf-8", errors)
+        except UnicodeDecodeError as error:
+            bad_line = line + data.count(b"\n", 0, error.start)
+            raise ValueError(
+                f"{path}, line {bad_line}: invalid UTF-8 ({error.reason}: {data[error.start:error.end]!r}); "
+                "fix the file or pass errors='replace' (--errors replace) to substitute U+FFFD"
+            ) from None
+        line += data.count(b"\n")
+        yield text
+        if not block:
+            return
 
 
 def _split_lines(text):
@@ -284,84 +309,138 @@ def _missing_column(where, text_column, columns):
     return ValueError(f"{where}: no text column {text_column!r} (columns: {', '.join(map(repr, columns))}); use --text-column")
 
 
-def _jsonl_rows(path, text_column):
+class _Utf8Reader(io.RawIOBase):
+    """Decoded text chunks as a UTF-8 file for pyarrow's readers. Invalid UTF-8 never reaches pyarrow
+    (whose error names neither file nor row): _text_chunks has reported it with its line, or replaced it."""
+
+    def __init__(self, chunks):
+        self._chunks = chunks
+        self._pending = memoryview(b"")
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._pending = memoryview(chunk.encode("utf-8"))
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+def _jsonl_rows(path, text_column, errors, chunks=None):
     import pyarrow as pa
     import pyarrow.json as pj
 
     # Only the text field is parsed; other fields may hold anything.
     parse = pj.ParseOptions(explicit_schema=pa.schema([(text_column, pa.string())]), unexpected_field_behavior="ignore")
+    source = _Utf8Reader(_text_chunks(path, errors) if chunks is None else chunks)
     row = 0
-    with _open_binary(path) as f:
-        try:
-            reader = pj.open_json(f, read_options=pj.ReadOptions(block_size=_BATCH_BYTES), parse_options=parse)
-            for batch in reader:
-                yield _text_column_values(batch.column(0), path, text_column, row)
-                row += batch.num_rows
-        except pa.ArrowInvalid as error:
-            raise ValueError(f"{path}: not valid JSON lines near row {row} ({error})") from None
+    try:
+        reader = pj.open_json(source, read_options=pj.ReadOptions(block_size=_BATCH_BYTES), parse_options=parse)
+        for batch in reader:
+            column = batch.column(0)
+            if column.null_count:
+                raise _jsonl_missing_text(path, text_column, errors, row + int(np.argmax(np.asarray(column.is_null()))))
+            yield _text_column_values(column, path, text_column, row)
+            row += batch.num_rows
+    except pa.ArrowInvalid as error:
+        raise ValueError(f"{path}: not valid JSON lines near row {row} ({error})") from None
 
 
-def _json_rows(path, text_column):
-    import json
+def _jsonl_missing_text(path, text_column, errors, row):
+    """The error for a JSON-lines row without text: it names the fields that row does have."""
+    # pyarrow counts only lines with content as rows.
+    lines = (line for text in _text_chunks(path, errors) for line in _split_lines(text) if not line.isspace())
+    record = json.loads(next(itertools.islice(lines, row, None)))
+    if isinstance(record, dict) and text_column in record:
+        return ValueError(f"{path}, row {row}: {text_column!r} is null, not text")
+    return _missing_column(f"{path}, row {row}", text_column, list(record) if isinstance(record, dict) else [])
 
-    with _open_binary(path) as f:
-        head = f.read(4096).lstrip()
-    if not head.startswith(b"["):
-        yield from _jsonl_rows(path, text_column)
+
+def _json_rows(path, text_column, errors):
+    chunks = _text_chunks(path, errors)
+    first = next(chunks, "")
+    if not first.lstrip().startswith("["):
+        yield from _jsonl_rows(path, text_column, errors, itertools.chain([first], chunks))
         return
     # A JSON array has to be parsed whole; for corpora larger than RAM use JSON lines.
-    with _open_binary(path) as f:
-        try:
-            rows = json.load(f)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
+    try:
+        rows = json.loads(first + "".join(chunks))
+    except ValueError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
     texts = []
     for row, record in enumerate(rows):
-        text = record.get(text_column) if isinstance(record, dict) else None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, row {row}: a {type(record).__name__}, not an object with a {text_column!r} field")
+        if text_column not in record:
+            raise _missing_column(f"{path}, row {row}", text_column, list(record))
+        text = record[text_column]
         if not isinstance(text, str):
-            if row == 0 and isinstance(record, dict):
-                raise _missing_column(path, text_column, list(record))
-            raise ValueError(f"{path}: row {row} has no {text_column!r} text")
+            raise ValueError(f"{path}, row {row}: {text_column!r} holds {json.dumps(text)[:40]}, not text")
         texts.append(text)
     for start in range(0, len(texts), _BATCH_ROWS):
         yield texts[start : start + _BATCH_ROWS]
 
 
-def _csv_rows(path, text_column):
+def _csv_rows(path, text_column, errors):
+    import csv
+
+    # The csv module refuses fields over 128 KiB unless told otherwise (a process-wide setting), and a
+    # document may be longer. It is used rather than pyarrow's reader because strict mode reports a
+    # quote that is never closed, which pyarrow silently turns into one row holding the rest of the file.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    # Whole "\n"-terminated lines: the csv module treats the end of each string as a line end.
+    lines = (line for text in _text_chunks(path, errors) for line in _split_lines(text))
+    reader = csv.reader(lines, strict=True)
+    first_line = 1
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        if text_column not in header:
+            raise _missing_column(path, text_column, header)
+        index = header.index(text_column)
+        texts, size = [], 0
+        first_line = reader.line_num + 1
+        for record in reader:
+            if record:  # a blank line is no row
+                if len(record) != len(header):
+                    raise ValueError(f"{path}, line {first_line}: {len(record)} fields, but the header has "
+                                     f"{len(header)}")
+                texts.append(record[index])
+                size += len(record[index])
+                if size >= _BATCH_BYTES or len(texts) >= _BATCH_ROWS:
+                    yield texts
+                    texts, size = [], 0
+            first_line = reader.line_num + 1
+        yield texts
+    except csv.Error as error:
+        if "unexpected end of data" in str(error):
+            raise ValueError(f"{path}, line {first_line}: a quote opened in this row is never closed (the "
+                             "rest of the file would be one field)") from None
+        raise ValueError(f"{path}, line {first_line}: not valid CSV ({error})") from None
+
+
+def _parquet_rows(path, text_column, errors):
     import pyarrow as pa
-    import pyarrow.csv as pc
-
-    row = 0
-    with _open_binary(path) as f:
-        try:
-            reader = pc.open_csv(
-                f,
-                read_options=pc.ReadOptions(block_size=_BATCH_BYTES),
-                convert_options=pc.ConvertOptions(column_types={text_column: pa.string()}),
-            )
-        except pa.ArrowInvalid as error:
-            raise ValueError(f"{path}: not a readable CSV file ({error})") from None
-        if text_column not in reader.schema.names:
-            raise _missing_column(path, text_column, reader.schema.names)
-        index = reader.schema.get_field_index(text_column)
-        try:
-            for batch in reader:
-                yield _text_column_values(batch.column(index), path, text_column, row)
-                row += batch.num_rows
-        except pa.ArrowInvalid as error:
-            raise ValueError(f"{path}: CSV error near row {row} ({error})") from None
-
-
-def _parquet_rows(path, text_column):
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
-    if text_column not in parquet.schema_arrow.names:
-        raise _missing_column(path, text_column, parquet.schema_arrow.names)
-    row = 0
-    for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=[text_column]):
-        yield _text_column_values(batch.column(0), path, text_column, row)
-        row += batch.num_rows
+    # Parquet strings are UTF-8 by construction: errors has nothing to replace.
+    try:
+        parquet = pq.ParquetFile(path)
+        if text_column not in parquet.schema_arrow.names:
+            raise _missing_column(path, text_column, parquet.schema_arrow.names)
+        row = 0
+        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=[text_column]):
+            yield _text_column_values(batch.column(0), path, text_column, row)
+            row += batch.num_rows
+    except pa.ArrowException as error:
+        raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
 
 
 def _dataset_batches(name, config, split, data_files, text_column):

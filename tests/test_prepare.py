@@ -6,6 +6,8 @@ import gzip
 import json
 import lzma
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -261,11 +263,93 @@ def test_invalid_utf8_names_file_and_line(tmp_path, gpt2_tok, monkeypatch, batch
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet", "hf_saved", "json"])
-def test_missing_text_column(tmp_path, gpt2_tok, docs, fmt):
+def test_missing_text_column_lists_the_columns_there_are(tmp_path, gpt2_tok, docs, fmt):
     kwargs = write_format(tmp_path, fmt, docs[:5])
-    with pytest.raises(ValueError, match="'body'"):
+    columns = "'text'" if fmt == "hf_saved" else "'id', 'text'"
+    with pytest.raises(ValueError, match=rf"no text column 'body' \(columns: {columns}\); use --text-column"):
         prepare(kwargs.pop("sources"), tmp_path / "s", tokenizer=gpt2_tok, text_column="body", progress=False, **kwargs)
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_a_later_row_without_the_text_field_is_named(tmp_path, gpt2_tok, fmt):
+    rows = [{"text": "a\n"}, {"text": "b\n"}, {"body": "c", "id": 2}, {"text": "d\n"}]
+    path = tmp_path / f"c.{fmt}"
+    path.write_text("\n".join(map(json.dumps, rows)) if fmt == "jsonl" else json.dumps(rows))
+    with pytest.raises(ValueError, match=rf"c.{fmt}, row 2: no text column 'text' \(columns: 'body', 'id'\)"):
+        prepare([path], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+
+
+# Each writes a corrupt file of the given name into a directory; the error must name the file.
+def _truncated(suffix):
+    def write(path):
+        opener = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}[suffix]
+        with opener(path, "wb") as f:
+            f.write(b"one document\n" * 5000)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return write
+
+
+def _bad_gzip_crc(path):
+    data = bytearray(gzip.compress(b"one document\n" * 50))
+    data[-8] ^= 0xFF  # the CRC32 in the gzip trailer
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name, write, message", [
+    ("c.txt.gz", _truncated(".gz"), "c.txt.gz: corrupt or truncated .gz data (Compressed file ended"),
+    ("c.txt.xz", _truncated(".xz"), "c.txt.xz: corrupt or truncated .xz data"),
+    ("c.txt.bz2", _truncated(".bz2"), "c.txt.bz2: corrupt or truncated .bz2 data"),
+    ("c.jsonl.gz", _truncated(".gz"), "c.jsonl.gz: corrupt or truncated .gz data"),
+    ("c.txt.gz", _bad_gzip_crc, "c.txt.gz: corrupt or truncated .gz data (CRC check failed"),
+    ("c.txt.gz", lambda path: path.write_text("plain text, not gzip\n"), "c.txt.gz: corrupt or truncated .gz data (Not a gzipped file"),
+    ("c.json.xz", lambda path: path.write_text("[]" * 100), "c.json.xz: corrupt or truncated .xz data (Input format not supported"),
+    ("c.parquet", lambda path: path.write_text("id,text\n1,hello\n"), "c.parquet: not a readable Parquet file (Parquet magic bytes"),
+])
+def test_corrupt_input_names_the_file(tmp_path, gpt2_tok, name, write, message):
+    write(tmp_path / name)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        prepare([tmp_path / name], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+    assert not (tmp_path / "s").exists() and no_leftovers(tmp_path)
+
+
+INVALID_UTF8 = {
+    "jsonl": b'{"text": "fine"}\n{"text": "also fine"}\n{"text": "broken \xff byte"}\n',
+    "csv": b'id,text\n0,fine\n1,"two\nlines"\n2,broken \xff byte\n',
+    "json": b'[{"text": "fine"},\n{"text": "broken \xff byte"}]',
+}
+
+
+@pytest.mark.parametrize("fmt, line", [("jsonl", 3), ("csv", 5), ("json", 2)])
+def test_invalid_utf8_in_structured_files_names_file_and_line_or_is_replaced(tmp_path, gpt2_tok, fmt, line):
+    path = tmp_path / f"bad.{fmt}"
+    path.write_bytes(INVALID_UTF8[fmt])
+    with pytest.raises(ValueError, match=rf"bad.{fmt}, line {line}: invalid UTF-8 .*--errors replace"):
+        prepare([path], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+    assert not (tmp_path / "s").exists() and no_leftovers(tmp_path)
+    store = prepare([path], tmp_path / "s", tokenizer=gpt2_tok, errors="replace", progress=False)
+    assert gpt2_tok.decode(store.doc(-1).tolist()) == "broken \ufffd byte"
+
+
+def test_csv_quote_that_is_never_closed_is_an_error(tmp_path, gpt2_tok):
+    # A parser that does not check would read rows 2-3 as part of row 1's text.
+    path = tmp_path / "c.csv"
+    path.write_text('id,text\n0,fine\n1,"open quote\n2,swallowed\n3,also swallowed\n')
+    with pytest.raises(ValueError, match=r"c.csv, line 3: a quote opened in this row is never closed"):
+        prepare([path], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+    path.write_text("id,text\n0,fine\n1,short\n2\n")
+    with pytest.raises(ValueError, match=r"c.csv, line 4: 1 fields, but the header has 2"):
+        prepare([path], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+
+
+def test_csv_values_spanning_lines_across_read_batches(tmp_path, gpt2_tok, monkeypatch):
+    monkeypatch.setattr(prepare_module, "_BATCH_BYTES", 64)
+    texts = [f"row {i}, first line\nsecond line with \"quotes\"\n\nlast" for i in range(40)]
+    path = tmp_path / "c.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["id", "text"], *[[i, text] for i, text in enumerate(texts)]])
+    store = prepare([path], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+    assert store_docs(store) == ids(gpt2_tok, texts)
 
 
 def test_dataset_with_several_splits_needs_one(tmp_path, gpt2_tok, docs):
@@ -292,6 +376,9 @@ def test_dataset_with_several_splits_needs_one(tmp_path, gpt2_tok, docs):
         ({"tokenizer": "x", "doc_boundary": "sentence"}, "doc_boundary"),
         ({"tokenizer": "x", "errors": "ignore"}, "errors"),
         ({"tokenizer": "x", "num_proc": 0}, "num_proc"),
+        # Training reserves memory for the requested size up front: 1e9 aborts the process (SIGABRT).
+        ({"train_tokenizer": True, "vocab_size": 4194305}, r"vocab-size must be an integer in \[257, 4194304\]"),
+        ({"train_tokenizer": True, "vocab_size": 256}, r"vocab-size must be an integer in \[257, 4194304\]"),
     ],
 )
 def test_argument_errors(tmp_path, kwargs, message):
@@ -312,6 +399,49 @@ def test_missing_source_and_existing_output(tmp_path, gpt2_tok):
     assert store_docs(prepare([path], tmp_path / "s", tokenizer=gpt2_tok, overwrite=True, append_eos=True, progress=False)) == [
         ids(gpt2_tok, ["hello\n"])[0] + [gpt2_tok.eos_token_id]
     ]
+
+
+def test_overwrite_is_refused_before_the_tokenizer_is_loaded(tmp_path):
+    path = write_text(tmp_path / "c.txt", "hello\n")
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "meta.json").write_text("{}")
+    (tmp_path / "proj" / "thesis.tex").write_text("precious")
+    # An unloadable tokenizer would raise OSError: the destination is checked first.
+    with pytest.raises(FileExistsError, match="it holds thesis.tex"):
+        prepare([path], tmp_path / "proj", tokenizer="no-such-org/no-such-tokenizer", overwrite=True, progress=False)
+    assert (tmp_path / "proj" / "thesis.tex").read_text() == "precious"
+
+
+@pytest.mark.parametrize("content, detail", [
+    ("{1: 2}", "Exception: key must be a string"),
+    ('{"version": "1.0", "trunc', "Exception: EOF while parsing"),
+    ("[]", "Exception: invalid type: sequence"),
+])
+def test_broken_tokenizer_json_names_the_file(tmp_path, gpt2_tok, content, detail):
+    path = write_text(tmp_path / "c.txt", "hello\n")
+    (tmp_path / "tokenizer.json").write_text(content)
+    with pytest.raises(ValueError, match=re.escape(f"tokenizer.json: not a readable tokenizer ({detail}")):
+        prepare([path], tmp_path / "s", tokenizer=str(tmp_path / "tokenizer.json"), progress=False)
+    gpt2_tok.save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "tokenizer.json").write_text(content)
+    with pytest.raises(ValueError, match=re.escape(f"saved: not a readable tokenizer (")):
+        prepare([path], tmp_path / "s", tokenizer=str(tmp_path / "saved"), progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_store_loads_its_own_tokenizer_or_says_why_not(tmp_path, gpt2_tok, bert_tok):
+    store = prepare([write_text(tmp_path / "c.txt", "hello\n")], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+    assert store.load_tokenizer().get_vocab() == gpt2_tok.get_vocab()
+    (store.tokenizer_dir / "tokenizer.json").write_text("{1: 2}")
+    with pytest.raises(ValueError, match="tokenizer: not a readable tokenizer"):
+        store.load_tokenizer()
+    shutil.rmtree(store.tokenizer_dir)
+    bert_tok.save_pretrained(store.tokenizer_dir)
+    with pytest.raises(StoreError, match="is not the tokenizer .* was made with"):
+        store.load_tokenizer()
+    shutil.rmtree(store.tokenizer_dir)
+    with pytest.raises(StoreError, match="has no tokenizer"):
+        store.load_tokenizer()
 
 
 def test_unknown_tokenizer_name_offline(tmp_path):
@@ -370,3 +500,7 @@ def test_a_killed_prepare_leaves_no_valid_store(tmp_path, docs):
     assert len(leftovers) == 1 and (leftovers[0] / "tokens.bin").is_file()
     with pytest.raises(StoreError, match="meta.json is missing"):
         TokenStore.open(leftovers[0])
+    # The next prepare into the same destination removes what the killed one left.
+    store = prepare([path], tmp_path / "s", tokenizer=str(gpt2), progress=False)
+    assert len(store) == len(docs)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".s.")] == []

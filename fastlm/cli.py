@@ -30,8 +30,8 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (ValueError, TypeError, OSError) as error:
-        # Bad input is the user's to fix: one clear line, not a traceback.
-        print(f"fastlm {args.command_name}: error: {error}", file=sys.stderr)
+        # Bad input is the user's to fix: one clear line (library messages may span several), no traceback.
+        print(f"fastlm {args.command_name}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
 
 
@@ -128,13 +128,12 @@ def _inspect(args):
     from fastlm.store import TokenStore
 
     store = TokenStore.open(args.store, verify=args.verify)
+    # Loaded before anything is printed, so a missing or broken tokenizer is the only output.
+    tokenizer = store.load_tokenizer() if args.docs > 0 and len(store) else None
     print(json.dumps(store.meta, indent=2, sort_keys=True))
     if args.verify:
         print("checksums: OK")
-    if args.docs > 0 and len(store):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(store.tokenizer_dir))
+    if tokenizer is not None:
         for i in range(min(args.docs, len(store))):
             doc = store.doc(i)
             print(f"--- document {i} ({doc.shape[0]} tokens)")

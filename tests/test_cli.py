@@ -1,6 +1,8 @@
 """The `fastlm` command: prepare, merge, inspect, pack, and the train hand-off."""
+import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +127,69 @@ def test_a_reader_that_stops_early_is_not_an_error(store_path):
     _, stderr = inspect.communicate(timeout=60)
     assert inspect.returncode == 0, stderr.decode()
     assert b"Broken pipe" not in stderr and b"Traceback" not in stderr
+
+
+# --- bad input from the command line: exit status 2 and one line, in a real process -----------------------
+
+
+def _run_cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "fastlm.cli", *map(str, args)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _project_dir(tmp_path):
+    """A user's directory that happens to hold a meta.json: never a store to overwrite."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "meta.json").write_text("{}")
+    (project / "thesis.tex").write_text("precious")
+    return project
+
+
+def _truncated_gzip(tmp_path):
+    path = tmp_path / "corpus.txt.gz"
+    data = gzip.compress(b"one document\n" * 5000)
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _store_without(part):
+    def make(tmp_path, store_path):
+        copy = tmp_path / "copy"
+        shutil.copytree(store_path, copy)
+        if part == "tokenizer":
+            shutil.rmtree(copy / "tokenizer")
+        else:
+            (copy / part).write_bytes((copy / part).read_bytes()[:-3])
+        return copy
+    return make
+
+
+@pytest.mark.parametrize("case, argv, message", [
+    ("overwrite a project", lambda t, s, c, g: ["prepare", c, "-o", _project_dir(t), "--tokenizer", g, "--overwrite"],
+     "is not a token store (it holds thesis.tex); refusing to overwrite it"),
+    ("merge over a project", lambda t, s, c, g: ["merge", s, "-o", _project_dir(t), "--overwrite"],
+     "is not a token store (it holds thesis.tex); refusing to overwrite it"),
+    ("vocabulary of 1e9", lambda t, s, c, g: ["prepare", c, "-o", t / "s", "--train-tokenizer", "--vocab-size", "1000000000"],
+     "--vocab-size must be an integer in [257, 4194304]"),
+    ("truncated gzip", lambda t, s, c, g: ["prepare", _truncated_gzip(t), "-o", t / "s", "--tokenizer", g, "--no-progress"],
+     "corpus.txt.gz: corrupt or truncated .gz data (Compressed file ended before the end-of-stream marker"),
+    ("broken tokenizer.json", lambda t, s, c, g: ["prepare", c, "-o", t / "s", "--tokenizer", t / "tokenizer.json"],
+     "tokenizer.json: not a readable tokenizer (Exception: key must be a string"),
+    ("store without tokenizer", lambda t, s, c, g: ["inspect", _store_without("tokenizer")(t, s)],
+     "has no tokenizer"),
+    ("truncated store", lambda t, s, c, g: ["pack", _store_without("tokens.bin")(t, s), "--block-size", "8"],
+     "the store is truncated or corrupt"),
+    ("missing store", lambda t, s, c, g: ["merge", s, t / "nope", "-o", t / "m"], "no such directory"),
+])
+def test_bad_input_from_the_command_line(case, argv, message, tmp_path, store_path, corpus, gpt2_dir):
+    (tmp_path / "tokenizer.json").write_text("{1: 2}")
+    result = _run_cli(*argv(tmp_path, store_path, corpus, gpt2_dir))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastlm ") and message in lines[0], result.stderr
+    assert result.stdout == ""
+    if (tmp_path / "proj").exists():
+        assert (tmp_path / "proj" / "thesis.tex").read_text() == "precious"
+    assert not (tmp_path / "s").exists() and not (tmp_path / "m").exists()

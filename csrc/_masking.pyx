@@ -4,7 +4,9 @@
 # Vocabulary of terms:
 # - an *eligible* token has attention 1 and eligible[id] set (specials are cleared in that table);
 # - a *unit* is what gets selected: one eligible token, or with whole-word masking a word (an eligible
-#   token flagged in word_start, or following an ineligible one, plus the eligible non-start tokens after it);
+#   token flagged as a word start, or following an ineligible one, plus the eligible non-start tokens after
+#   it). Word starts come from a per-vocabulary table (word_start[id]) or, when the caller knows each
+#   position's word (offsets, word ids), from a per-position table (word_start_at[row, i]), which wins;
 # - every selected token becomes a target (label = its id) and is then replaced: u < mask_threshold ->
 #   mask id, u < random_threshold -> a uniform draw from `pool` (the non-special ids), else kept.
 #
@@ -124,12 +126,17 @@ cdef inline bint _eligible(token_t token, const uint8_t* attention, Py_ssize_t i
     return (attention == NULL or attention[i] != 0) and plan.eligible[token] != 0
 
 
-cdef inline bint _starts_unit(token_t token, bint previous_eligible, const Plan* plan) noexcept nogil:
-    return plan.word_start == NULL or not previous_eligible or plan.word_start[token] != 0
+cdef inline bint _starts_unit(token_t token, Py_ssize_t i, bint previous_eligible, const Plan* plan,
+                              const uint8_t* starts_row) noexcept nogil:
+    if not previous_eligible:
+        return True
+    if starts_row != NULL:
+        return starts_row[i] != 0
+    return plan.word_start == NULL or plan.word_start[token] != 0
 
 
-cdef inline Py_ssize_t _units(const token_t* ids, const uint8_t* attention, Py_ssize_t length,
-                              const Plan* plan, Py_ssize_t* unit_start, Py_ssize_t* unit_end,
+cdef inline Py_ssize_t _units(const token_t* ids, const uint8_t* attention, const uint8_t* starts_row,
+                              Py_ssize_t length, const Plan* plan, Py_ssize_t* unit_start, Py_ssize_t* unit_end,
                               Py_ssize_t* n_tokens) noexcept nogil:
     """Count a row's units (and eligible tokens); record their token ranges when unit_start is given."""
     cdef Py_ssize_t i, n_units = 0, n_eligible = 0
@@ -138,7 +145,7 @@ cdef inline Py_ssize_t _units(const token_t* ids, const uint8_t* attention, Py_s
         ok = _eligible(ids[i], attention, i, plan)
         if ok:
             n_eligible += 1
-            if _starts_unit(ids[i], previous_ok, plan):
+            if _starts_unit(ids[i], i, previous_ok, plan, starts_row):
                 if unit_start != NULL:
                     unit_start[n_units] = i
                 n_units += 1
@@ -180,8 +187,8 @@ cdef inline void _bernoulli_tokens_row(const token_t* ids, const uint8_t* attent
     skip_io[0] = e - n
 
 
-cdef inline void _bernoulli_row(const token_t* ids, const uint8_t* attention, Py_ssize_t length,
-                                const Plan* plan, bitgen_t* rng, Py_ssize_t* skip_io,
+cdef inline void _bernoulli_row(const token_t* ids, const uint8_t* attention, const uint8_t* starts_row,
+                                Py_ssize_t length, const Plan* plan, bitgen_t* rng, Py_ssize_t* skip_io,
                                 int64_t* out, int64_t* labels) noexcept nogil:
     """Whole-word Bernoulli selection by geometric skipping; skip_io carries the running gap across rows."""
     cdef Py_ssize_t i, skip = skip_io[0]
@@ -196,7 +203,7 @@ cdef inline void _bernoulli_row(const token_t* ids, const uint8_t* attention, Py
         # Walk to the word where the gap runs out: one well-predicted branch per token.
         while i < length:
             ok = _eligible(ids[i], attention, i, plan)
-            if ok and _starts_unit(ids[i], previous_ok, plan):
+            if ok and _starts_unit(ids[i], i, previous_ok, plan, starts_row):
                 if skip == 0:
                     break
                 skip -= 1
@@ -212,7 +219,8 @@ cdef inline void _bernoulli_row(const token_t* ids, const uint8_t* attention, Py
         previous_ok = True
         i += 1
         # The rest of a selected word: eligible tokens that do not start a unit.
-        while i < length and _eligible(ids[i], attention, i, plan) and not _starts_unit(ids[i], True, plan):
+        while i < length and _eligible(ids[i], attention, i, plan) and not _starts_unit(ids[i], i, True, plan,
+                                                                                       starts_row):
             token = ids[i]
             labels[i] = token
             out[i] = _replacement(rng, plan, token, rng.next_uint32(rng.state))
@@ -220,20 +228,21 @@ cdef inline void _bernoulli_row(const token_t* ids, const uint8_t* attention, Py
     skip_io[0] = skip
 
 
-cdef inline void _exact_row(const token_t* ids, const uint8_t* attention, Py_ssize_t length,
-                            const Plan* plan, bitgen_t* rng, int64_t* out, int64_t* labels) noexcept nogil:
+cdef inline void _exact_row(const token_t* ids, const uint8_t* attention, const uint8_t* starts_row,
+                            Py_ssize_t length, const Plan* plan, bitgen_t* rng, int64_t* out,
+                            int64_t* labels) noexcept nogil:
     """Exactly round(p x units) units by selection sampling, in one pass after a counting pass."""
     cdef Py_ssize_t i, n_tokens, units_left, to_choose
     cdef bint ok, previous_ok = False, selected = False
     cdef int64_t token
-    units_left = _units(ids, attention, length, plan, NULL, NULL, &n_tokens)
+    units_left = _units(ids, attention, starts_row, length, plan, NULL, NULL, &n_tokens)
     to_choose = <Py_ssize_t> floor(plan.p * units_left + 0.5)
     for i in range(length):
         token = ids[i]
         ok = _eligible(ids[i], attention, i, plan)
         if not ok:
             selected = False
-        elif _starts_unit(ids[i], previous_ok, plan):
+        elif _starts_unit(ids[i], i, previous_ok, plan, starts_row):
             selected = _below(rng, <uint32_t> units_left) < to_choose
             units_left -= 1
             to_choose -= selected
@@ -257,12 +266,12 @@ cdef inline int64_t _span_length(bitgen_t* rng, const Plan* plan) noexcept nogil
             return length
 
 
-cdef inline void _span_row(const token_t* ids, const uint8_t* attention, Py_ssize_t length,
-                           const Plan* plan, bitgen_t* rng, Py_ssize_t* unit_start, Py_ssize_t* unit_end,
-                           uint8_t* selected, int64_t* out, int64_t* labels) noexcept nogil:
+cdef inline void _span_row(const token_t* ids, const uint8_t* attention, const uint8_t* starts_row,
+                           Py_ssize_t length, const Plan* plan, bitgen_t* rng, Py_ssize_t* unit_start,
+                           Py_ssize_t* unit_end, uint8_t* selected, int64_t* out, int64_t* labels) noexcept nogil:
     cdef Py_ssize_t i, u, first, last, n_tokens, n_units, budget, masked = 0
     cdef int64_t token
-    n_units = _units(ids, attention, length, plan, unit_start, unit_end, &n_tokens)
+    n_units = _units(ids, attention, starts_row, length, plan, unit_start, unit_end, &n_tokens)
     budget = <Py_ssize_t> floor(plan.p * n_tokens + 0.5)
     for i in range(length):
         selected[i] = 0
@@ -307,7 +316,8 @@ def first_out_of_range(const token_t[:, ::1] input_ids, int64_t vocab_size):
 
 
 def mask_batch(const token_t[:, ::1] input_ids, const uint8_t[:, ::1] attention,
-               const uint8_t[::1] eligible, const uint8_t[::1] word_start, const int64_t[::1] pool,
+               const uint8_t[::1] eligible, const uint8_t[::1] word_start, const uint8_t[:, ::1] word_start_at,
+               const int64_t[::1] pool,
                const int64_t[::1] excluded, int64_t pool_size,
                int64_t mask_id, int mode, double p, const uint64_t[::1] gap_table, const int64_t[::1] gap_guess,
                uint64_t mask_threshold, uint64_t random_threshold,
@@ -317,7 +327,8 @@ def mask_batch(const token_t[:, ::1] input_ids, const uint8_t[:, ::1] attention,
 
     `gap_table` / `gap_guess` drive Bernoulli selection (see the header; fastlm.masking builds them).
 
-    `attention` (uint8, same shape) and `word_start` (uint8 per vocabulary id) may be None. The caller has
+    `attention` and `word_start_at` (uint8, same shape as the ids) and `word_start` (uint8 per vocabulary id)
+    may be None; `word_start_at` wins over `word_start`. The caller has
     checked every id < len(eligible), the shapes, and that the pool (`pool`, or [0, len(eligible)) minus
     the sorted `excluded`: pool_size ids either way) is non-empty when random replacement can
     happen.
@@ -326,6 +337,7 @@ def mask_batch(const token_t[:, ::1] input_ids, const uint8_t[:, ::1] attention,
     cdef Plan plan
     cdef bitgen_t* rng = _bitgen_of(bit_generator)
     cdef const uint8_t* attention_row = NULL
+    cdef const uint8_t* starts_row = NULL
     cdef Py_ssize_t* unit_start = NULL
     cdef Py_ssize_t* unit_end = NULL
     cdef uint8_t* selected = NULL
@@ -348,10 +360,12 @@ def mask_batch(const token_t[:, ::1] input_ids, const uint8_t[:, ::1] attention,
     plan.span_threshold = span_threshold
     plan.span_max = span_max
     cdef bint has_attention = attention is not None
+    cdef bint has_starts_at = word_start_at is not None
+    cdef bint token_units = word_start is None and not has_starts_at
     # Work rows: unit starts (span) or eligible positions (token-level Bernoulli); span also needs the
     # unit ends and a selected flag per token.
     cdef bint span_mode = mode == _SPAN
-    if span_mode or (mode == _BERNOULLI and word_start is None):
+    if span_mode or (mode == _BERNOULLI and token_units):
         unit_start = <Py_ssize_t*> malloc(length * sizeof(Py_ssize_t))
         if span_mode:
             unit_end = <Py_ssize_t*> malloc(length * sizeof(Py_ssize_t))
@@ -365,16 +379,19 @@ def mask_batch(const token_t[:, ::1] input_ids, const uint8_t[:, ::1] attention,
         for r in range(rows):
             if has_attention:
                 attention_row = &attention[r, 0]
+            if has_starts_at:
+                starts_row = &word_start_at[r, 0]
             if mode == _SPAN:
-                _span_row(&input_ids[r, 0], attention_row, length, &plan, rng, unit_start, unit_end,
+                _span_row(&input_ids[r, 0], attention_row, starts_row, length, &plan, rng, unit_start, unit_end,
                           selected, &out_ids[r, 0], &labels[r, 0])
             elif mode == _EXACT:
-                _exact_row(&input_ids[r, 0], attention_row, length, &plan, rng, &out_ids[r, 0], &labels[r, 0])
-            elif plan.word_start == NULL:
+                _exact_row(&input_ids[r, 0], attention_row, starts_row, length, &plan, rng, &out_ids[r, 0],
+                           &labels[r, 0])
+            elif token_units:
                 _bernoulli_tokens_row(&input_ids[r, 0], attention_row, length, &plan, rng, &skip, unit_start,
                                       &out_ids[r, 0], &labels[r, 0])
             else:
-                _bernoulli_row(&input_ids[r, 0], attention_row, length, &plan, rng, &skip,
+                _bernoulli_row(&input_ids[r, 0], attention_row, starts_row, length, &plan, rng, &skip,
                                &out_ids[r, 0], &labels[r, 0])
     free(unit_start); free(unit_end); free(selected)
 

@@ -5,9 +5,10 @@ Semantics (transformers 5 ``torch_mask_tokens``): each eligible token is selecte
 ``mlm_probability``; a selected token becomes a target (its label is its id; every other label is -100),
 then is replaced by the mask id with probability ``mask_replace_prob``, by a random id with probability
 ``random_replace_prob`` (both fractions of all selected tokens), and otherwise kept. Special tokens and
-padding (attention 0) are never selected. One documented difference from HF: random ids are drawn
-uniformly from the *non-special* ids that exist in the vocabulary, never a special token or an id the
-tokenizer lacks (HF draws over ``range(len(tokenizer))``).
+padding (attention 0) are never selected; a given ``special_tokens_mask`` replaces the id-based specials,
+as in HF. Random ids are drawn uniformly from ``random_ids``: :meth:`Masker.from_tokenizer` draws from the
+*non-special* ids the vocabulary has unless asked for HF's ``range(len(tokenizer))`` (``random_ids="vocab"``,
+what the collators use).
 
 Reproducibility: :class:`Masker` keys the random stream of each batch by ``(seed, epoch, batch_index)``
 (``PCG64([batch_index, epoch, seed])``), so a batch gets the same mask whatever the number of DataLoader
@@ -25,7 +26,10 @@ from fastlm.tokenizer import vocab_size as tokenizer_vocab_size
 
 _k = load("_masking")
 
-WORD_SCHEMES = ("wordpiece", "bpe")
+WORD_SCHEMES = ("wordpiece", "bpe", "sentencepiece")
+# Ids at or above this are no tokenizer's (the largest vocabularies hold ~1M ids): growing the per-id tables
+# that far would only allocate memory for a batch that no embedding can take.
+_MAX_TABLE_IDS = 2**24
 # Separates the evaluation streams' keys [row digest, tag, seed] from training keys [batch, epoch, seed].
 _FIXED_STREAM_TAG = 0x6D61736B_66697864
 
@@ -125,18 +129,32 @@ def _as_token_matrix(input_ids):
     return input_ids, torch
 
 
-def _as_attention(attention_mask, shape):
-    if attention_mask is None:
+def _as_flags(name, flags, shape):
+    """A (B, L) 0/1 mask (attention, special tokens, word starts) as the kernel's uint8 array, or None."""
+    if flags is None:
         return None
-    if type(attention_mask).__module__.startswith("torch"):
-        attention_mask = attention_mask.cpu().numpy()
-    attention = np.asarray(attention_mask)
-    if attention.shape != shape:
-        raise ValueError(f"attention_mask has shape {attention.shape}, input_ids {shape}")
-    if attention.dtype.kind not in "biu":
-        raise TypeError(f"attention_mask must hold integers or booleans, got dtype {attention.dtype}")
+    if type(flags).__module__.startswith("torch"):
+        flags = flags.cpu().numpy()
+    flags = np.asarray(flags)
+    if flags.shape != shape:
+        raise ValueError(f"{name} has shape {flags.shape}, input_ids {shape}")
+    if flags.dtype.kind not in "biu":
+        raise TypeError(f"{name} must hold integers or booleans, got dtype {flags.dtype}")
     # A (B, L) byte copy: small next to the tokens, and it normalises every mask dtype for the kernel.
-    return np.ascontiguousarray(attention != 0, dtype=np.uint8)
+    return np.ascontiguousarray(flags != 0, dtype=np.uint8)
+
+
+def _pool_for_kernel(pool):
+    """The kernel's two forms of the random-replacement pool (pool table, excluded ids).
+
+    The kernel draws index k < pool size and takes the k-th id of [0, inf) minus ``excluded``, or
+    ``pool[k]`` when the table is given. Few exclusions (the usual specials, or none for HF's
+    range(len(tokenizer))) keep a 50k-entry table out of the cache the token streams use."""
+    top = int(pool[-1]) + 1 if pool.size else 0
+    excluded = np.setdiff1d(np.arange(top, dtype=np.int64), pool, assume_unique=True)
+    if excluded.size <= 64:
+        return np.empty(0, np.int64), excluded
+    return pool, np.empty(0, np.int64)
 
 
 class Masker:
@@ -149,20 +167,24 @@ class Masker:
             as tokenizers report missing specials); ``mask_id`` is always one of them.
         mlm_probability: selection probability per eligible token (or word; see ``exact``).
         mask_replace_prob, random_replace_prob: fractions of the selected tokens replaced by the mask id and
-            by a random non-special id (transformers 5 semantics); the rest keep their id.
+            by a random id from ``random_ids`` (transformers 5 semantics); the rest keep their id.
         exact: select exactly round(mlm_probability x eligible units) units per row (fairseq, Megatron)
             instead of Bernoulli trials.
-        whole_word: None, ``"wordpiece"`` or ``"bpe"``: select whole words, from ``word_starts`` (one flag
-            per id: the id begins a word). :meth:`from_tokenizer` builds the table.
+        whole_word: None, ``"wordpiece"``, ``"bpe"`` or ``"sentencepiece"``: select whole words, from
+            ``word_starts`` (one flag per id: the id begins a word). :meth:`from_tokenizer` builds the table.
+            A call's ``word_start_mask`` (one flag per position) gives whole words with any tokenizer.
         span: None, True (= ``Span()``) or a :class:`Span`: SpanBERT span masking.
         seed: the run's seed; streams are keyed by (seed, epoch, batch_index).
         valid_ids: the ids the tokenizer actually has (default: all of range(vocab_size)); others are
-            never selected or drawn (a vocabulary with holes, like RoBERTa's 50262-entry file).
+            never selected (a vocabulary with holes, like RoBERTa's 50262-entry file).
+        random_ids: the ids random replacements are drawn from (default: the valid non-special ids).
+        strict_ids: refuse ids >= vocab_size (default). False treats them as ordinary tokens, as
+            transformers does: the model's embedding, not the tokenizer, decides which ids exist.
     """
 
     def __init__(self, *, vocab_size, mask_id, special_ids, mlm_probability=0.15, mask_replace_prob=0.8,
                  random_replace_prob=0.1, exact=False, whole_word=None, word_starts=None, span=None, seed=0,
-                 valid_ids=None):
+                 valid_ids=None, random_ids=None, strict_ids=True):
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or not 0 < vocab_size < 2**32:
             raise ValueError(f"vocab_size must be an int in [1, 2**32), got {vocab_size!r}")
         self.vocab_size = int(vocab_size)
@@ -180,7 +202,7 @@ class Masker:
         self.seed = _check_non_negative_int("seed", seed)
 
         if whole_word not in (None,) + WORD_SCHEMES:
-            raise ValueError(f"whole_word must be None, 'wordpiece' or 'bpe', got {whole_word!r}")
+            raise ValueError(f"whole_word must be None, 'wordpiece', 'bpe' or 'sentencepiece', got {whole_word!r}")
         if whole_word is not None and word_starts is None:
             raise ValueError("whole_word needs word_starts (one flag per id), or use Masker.from_tokenizer")
         self.whole_word = whole_word
@@ -200,26 +222,35 @@ class Masker:
         self.span = span
         self.exact = bool(exact)
 
-        eligible = np.zeros(self.vocab_size, dtype=np.uint8)
+        selectable = np.zeros(self.vocab_size, dtype=np.uint8)
         if valid_ids is None:
-            eligible[:] = 1
+            selectable[:] = 1
         else:
             valid_ids = np.asarray(valid_ids, dtype=np.int64)
             if valid_ids.size and (valid_ids.min() < 0 or valid_ids.max() >= self.vocab_size):
                 raise ValueError(f"valid_ids must lie in [0, {self.vocab_size})")
-            eligible[valid_ids] = 1
+            selectable[valid_ids] = 1
         self.special_ids = sorted({self.mask_id} | {
             _check_id("special id", i, self.vocab_size) for i in special_ids if i is not None
         })
+        eligible = selectable.copy()
         eligible[self.special_ids] = 0
         self.eligible = eligible
-        # The random-replacement pool: every id that exists and is not special.
-        self.pool = np.flatnonzero(eligible).astype(np.int64)
-        excluded = np.flatnonzero(eligible == 0).astype(np.int64)
-        # Few exclusions (the usual specials): the kernel maps a draw past them instead of reading a table.
-        self._kernel_pool = (np.empty(0, np.int64), excluded) if excluded.size <= 64 else (self.pool, np.empty(0, np.int64))
+        # Where a call brings its own special_tokens_mask, that mask alone decides (as in HF).
+        self._selectable = selectable
+        if random_ids is None:
+            self.pool = np.flatnonzero(eligible).astype(np.int64)
+        else:
+            self.pool = np.unique(np.asarray(random_ids, dtype=np.int64))
+            if self.pool.size and (self.pool[0] < 0 or self.pool[-1] >= self.vocab_size):
+                raise ValueError(f"random_ids must lie in [0, {self.vocab_size})")
+        self._kernel_pool = _pool_for_kernel(self.pool)
         if self.pool.size == 0 and self.random_replace_prob > 0:
-            raise ValueError("random_replace_prob > 0 but the vocabulary has no non-special id to draw")
+            raise ValueError("random_replace_prob > 0 but there is no id to draw random replacements from: "
+                             "pass random_replace_prob=0, or random_ids (from_tokenizer: random_ids='vocab')")
+        self.strict_ids = bool(strict_ids)
+        # Per-id tables grown past vocab_size for batches with larger ids (strict_ids=False), built once.
+        self._grown = None
 
         self._gap_table, self._gap_guess = _gap_tables(self.mlm_probability)
         self._mode = _k.SPAN if span is not None else _k.EXACT if exact else _k.BERNOULLI
@@ -230,11 +261,13 @@ class Masker:
         )
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, *, whole_word=None, **kwargs):
+    def from_tokenizer(cls, tokenizer, *, whole_word=None, random_ids="non_special", **kwargs):
         """A Masker for a transformers tokenizer: its vocabulary, special ids and mask id.
 
-        ``whole_word``: None, ``"wordpiece"`` (``##`` continuations), ``"bpe"`` (``Ġ`` word starts), or
-        True / ``"auto"`` to detect the scheme from the vocabulary.
+        ``whole_word``: None, ``"wordpiece"`` (``##`` continuations), ``"bpe"`` (``Ġ`` word starts),
+        ``"sentencepiece"`` (``▁`` word starts), or True / ``"auto"`` to detect the scheme from the vocabulary.
+        ``random_ids``: ``"non_special"`` (the ids the vocabulary has, specials excluded), ``"vocab"``
+        (transformers' ``range(len(tokenizer))``) or an array of ids.
         """
         vocab = tokenizer.get_vocab()
         ids = np.fromiter(vocab.values(), dtype=np.int64, count=len(vocab))
@@ -245,92 +278,146 @@ class Masker:
             if whole_word in (True, "auto"):
                 whole_word = _detect_word_scheme(tokens)
             word_starts = word_start_table(tokens, ids, vocab_size, whole_word)
+        if isinstance(random_ids, str):
+            if random_ids not in ("non_special", "vocab"):
+                raise ValueError(f"random_ids must be 'non_special', 'vocab' or an array of ids, got {random_ids!r}")
+            random_ids = None if random_ids == "non_special" else np.arange(len(tokenizer), dtype=np.int64)
         kwargs.setdefault("special_ids", tokenizer.all_special_ids)
         kwargs.setdefault("mask_id", tokenizer.mask_token_id)
+        kwargs.setdefault("valid_ids", ids)
         return cls(vocab_size=vocab_size, whole_word=whole_word or None, word_starts=word_starts,
-                   valid_ids=ids, **kwargs)
+                   random_ids=random_ids, **kwargs)
 
     # --- masking ---------------------------------------------------------------------------------------
 
-    def __call__(self, input_ids, attention_mask=None, *, epoch=0, batch_index=0):
+    def __call__(self, input_ids, attention_mask=None, *, epoch=0, batch_index=0, special_tokens_mask=None,
+                 word_start_mask=None):
         """Mask one batch: returns (masked input_ids, labels), int64 (B, L), labels -100 off target.
 
         The stream is PCG64([batch_index, epoch, seed]): the same batch gets the same mask in any process.
-        Torch input gives torch output (zero-copy both ways).
+        Torch input gives torch output (zero-copy both ways). ``special_tokens_mask`` (1 = never select)
+        replaces the id-based specials; ``word_start_mask`` (1 = this position begins a word) gives whole
+        words by position, whatever the tokenizer.
         """
         epoch = _check_non_negative_int("epoch", epoch)
         batch_index = _check_non_negative_int("batch_index", batch_index)
-        return self.mask_with(input_ids, attention_mask, np.random.PCG64([batch_index, epoch, self.seed]))
+        return self.mask_with(input_ids, attention_mask, np.random.PCG64([batch_index, epoch, self.seed]),
+                              special_tokens_mask=special_tokens_mask, word_start_mask=word_start_mask)
 
-    def mask_with(self, input_ids, attention_mask, rng):
+    def mask_with(self, input_ids, attention_mask, rng, *, special_tokens_mask=None, word_start_mask=None):
         """Mask with draws from ``rng`` (a numpy Generator or BitGenerator), advancing it; not keyed."""
         bit_generator = rng.bit_generator if isinstance(rng, np.random.Generator) else rng
         if not isinstance(bit_generator, np.random.BitGenerator):
             raise TypeError(f"rng must be a numpy Generator or BitGenerator, got {type(rng).__name__}")
         ids, torch = _as_token_matrix(input_ids)
-        attention = _as_attention(attention_mask, ids.shape)
-        self._check_ids(ids)
+        attention, starts, eligible, word_starts = self._prepare(ids, attention_mask, special_tokens_mask,
+                                                                 word_start_mask)
         out_ids = np.empty(ids.shape, dtype=np.int64)
         labels = np.empty(ids.shape, dtype=np.int64)
-        self._run(ids, attention, bit_generator, out_ids, labels)
+        self._run(ids, attention, starts, eligible, word_starts, bit_generator, out_ids, labels)
         return (torch.from_numpy(out_ids), torch.from_numpy(labels)) if torch else (out_ids, labels)
 
-    def mask_fixed(self, input_ids, attention_mask=None):
+    def mask_fixed(self, input_ids, attention_mask=None, *, special_tokens_mask=None, word_start_mask=None):
         """Evaluation masks: each row's stream is keyed by its own (attended) tokens and the seed.
 
         A row gets the same mask whatever its batch, position, padding, epoch or checkpoint, so MLM
         perplexity is comparable across runs. Identical rows get identical masks.
         """
         ids, torch = _as_token_matrix(input_ids)
-        attention = _as_attention(attention_mask, ids.shape)
-        self._check_ids(ids)
+        attended = _as_flags("attention_mask", attention_mask, ids.shape)
+        attention, starts, eligible, word_starts = self._prepare(ids, attention_mask, special_tokens_mask,
+                                                                 word_start_mask)
         out_ids = np.empty(ids.shape, dtype=np.int64)
         labels = np.empty(ids.shape, dtype=np.int64)
         for r in range(ids.shape[0]):
-            row = ids[r] if attention is None else ids[r][attention[r] != 0]
+            row = ids[r] if attended is None else ids[r][attended[r] != 0]
             digest = int.from_bytes(hashlib.blake2b(row.astype(np.int64).tobytes(), digest_size=8).digest(), "little")
             stream = np.random.PCG64([digest, _FIXED_STREAM_TAG, self.seed])
-            self._run(ids[r:r + 1], None if attention is None else attention[r:r + 1], stream,
+            self._run(ids[r:r + 1], None if attention is None else attention[r:r + 1],
+                      None if starts is None else starts[r:r + 1], eligible, word_starts, stream,
                       out_ids[r:r + 1], labels[r:r + 1])
         return (torch.from_numpy(out_ids), torch.from_numpy(labels)) if torch else (out_ids, labels)
 
-    def _check_ids(self, ids):
+    def _prepare(self, ids, attention_mask, special_tokens_mask, word_start_mask):
+        """Checked kernel inputs: (attention, per-position word starts, eligible table, word-start table)."""
+        attention = _as_flags("attention_mask", attention_mask, ids.shape)
+        special = _as_flags("special_tokens_mask", special_tokens_mask, ids.shape)
+        starts = _as_flags("word_start_mask", word_start_mask, ids.shape)
+        eligible, selectable, word_starts = self._tables_for(ids)
+        if special is not None:
+            # The given mask replaces the id-based specials: fold it into attention, select by existence only.
+            not_special = special == 0
+            attention = not_special.view(np.uint8) if attention is None else attention & not_special
+            eligible = selectable
+        return attention, starts, eligible, word_starts
+
+    def _tables_for(self, ids):
+        """(eligible, selectable, word_starts) per-id tables covering every id of the batch."""
         bad = _k.first_out_of_range(ids, self.vocab_size)
-        if bad >= 0:
-            row, col = divmod(bad, ids.shape[1])
+        if bad < 0:
+            return self.eligible, self._selectable, self.word_starts
+        row, col = divmod(bad, ids.shape[1])
+        if self.strict_ids:
             raise ValueError(
                 f"input_ids[{row}, {col}] = {ids[row, col]} is outside the vocabulary [0, {self.vocab_size})"
             )
+        smallest, largest = int(ids.min()), int(ids.max())
+        if smallest < 0 or largest >= _MAX_TABLE_IDS:
+            value = smallest if smallest < 0 else largest
+            row, col = np.argwhere(ids == value)[0]
+            raise ValueError(f"input_ids[{row}, {col}] = {value} is not a token id of any model "
+                             f"(ids lie in [0, 2**24)); the embedding lookup would fail on it")
+        if self._grown is None or self._grown[0].shape[0] <= largest:
+            # Ids the tokenizer does not know are ordinary tokens (each its own word), as in transformers.
+            extra = largest + 1 - self.vocab_size
+            ones = np.ones(extra, dtype=np.uint8)
+            self._grown = tuple(None if table is None else np.concatenate([table, ones])
+                                for table in (self.eligible, self._selectable, self.word_starts))
+        return self._grown
 
-    def _run(self, ids, attention, bit_generator, out_ids, labels):
+    def _run(self, ids, attention, starts, eligible, word_starts, bit_generator, out_ids, labels):
         _k.mask_batch(
-            ids, attention, self.eligible, self.word_starts, *self._kernel_pool, self.pool.size, self.mask_id, self._mode,
-            self.mlm_probability, self._gap_table, self._gap_guess, self._thresholds["mask_threshold"],
+            ids, attention, eligible, word_starts, starts, *self._kernel_pool, self.pool.size, self.mask_id,
+            self._mode, self.mlm_probability, self._gap_table, self._gap_guess, self._thresholds["mask_threshold"],
             self._thresholds["random_threshold"], self._thresholds["span_threshold"],
             self.span.max_length if self.span else 0, bit_generator, out_ids, labels,
         )
 
 
+# WordPiece marks continuations, byte-level BPE (Ġ, the encoded space) and SentencePiece (▁) word starts.
+_WORD_MARKERS = {"wordpiece": "##", "bpe": "\u0120", "sentencepiece": "\u2581"}
+
+
+def word_scheme(tokens):
+    """The vocabulary's word marking ("wordpiece", "bpe", "sentencepiece"), or None when none is common.
+
+    By majority: byte-level BPE vocabularies also hold a few "##..." tokens (and WordPiece a stray "Ġ")."""
+    counts = {scheme: sum(t.startswith(marker) for t in tokens) for scheme, marker in _WORD_MARKERS.items()}
+    scheme = max(counts, key=counts.get)
+    return scheme if counts[scheme] >= 0.05 * len(tokens) else None
+
+
 def _detect_word_scheme(tokens):
-    # By majority: byte-level BPE vocabularies also hold a few "##..." tokens (and WordPiece a stray "Ġ").
-    continuations = sum(t.startswith("##") for t in tokens)
-    spaced = sum(t.startswith("\u0120") for t in tokens)
-    if max(continuations, spaced) < 0.05 * len(tokens):
+    scheme = word_scheme(tokens)
+    if scheme is None:
         raise ValueError(
-            "cannot tell the tokenizer's word scheme (few '##' or 'Ġ' tokens); pass whole_word='wordpiece' or 'bpe'"
+            "cannot tell the tokenizer's word scheme (few '##', 'Ġ' or '▁' tokens); pass whole_word='wordpiece', "
+            "'bpe' or 'sentencepiece', or give the collator features with offset_mapping or word_ids"
         )
-    return "wordpiece" if continuations > spaced else "bpe"
+    return scheme
 
 
 def word_start_table(tokens, ids, vocab_size, scheme):
     """Per-id flags: does this token begin a word? WordPiece: not a ``##`` continuation; byte-level BPE:
-    starts with ``Ġ`` (the encoded space). Built once per tokenizer, so whole-word masking is O(L)."""
+    starts with ``Ġ`` (the encoded space); SentencePiece: starts with ``▁``. Built once per tokenizer, so
+    whole-word masking is O(L)."""
     if scheme not in WORD_SCHEMES:
-        raise ValueError(f"whole_word must be 'wordpiece' or 'bpe', got {scheme!r}")
+        raise ValueError(f"whole_word must be 'wordpiece', 'bpe' or 'sentencepiece', got {scheme!r}")
+    marker = _WORD_MARKERS[scheme]
     if scheme == "wordpiece":
-        starts = [not t.startswith("##") for t in tokens]
+        starts = [not t.startswith(marker) for t in tokens]
     else:
-        starts = [t.startswith("\u0120") for t in tokens]
+        starts = [t.startswith(marker) for t in tokens]
     table = np.zeros(vocab_size, dtype=np.uint8)
     table[np.asarray(ids, dtype=np.int64)] = np.asarray(starts, dtype=np.uint8)
     return table

@@ -130,13 +130,18 @@ class RefBits:
         return m >> 32
 
 
-def ref_units(row, attention_row, eligible, word_starts):
-    """Token positions of each maskable unit: eligible tokens, grouped into words when word_starts is set."""
+def ref_units(row, attention_row, eligible, word_starts, starts_row=None):
+    """Token positions of each maskable unit: eligible tokens, grouped into words when word_starts (per id)
+    or starts_row (per position, which wins) is set."""
     units, previous_ok = [], False
     for i, token in enumerate(row):
         ok = (attention_row is None or attention_row[i] != 0) and eligible[token]
         if ok:
-            if word_starts is None or not previous_ok or word_starts[token]:
+            if starts_row is not None:
+                starts_word = starts_row[i]
+            else:
+                starts_word = word_starts is None or word_starts[token]
+            if not previous_ok or starts_word:
                 units.append([i])
             else:
                 units[-1].append(i)
@@ -145,11 +150,12 @@ def ref_units(row, attention_row, eligible, word_starts):
 
 
 def ref_mask(rows, attention, bits, *, eligible, word_starts, pool, mask_id, mode, p, mask_replace_prob,
-             random_replace_prob, span_p=None, span_max=None):
+             random_replace_prob, span_p=None, span_max=None, word_starts_at=None):
     """The masking kernel's documented algorithm and draw order (see csrc/_masking.pyx), one unit at a time.
 
     rows: list of lists of ids; attention: list of lists or None; eligible / word_starts: per-id flags
-    (word_starts None for token-level); mode: "bernoulli", "exact" or "span". Returns (ids, labels) lists.
+    (word_starts None for token-level); word_starts_at: per-position flags (list of lists) or None;
+    mode: "bernoulli", "exact" or "span". Returns (ids, labels) lists.
     """
     mask_threshold = round(mask_replace_prob * 2**32)
     random_threshold = round(min(1.0, mask_replace_prob + random_replace_prob) * 2**32)
@@ -185,7 +191,8 @@ def ref_mask(rows, attention, bits, *, eligible, word_starts, pool, mask_id, mod
     out_rows, label_rows = [], []
     skip = gap(bits.u32()) if mode == "bernoulli" and rows and rows[0] else None
     for r, row in enumerate(rows):
-        units = ref_units(row, None if attention is None else attention[r], eligible, word_starts)
+        units = ref_units(row, None if attention is None else attention[r], eligible, word_starts,
+                          None if word_starts_at is None else word_starts_at[r])
         out, labels = list(row), [IGNORE_INDEX] * len(row)
         if mode == "bernoulli":
             for unit in units:

@@ -38,16 +38,24 @@ def masking_cases(draw):
     mask_id = draw(st.integers(0, vocab_size - 1))
     specials = draw(st.sets(st.integers(0, vocab_size - 1), max_size=4))
     rows, length = draw(st.integers(0, 4)), draw(st.integers(0, 24))
-    ids = draw(st.lists(st.integers(0, vocab_size - 1), min_size=rows * length, max_size=rows * length))
-    attention = draw(st.one_of(st.none(), st.lists(st.integers(0, 1), min_size=rows * length, max_size=rows * length)))
+    n = rows * length
+    # strict_ids=False: ids past the vocabulary are ordinary tokens (transformers' toy vocabularies).
+    strict_ids = draw(st.booleans())
+    top = vocab_size if strict_ids else vocab_size + 6
+    ids = draw(st.lists(st.integers(0, top - 1), min_size=n, max_size=n))
+    flags = st.lists(st.integers(0, 1), min_size=n, max_size=n)
+    attention = draw(st.one_of(st.none(), flags))
     mode = draw(st.sampled_from(MODES))
-    whole_word = draw(st.booleans())
+    whole_word = draw(st.sampled_from(["none", "table", "positions"]))
     word_starts = draw(st.lists(st.booleans(), min_size=vocab_size, max_size=vocab_size))
     mask_replace = draw(st.sampled_from([0.0, 0.5, 0.8, 1.0]))
     random_replace = draw(st.sampled_from([0.0, 0.1, 0.5])) if mask_replace < 1 else 0.0
     return dict(
         vocab_size=vocab_size, mask_id=mask_id, specials=specials, ids=ids, shape=(rows, length),
-        attention=attention, mode=mode, word_starts=word_starts if whole_word else None,
+        attention=attention, mode=mode, word_starts=word_starts if whole_word == "table" else None,
+        word_starts_at=draw(flags) if whole_word == "positions" else None,
+        special_mask=draw(st.one_of(st.none(), flags)), random_ids=draw(st.sampled_from(["non_special", "vocab"])),
+        strict_ids=strict_ids,
         p=draw(st.sampled_from([0.0, 0.15, 0.5, 1.0])), mask_replace=mask_replace,
         random_replace=min(random_replace, 1 - mask_replace), span=Span(draw(st.sampled_from([0.2, 0.5, 1.0])),
                                                                         draw(st.integers(1, 5))),
@@ -55,35 +63,50 @@ def masking_cases(draw):
     )
 
 
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(case=masking_cases(), dtype=st.sampled_from(DTYPES), container=st.sampled_from(CONTAINERS))
 def test_kernel_matches_reference(case, dtype, container):
     if case["mode"] != "bernoulli" and case["p"] == 1.0 and case["shape"][1] > 16:
         case["p"] = 0.5  # keep the span coupon-collector loop short
+    vocab_size, shape = case["vocab_size"], case["shape"]
+    specials = case["specials"] | {case["mask_id"]}
+    pool = list(range(vocab_size)) if case["random_ids"] == "vocab" else [
+        i for i in range(vocab_size) if i not in specials]
+    if case["random_replace"] > 0 and not pool:
+        return  # nothing to draw random replacements from: rejected, tested in test_bad_input
     masker = Masker(
-        vocab_size=case["vocab_size"], mask_id=case["mask_id"], special_ids=case["specials"],
+        vocab_size=vocab_size, mask_id=case["mask_id"], special_ids=case["specials"],
         mlm_probability=case["p"], mask_replace_prob=case["mask_replace"], random_replace_prob=case["random_replace"],
         exact=case["mode"] == "exact", span=case["span"] if case["mode"] == "span" else None,
         whole_word=None if case["word_starts"] is None else "wordpiece", word_starts=case["word_starts"],
-        seed=case["seed"],
-    ) if case["random_replace"] == 0 or len(case["specials"] | {case["mask_id"]}) < case["vocab_size"] else None
-    if masker is None:
-        return  # every id special and random replacement asked: rejected, tested in test_bad_input
-    ids = as_container(np.array(case["ids"], dtype=dtype).reshape(case["shape"]), container)
-    attention = None if case["attention"] is None else np.array(case["attention"], dtype=np.int64).reshape(case["shape"])
-    out, labels = masker(ids, attention, epoch=case["epoch"], batch_index=case["batch_index"])
+        seed=case["seed"], random_ids=pool if case["random_ids"] == "vocab" else None, strict_ids=case["strict_ids"],
+    )
+    ids = as_container(np.array(case["ids"], dtype=dtype).reshape(shape), container)
+
+    def matrix(flags):
+        return None if flags is None else np.array(flags, dtype=np.int64).reshape(shape)
+
+    attention, special, starts_at = matrix(case["attention"]), matrix(case["special_mask"]), matrix(case["word_starts_at"])
+    out, labels = masker(ids, attention, epoch=case["epoch"], batch_index=case["batch_index"],
+                         special_tokens_mask=special, word_start_mask=starts_at)
 
     rows = [[int(t) for t in row] for row in ids]
-    eligible = [int(i not in masker.special_ids) for i in range(case["vocab_size"])]
+    table_size = max([vocab_size] + [t + 1 for t in case["ids"]])
+    # Ids past the vocabulary are ordinary, word-starting tokens; a given special_tokens_mask replaces
+    # the id-based specials (it folds into attention).
+    eligible = [int(special is not None or i not in specials) for i in range(table_size)]
+    word_starts = None if case["word_starts"] is None else case["word_starts"] + [True] * (table_size - vocab_size)
+    if special is not None:
+        attention = (special == 0) if attention is None else (attention != 0) & (special == 0)
     bits = RefBits(np.random.PCG64([case["batch_index"], case["epoch"], case["seed"]]))
     expected_out, expected_labels = ref_mask(
-        rows, None if attention is None else attention.tolist(), bits, eligible=eligible,
-        word_starts=case["word_starts"], pool=[i for i in range(case["vocab_size"]) if eligible[i]],
+        rows, None if attention is None else attention.astype(int).tolist(), bits, eligible=eligible,
+        word_starts=word_starts, word_starts_at=None if starts_at is None else starts_at.tolist(), pool=pool,
         mask_id=case["mask_id"], mode=case["mode"], p=case["p"], mask_replace_prob=case["mask_replace"],
         random_replace_prob=case["random_replace"], span_p=case["span"].p, span_max=case["span"].max_length,
     )
     assert out.dtype == np.int64 and labels.dtype == np.int64
-    assert out.shape == labels.shape == case["shape"]
+    assert out.shape == labels.shape == shape
     assert out.tolist() == expected_out
     assert labels.tolist() == expected_labels
 
@@ -380,7 +403,7 @@ def test_bad_input_raises_clear_errors(roberta_tok, gpt2_tok):
         Masker(**ok, whole_word="bpe")
     with pytest.raises(ValueError, match="exact"):
         Masker(**ok, span=True, exact=True)
-    with pytest.raises(ValueError, match="no non-special id"):
+    with pytest.raises(ValueError, match="no id to draw random replacements from: pass random_replace_prob=0"):
         Masker(vocab_size=3, mask_id=2, special_ids=[0, 1])
 
     masker = Masker(**ok)

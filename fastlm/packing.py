@@ -266,7 +266,7 @@ class PackedDocuments:
     """Documents packed whole into blocks: block b holds segments block_offsets[b]:block_offsets[b + 1].
 
     Segment s is ``tokens[seg_starts[s]:seg_starts[s] + seg_lengths[s]]``: a whole document, or a
-    ``block_size`` piece of an overlong one.
+    ``block_size`` piece of an overlong one. ``columns`` holds other per-token arrays packed alike.
     """
 
     tokens: np.ndarray
@@ -276,6 +276,7 @@ class PackedDocuments:
     seg_lengths: np.ndarray
     pad_id: int
     n_dropped: int
+    columns: dict | None = None
 
     def __post_init__(self):
         # The kernels run without bounds checks, so a layout built or edited by hand is checked here.
@@ -294,6 +295,7 @@ class PackedDocuments:
         filled = np.concatenate(([0], np.cumsum(self.seg_lengths)))
         if n_blocks and np.any(filled[bounds[1:]] - filled[bounds[:-1]] > self.block_size):
             raise ValueError(f"a block holds more than block_size ({self.block_size}) tokens")
+        _check_columns(self.columns, self.tokens.shape[0])
 
     def __len__(self):
         return self.block_offsets.shape[0] - 1
@@ -313,7 +315,8 @@ class PackedDocuments:
         padding), ``attention_mask`` and ``position_ids`` (restarting per document). With
         ``flatten=True``, returns the padding-free layout of transformers' ``DataCollatorWithFlattening``
         instead: (1, total) rows plus ``cu_seq_lens_q/k`` and ``max_length_q/k`` for flash-attention varlen
-        and ``seq_idx`` (the sequence of each token).
+        and ``seq_idx`` (the sequence of each token). The ``columns`` come back under their names, int64,
+        padded with 0 (given ``labels`` with -100, at each document start too, as the derived ones).
         """
         indices = _check_indices(indices, len(self))
         batch = _batch_arrays(
@@ -323,12 +326,55 @@ class PackedDocuments:
             self.tokens, self.block_offsets, self.seg_starts, self.seg_lengths, indices, self.pad_id,
             batch["input_ids"], batch["labels"], batch["attention_mask"], batch["position_ids"],
         )
-        return _flatten(batch) if flatten else batch
+        columns = self._gather_columns(indices, batch) if self.columns else {}
+        if flatten:
+            return _flatten(batch, columns)
+        batch.update(columns)
+        return batch
+
+    def _gather_columns(self, indices, batch):
+        """The given columns laid out as the blocks' tokens are (any integer dtype, so numpy, not the kernel)."""
+        first, last = self.block_offsets[indices], self.block_offsets[indices + 1]
+        segments = _concatenated_ranges(first, last - first)
+        sources = _concatenated_ranges(self.seg_starts[segments], self.seg_lengths[segments])
+        real = batch["attention_mask"] == 1
+        gathered = {}
+        for name, column in self.columns.items():
+            fill = IGNORE_INDEX if name == "labels" else 0
+            values = np.full(real.shape, fill, dtype=np.int64)
+            values[real] = column[sources]
+            if name == "labels":
+                values[real & (batch["position_ids"] == 0)] = IGNORE_INDEX
+            gathered[name] = values
+        return gathered
 
 
-def _flatten(batch):
+def _concatenated_ranges(starts, lengths):
+    """starts[0]..starts[0]+lengths[0]-1, then starts[1].., as one int64 array."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    before = np.cumsum(lengths) - lengths
+    return np.repeat(np.asarray(starts, dtype=np.int64) - before, lengths) + np.arange(int(lengths.sum()))
+
+
+def _check_columns(columns, n_tokens):
+    if columns is None:
+        return None
+    if not isinstance(columns, dict):
+        raise TypeError(f"columns must be a dict of name -> per-token array, got {type(columns).__name__}")
+    for name, column in columns.items():
+        if name in ("input_ids", "position_ids"):
+            raise ValueError(f"column {name!r} is derived from tokens; pass the other columns only")
+        if not isinstance(column, np.ndarray) or column.ndim != 1 or column.dtype.kind not in "biu":
+            raise TypeError(f"column {name!r} must be a 1-D integer or boolean numpy array")
+        if column.shape[0] != n_tokens:
+            raise ValueError(f"column {name!r} has {column.shape[0]} entries, tokens {n_tokens}: they must align")
+    return columns
+
+
+def _flatten(batch, columns=None):
     keep = batch["attention_mask"].astype(bool)
-    flat = {key: batch[key][keep][None, :] for key in ("input_ids", "labels", "position_ids")}
+    merged = {**batch, **(columns or {})}
+    flat = {key: merged[key][keep][None, :] for key in ("input_ids", "labels", "position_ids", *(columns or {}))}
     starts = np.flatnonzero(flat["position_ids"][0] == 0)
     cu_seq_lens = np.append(starts, flat["input_ids"].shape[1]).astype(np.int32)
     max_length = int(np.diff(cu_seq_lens).max()) if cu_seq_lens.size > 1 else 0
@@ -339,13 +385,17 @@ def _flatten(batch):
     return flat
 
 
-def pack_documents(tokens, offsets, block_size, *, overlong="split", pad_id=0):
+def pack_documents(tokens, offsets, block_size, *, overlong="split", pad_id=0, columns=None):
     """Pack whole documents into ``block_size`` blocks by best-fit decreasing.
+
+    Within a block, documents keep their input order (TRL's bfd keeps the order it placed them in).
 
     Args:
         overlong: documents longer than a block are ``"split"`` into ``block_size`` pieces (no token
             lost) or ``"truncate"``\\ d to their first ``block_size`` tokens (``n_dropped`` counts the rest).
         pad_id: fills the unused tail of each block (label -100, attention 0).
+        columns: other per-token arrays aligned with ``tokens`` (``{"attention_mask": ..., "labels": ...}``),
+            packed the same way, as TRL's ``pack_dataset`` packs every column of a dataset.
     """
     tokens = _check_tokens(tokens)
     offsets = _check_offsets(offsets, tokens.shape[0])
@@ -361,13 +411,14 @@ def pack_documents(tokens, offsets, block_size, *, overlong="split", pad_id=0):
     piece_block = np.empty(n_pieces, dtype=np.int64)
     n_blocks = _k.best_fit_decreasing(piece_lengths, block_size, piece_block)
 
-    # Group the pieces by block; a stable sort keeps each block's pieces in placement order.
+    # Group the pieces by block; a stable sort keeps each block's pieces in input order.
     order = np.argsort(piece_block, kind="stable")
     block_offsets = np.zeros(n_blocks + 1, dtype=np.int64)
     np.cumsum(np.bincount(piece_block, minlength=n_blocks), out=block_offsets[1:])
     n_dropped = int(offsets[-1] - offsets[0]) - int(piece_lengths.sum())
     return PackedDocuments(
-        tokens, block_size, block_offsets, piece_starts[order], piece_lengths[order], pad_id, n_dropped
+        tokens, block_size, block_offsets, piece_starts[order], piece_lengths[order], pad_id, n_dropped,
+        _check_columns(columns, tokens.shape[0]),
     )
 
 

@@ -7,9 +7,9 @@ from fastlm.packing import BlockIndex, PackedDocuments, group_texts, pack_blocks
 from fastlm.store import TokenStore, merge_stores
 from fastlm.prepare import prepare
 from fastlm.masking import Masker, mask_tokens
-from fastlm.collators import DataCollatorForCLM, DataCollatorForMLM
+from fastlm.collators import DataCollatorForCLM, DataCollatorForLanguageModeling, DataCollatorForMLM
 
 __all__ = ["BlockIndex", "PackedDocuments", "group_texts", "pack_blocks", "pack_documents",
            "TokenStore", "merge_stores", "prepare",
-           "Masker", "mask_tokens", "DataCollatorForMLM", "DataCollatorForCLM"]
+           "Masker", "mask_tokens", "DataCollatorForMLM", "DataCollatorForCLM", "DataCollatorForLanguageModeling"]
 __version__ = "0.1.0"

@@ -1,11 +1,14 @@
-"""Data collators for ``transformers.Trainer`` and plain DataLoaders.
+"""Data collators for ``transformers.Trainer`` and plain DataLoaders, drop-ins for transformers' own.
 
-- :class:`DataCollatorForMLM`: a drop-in for ``DataCollatorForLanguageModeling(tokenizer,
-  mlm_probability=0.15)``: same input features, same output keys and dtypes, same padding, masks from the
-  fastlm kernel (reproducible per batch, see :mod:`fastlm.masking`).
-- :class:`DataCollatorForCLM`: labels = input_ids (-100 on padding, by attention mask, so an EOS used as
-  pad keeps its labels), or padding-free batches with ``position_ids`` restarting per example (the layout
-  of ``DataCollatorWithFlattening``), built by :func:`fastlm.packing.pack_documents`.
+- :class:`DataCollatorForMLM` (also exported as ``DataCollatorForLanguageModeling``): transformers'
+  ``DataCollatorForLanguageModeling`` with the same constructor arguments (``mlm=False`` gives causal-LM
+  batches), the same call and the same output keys, dtypes and padding; masks come from the fastlm kernel
+  (:mod:`fastlm.masking`).
+- :class:`DataCollatorForCLM`: causal-LM batches, labels = input_ids (-100 on padding, found by the attention
+  mask, so an EOS used as pad keeps its labels), or ``padding_free=True``: transformers'
+  ``DataCollatorWithFlattening`` (one (1, total) row, ``position_ids`` restarting per example).
+
+Deliberate differences from transformers are listed in the README ("Where fastlm differs").
 """
 import os
 import sys
@@ -14,19 +17,75 @@ from collections.abc import Mapping
 import numpy as np
 
 from fastlm._kernels import load
-from fastlm.masking import IGNORE_INDEX, Masker
+from fastlm.masking import IGNORE_INDEX, Masker, word_scheme
 
 _lists = load("_lists")
 
 RETURN_TENSORS = ("pt", "np")
-# Features HF's collators drop before the model sees the batch.
-_DROPPED_KEYS = ("special_tokens_mask", "offset_mapping", "length")
+# Features the collators consume or that no model takes; transformers drops the first two as well.
+_DROPPED_KEYS = ("special_tokens_mask", "offset_mapping", "word_ids", "length")
+# Mixed into the streams drawn from the global RNG (seed=None), so they are not the keyed ones.
+_GLOBAL_RNG_TAG = 0x676C6F62_616C726E
 
+
+# --- validation ---------------------------------------------------------------------------------------
 
 def _check_return_tensors(return_tensors):
     if return_tensors not in RETURN_TENSORS:
         raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
     return return_tensors
+
+
+def _check_multiple(pad_to_multiple_of):
+    if pad_to_multiple_of is None:
+        return None
+    if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, (int, np.integer)):
+        raise TypeError(f"pad_to_multiple_of must be None or a positive int, got {pad_to_multiple_of!r}")
+    if pad_to_multiple_of <= 0:
+        raise ValueError(f"pad_to_multiple_of must be a positive int (e.g. 8), got {pad_to_multiple_of}")
+    return int(pad_to_multiple_of)
+
+
+def _check_flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _int_row(name, i, row):
+    """Row ``i`` of feature ``name`` as a list or an integer ndarray; floats and nulls are refused, since
+    writing them into int64 would truncate ids silently (a null in a row turns a numpy-formatted column
+    into float NaN)."""
+    if type(row) is list:
+        return row  # the list copier refuses non-ints itself
+    if row is None:
+        raise TypeError(f"feature {name!r} of example {i} is None (a null row?); every row must hold token ids")
+    if isinstance(row, tuple):
+        return list(row)
+    if type(row).__module__.startswith("torch"):
+        row = row.detach().cpu().numpy()
+    row = np.asarray(row)
+    if row.dtype.kind not in "biu":
+        raise TypeError(f"feature {name!r} of example {i} holds {row.dtype} values; token ids must be integers "
+                        "(cast the column to int, and fill or drop null entries)")
+    if row.ndim != 1:
+        raise ValueError(f"feature {name!r} of example {i} must be 1-D, got shape {row.shape}")
+    return row
+
+
+def _copy_rows(name, rows, out, dest):
+    """Write row r at flat position dest[r] of ``out`` (int64); rows come from :func:`_int_row`."""
+    if all(type(row) is list for row in rows):
+        try:
+            _lists.copy_int_lists(rows, out, dest)
+        except (TypeError, OverflowError) as error:
+            raise TypeError(f"feature {name!r} must hold integer ids: {error}") from None
+        return
+    for row, start in zip(rows, dest):
+        if type(row) is list:
+            _lists.copy_int_lists([row], out, np.array([start], dtype=np.int64))
+        else:
+            out[start:start + len(row)] = row
 
 
 def _to_tensors(batch, return_tensors):
@@ -36,6 +95,8 @@ def _to_tensors(batch, return_tensors):
 
     return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
 
+
+# --- padding --------------------------------------------------------------------------------------------
 
 def _padded_length(lengths, pad_to_multiple_of):
     longest = max(lengths) if lengths else 0
@@ -52,35 +113,53 @@ def _padding_mask(lengths, width, padding_side):
     return real.astype(np.int64)
 
 
+def _row_starts(lengths, width, padding_side):
+    """Flat position of each row's first token in a (len(lengths), width) array."""
+    dest = np.arange(len(lengths), dtype=np.int64) * width
+    if padding_side == "left":
+        dest += width - np.asarray(lengths, dtype=np.int64)
+    return dest
+
+
 def _pad_column(name, rows, lengths, width, fill, padding_side):
+    rows = [_int_row(name, i, row) for i, row in enumerate(rows)]
     for i, (row, n) in enumerate(zip(rows, lengths)):
         if len(row) != n:
             raise ValueError(f"feature {name!r} of example {i} has {len(row)} entries but its input_ids has {n}")
     out = np.full((len(rows), width), fill, dtype=np.int64)
-    if all(type(row) is list for row in rows):
-        # Row i starts at column 0, or (left padding) where its right end meets the last column.
-        dest = np.arange(len(rows), dtype=np.int64) * width
-        if padding_side == "left":
-            dest += width - np.asarray(lengths, dtype=np.int64)
-        try:
-            _lists.copy_int_lists(rows, out.reshape(-1), dest)
-        except TypeError as error:
-            raise TypeError(f"feature {name!r} must hold integer ids: {error}") from None
-        return out
-    # Arrays or tensors (a dataset with a numpy / torch format): numpy converts them row by row.
-    for i, (row, n) in enumerate(zip(rows, lengths)):
-        if n:
-            if padding_side == "right":
-                out[i, :n] = row
-            else:
-                out[i, width - n:] = row
+    _copy_rows(name, rows, out.reshape(-1), _row_starts(lengths, width, padding_side))
     return out
 
 
-def pad_features(features, *, pad_id, pad_to_multiple_of=None, padding_side="right", pad_token_type_id=0):
-    """Stack HF-style features (dicts of id lists, or bare id lists) into int64 arrays, padding like
-    ``tokenizer.pad``: input_ids with ``pad_id``, attention_mask 0 (added when missing), special_tokens_mask 1,
-    token_type_ids ``pad_token_type_id``, labels -100."""
+def _pad_offsets(rows, lengths, width, padding_side):
+    """offset_mapping rows ((start, end) per token) as a (B, width, 2) int64 array, padding (0, 0)."""
+    out = np.zeros((len(rows), width, 2), dtype=np.int64)
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        if row is None:
+            raise TypeError(f"feature 'offset_mapping' of example {i} is None")
+        if type(row).__module__.startswith("torch"):
+            row = row.detach().cpu().numpy()
+        row = np.asarray(row).reshape(-1, 2) if len(row) else np.zeros((0, 2), dtype=np.int64)
+        if row.shape != (n, 2) or row.dtype.kind not in "iu":
+            raise ValueError(f"feature 'offset_mapping' of example {i} must hold {n} (start, end) integer pairs")
+        first = 0 if padding_side == "right" else width - n
+        out[i, first:first + n] = row
+    return out
+
+
+def _pad_word_ids(rows, lengths, width, padding_side):
+    """word_ids rows (None for tokens of no word, as BatchEncoding.word_ids() gives) as (B, width), -1 there."""
+    rows = [[-1 if w is None else w for w in row] if isinstance(row, (list, tuple)) else row for row in rows]
+    return _pad_column("word_ids", rows, lengths, width, -1, padding_side)
+
+
+def pad_features(features, *, pad_id, pad_to_multiple_of=None, padding_side="right", pad_token_type_id=0, skip=()):
+    """Stack HF-style features (dicts of id lists, arrays or tensors, or bare id lists) into int64 arrays,
+    padding like ``tokenizer.pad``: input_ids with ``pad_id``, attention_mask 0 (added when missing),
+    special_tokens_mask 1, token_type_ids ``pad_token_type_id``, labels -100; offset_mapping becomes
+    (B, L, 2) and word_ids (B, L) with -1 for tokens of no word. Features named in ``skip`` are left out
+    (reading a batch's offsets costs more than masking it)."""
+    pad_to_multiple_of = _check_multiple(pad_to_multiple_of)
     if not features:
         raise ValueError("cannot collate an empty list of features")
     if not isinstance(features[0], Mapping):
@@ -92,7 +171,8 @@ def pad_features(features, *, pad_id, pad_to_multiple_of=None, padding_side="rig
         raise KeyError("features need an 'input_ids' entry")
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-    lengths = [len(f["input_ids"]) for f in features]
+    ids = [_int_row("input_ids", i, f["input_ids"]) for i, f in enumerate(features)]
+    lengths = [len(row) for row in ids]
     width = _padded_length(lengths, pad_to_multiple_of)
     if pad_id is None and any(n != width for n in lengths):
         raise ValueError("the examples have different lengths but the tokenizer has no pad token: set one "
@@ -102,10 +182,14 @@ def pad_features(features, *, pad_id, pad_to_multiple_of=None, padding_side="rig
              "token_type_ids": pad_token_type_id, "labels": IGNORE_INDEX}
     batch = {}
     for key in features[0]:
-        if key == "offset_mapping":
+        if key in skip:
             continue
-        rows = [f[key] for f in features]
-        if key in fills or (not np.isscalar(rows[0]) and len(rows[0]) == lengths[0]):
+        rows = ids if key == "input_ids" else [f[key] for f in features]
+        if key == "offset_mapping":
+            batch[key] = _pad_offsets(rows, lengths, width, padding_side)
+        elif key == "word_ids":
+            batch[key] = _pad_word_ids(rows, lengths, width, padding_side)
+        elif key in fills or (rows[0] is not None and not np.isscalar(rows[0]) and len(rows[0]) == lengths[0]):
             batch[key] = _pad_column(key, rows, lengths, width, fills.get(key, 0), padding_side)
         else:
             batch[key] = np.asarray(rows)
@@ -114,71 +198,138 @@ def pad_features(features, *, pad_id, pad_to_multiple_of=None, padding_side="rig
     return batch
 
 
+# --- causal LM --------------------------------------------------------------------------------------------
+
+def _clm_pad_id(tokenizer):
+    """Pad with the pad token, else EOS (labels follow the attention mask, so an EOS pad costs nothing)."""
+    if tokenizer is None:
+        return None
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+
+
+def _causal_lm_batch(features, *, pad_id, pad_to_multiple_of, padding_side):
+    batch = pad_features(features, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side,
+                         skip=_DROPPED_KEYS)
+    labels = batch["input_ids"].copy()
+    # Padding by position, not by pad id: an EOS used as pad keeps its labels where it is real.
+    attention = batch.get("attention_mask")
+    if attention is None:  # bare id lists carry no mask
+        lengths = [len(f["input_ids"] if isinstance(f, Mapping) else f) for f in features]
+        attention = _padding_mask(lengths, labels.shape[1], padding_side)
+    labels[attention == 0] = IGNORE_INDEX
+    batch["labels"] = labels
+    return batch
+
+
+# --- whole words ------------------------------------------------------------------------------------------
+
+def _word_starts_from_offsets(offsets):
+    """transformers' rule: a token begins a word unless it starts where the previous token ended. (Tokens
+    after a special token or padding also begin one: the kernel starts a unit after any unselectable token.)"""
+    previous_end = np.full(offsets.shape[:2], -1, dtype=np.int64)
+    previous_end[:, 1:] = offsets[:, :-1, 1]
+    return offsets[..., 0] != previous_end
+
+
+def _word_starts_from_word_ids(word_ids):
+    previous = np.full(word_ids.shape, -1, dtype=np.int64)
+    previous[:, 1:] = word_ids[:, :-1]
+    return (word_ids != previous) | (word_ids < 0)
+
+
 class DataCollatorForMLM:
-    """Drop-in for ``DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)`` in a Trainer.
+    """Drop-in for transformers' ``DataCollatorForLanguageModeling``: same arguments, in the same order,
+    same call (``collator(features, return_tensors=None)``), same output.
 
-    Same features in (dicts with ``input_ids`` and optionally ``attention_mask``, ``token_type_ids``,
-    ``special_tokens_mask``, ``offset_mapping``; or bare id lists), same keys and int64 tensors out, padded
-    like HF. Differences: random replacements are drawn from the non-special ids; ``whole_word_mask``
-    works for WordPiece and byte-level BPE from a vocabulary table (no offsets needed) and keeps the
-    80/10/10 replacement (HF forces 100% mask); masks are reproducible per batch.
+    Features are dicts with ``input_ids`` and optionally ``attention_mask``, ``token_type_ids``,
+    ``special_tokens_mask``, ``offset_mapping``, ``word_ids`` (or bare id lists); lists, numpy arrays or
+    tensors. Output: the padded features as int64 tensors (or arrays) plus ``labels``.
 
-    Reproducibility: batch k of an epoch is masked with the stream keyed by (seed, epoch, k), whatever
-    the number of DataLoader workers (worker w of n handles batches w, w + n, ...: map-style datasets, in
-    order). With ranks, rank r's j-th batch is global batch j * world_size + r (rank and world size from
-    the arguments or torch.distributed), so ranks never share a stream. Call ``set_epoch(epoch)`` before
-    each epoch's iterator is created (as with ``DistributedSampler``), or pass ``trainer_callback()`` to
-    the Trainer (its ``on_epoch_begin`` runs before the epoch's workers start): new masks per epoch, the
-    same for any worker count. Without it, worker processes (re-created each epoch) restart at batch 0
-    while the main process keeps counting. A resumed Trainer skips batches without collating them, so the
-    numbering restarts there. With ``fixed=True`` each row
-    is masked from its own tokens (:meth:`fastlm.masking.Masker.mask_fixed`): use it for evaluation sets.
+    Masking (``mlm=True``): each token is selected with probability ``mlm_probability`` unless it is special
+    (by the features' ``special_tokens_mask`` when given, else by the tokenizer's special ids, as
+    ``get_special_tokens_mask`` does) or padding; a selected token becomes a target and is replaced by the
+    mask token (``mask_replace_prob``), a random id below ``len(tokenizer)`` (``random_replace_prob``) or
+    kept. ``mlm=False``: causal-LM labels (see :class:`DataCollatorForCLM`).
 
-    Args:
-        tokenizer: a transformers tokenizer with a mask token.
-        mlm_probability, mask_replace_prob, random_replace_prob: as in transformers 5.
-        whole_word_mask: mask whole words (scheme detected from the vocabulary), or "wordpiece" / "bpe".
-        exact, span: exact-count or SpanBERT span masking (see :class:`fastlm.masking.Masker`).
-        pad_to_multiple_of, return_tensors: as in transformers ("pt" or "np").
-        seed: stream seed; None draws one from the OS once (so every worker shares it).
-        fixed: per-row evaluation masks.
-        rank, world_size: this process's place among the training processes (default: torch.distributed's
-            when initialised, else 0 of 1).
+    Whole words (``whole_word_mask=True``): word boundaries come from the features' ``word_ids`` when given;
+    else from the vocabulary's word marks for byte-level BPE (``Ġ``) and SentencePiece (``▁``); else (WordPiece,
+    whose ``##`` cannot tell "word," from "word ,", or a vocabulary with no marks) from ``offset_mapping``
+    by transformers' rule. As in transformers every selected token becomes the mask token, unless
+    ``mask_replace_prob`` / ``random_replace_prob`` are given.
+
+    Random streams: with ``seed=None`` each batch draws its stream key from torch's global RNG (numpy's for
+    ``return_tensors="np"``), the RNG transformers' collator uses, so ``transformers.set_seed`` reproduces
+    the masks and every epoch gets new ones. With ``seed=s`` batch k of epoch e is masked from
+    ``PCG64([k, e, s])``: the collator numbers its batches itself (DataLoader workers take batches
+    round-robin; rank r of n takes global batch j * n + r), so masks do not depend on torch's RNG. Without
+    ``set_epoch`` / :meth:`trainer_callback` the numbering runs on across epochs (one process), and
+    worker processes, which restart each epoch, number the epochs by DataLoader iterator; then the first
+    epoch's masks are the same with 0, 1 or 2 workers and later epochs get new ones. Call ``set_epoch(e)``
+    before each epoch (or pass ``callbacks=[collator.trainer_callback()]`` to the Trainer) to key every
+    epoch by its number: the same masks for any worker count (persistent workers keep the epoch they
+    started with and number on).
+
+    fastlm options (keyword only): ``exact`` / ``span`` (see :class:`fastlm.masking.Masker`), ``fixed``
+    (evaluation masks keyed by each example's tokens), ``random_ids="non_special"`` (draw random
+    replacements from the vocabulary's non-special ids only), ``rank`` / ``world_size`` (default:
+    torch.distributed's when initialised).
     """
 
-    def __init__(self, tokenizer, mlm_probability=0.15, *, mask_replace_prob=0.8, random_replace_prob=0.1,
-                 whole_word_mask=False, exact=False, span=None, pad_to_multiple_of=None, return_tensors="pt",
-                 seed=None, fixed=False, rank=None, world_size=None):
-        if getattr(tokenizer, "mask_token_id", None) is None:
+    def __init__(self, tokenizer, mlm=True, whole_word_mask=False, mlm_probability=0.15, mask_replace_prob=None,
+                 random_replace_prob=None, pad_to_multiple_of=None, return_tensors="pt", seed=None, *, exact=False,
+                 span=None, fixed=False, random_ids="vocab", rank=None, world_size=None):
+        self.tokenizer = tokenizer
+        if not isinstance(mlm, (bool, np.bool_)):
+            raise TypeError(f"mlm must be True or False, got {mlm!r}; the second positional argument is mlm, as in "
+                            "transformers (pass mlm_probability= by keyword)")
+        self.mlm = bool(mlm)
+        if whole_word_mask not in (False, True, "wordpiece", "bpe", "sentencepiece"):
+            raise ValueError(f"whole_word_mask must be True, False, 'wordpiece', 'bpe' or 'sentencepiece', "
+                             f"got {whole_word_mask!r}")
+        self.whole_word_mask = whole_word_mask
+        if self.mlm and getattr(tokenizer, "mask_token_id", None) is None:
             raise ValueError("no mask id: this tokenizer has no mask token, which masked-LM training needs; "
-                             "use DataCollatorForCLM for causal LM")
-        if seed is None:
-            seed = int(np.random.SeedSequence().entropy % 2**63)
-        self.masker = Masker.from_tokenizer(
-            tokenizer, whole_word=whole_word_mask or None, mlm_probability=mlm_probability,
-            mask_replace_prob=mask_replace_prob, random_replace_prob=random_replace_prob, exact=exact, span=span,
-            seed=seed,
-        )
-        self.pad_id = tokenizer.pad_token_id
-        self.padding_side = getattr(tokenizer, "padding_side", "right")
-        self.pad_token_type_id = getattr(tokenizer, "pad_token_type_id", 0)
-        self.pad_to_multiple_of = pad_to_multiple_of
+                             "pass mlm=False (or use DataCollatorForCLM) for causal LM")
+        if not self.mlm and whole_word_mask:
+            raise ValueError("whole_word_mask needs mlm=True")
+        self.mlm_probability = mlm_probability
+        # transformers masks every token of a selected word (no random or kept tokens) unless told otherwise.
+        whole = bool(whole_word_mask)
+        self.mask_replace_prob = (1.0 if whole else 0.8) if mask_replace_prob is None else mask_replace_prob
+        self.random_replace_prob = (0.0 if whole else 0.1) if random_replace_prob is None else random_replace_prob
+        self.pad_to_multiple_of = _check_multiple(pad_to_multiple_of)
         self.return_tensors = _check_return_tensors(return_tensors)
-        self.fixed = bool(fixed)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise ValueError(f"seed must be None or a non-negative int, got {seed!r}")
+        self.seed = seed
+        self.exact, self.span, self.fixed, self.random_ids = exact, span, bool(fixed), random_ids
         if (rank is None) != (world_size is None):
             raise ValueError("pass both rank and world_size, or neither")
         if world_size is not None and not (isinstance(world_size, int) and isinstance(rank, int) and 0 <= rank < world_size):
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
         self.rank, self.world_size = rank, world_size
+        self.pad_id = getattr(tokenizer, "pad_token_id", None) if self.mlm else _clm_pad_id(tokenizer)
+        self.padding_side = getattr(tokenizer, "padding_side", "right")
+        self.pad_token_type_id = getattr(tokenizer, "pad_token_type_id", 0)
         self.epoch = 0
+        self._epoch_given = False
         self._calls = 0
         self._pid = os.getpid()
+        self._iterators = _IteratorCount()
+        self._global_stream = np.random.PCG64(0)  # its state is set from the global RNG at every batch
+        self._masker_settings = None
+        if self.mlm:
+            self._sync_masker()  # validates the masking arguments now rather than at the first batch
+
+    # --- epochs and streams ---------------------------------------------------------------------------
 
     def set_epoch(self, epoch):
-        """Start numbering batches for ``epoch`` (call before the epoch's DataLoader iterator is created)."""
+        """Key the next batches by ``epoch``, numbered from 0 (call before the epoch's DataLoader iterator
+        is created, as with ``DistributedSampler``)."""
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
         self.epoch = int(epoch)
+        self._epoch_given = True
         self._calls = 0
 
     def trainer_callback(self):
@@ -193,12 +344,17 @@ class DataCollatorForMLM:
 
         return SetMaskingEpoch()
 
-    def _next_batch_index(self):
+    def _bit_generator(self, return_tensors):
+        if self.seed is None:
+            return _stream_from_global_rng(self._global_stream, return_tensors)
         torch = sys.modules.get("torch")
         worker = torch.utils.data.get_worker_info() if torch is not None else None
         if self._pid != os.getpid():
             # A DataLoader worker's copy: it carries the parent's count, but its batches start at its id.
             self._pid, self._calls = os.getpid(), 0
+            if worker is not None and not self._epoch_given:
+                # Workers of one iterator share its base seed (each seeds torch with base + id).
+                self.epoch = self._iterators.number(worker.seed - worker.id)
         calls, self._calls = self._calls, self._calls + 1
         # DataLoader hands map-style batches to its workers round-robin, in order.
         local = calls if worker is None else calls * worker.num_workers + worker.id
@@ -206,95 +362,220 @@ class DataCollatorForMLM:
         if world_size is None:
             distributed = torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
             rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
-        return local * world_size + rank
+        return np.random.PCG64([local * world_size + rank, self.epoch, self.seed])
 
-    def __call__(self, features):
+    # --- the masker, kept in step with the public attributes ---------------------------------------------
+
+    def _sync_masker(self):
+        # Objects by identity: a tokenizer or an id array compared by value would cost a pass per batch.
+        random_ids = self.random_ids if isinstance(self.random_ids, str) else id(self.random_ids)
+        settings = (id(self.tokenizer), self.whole_word_mask, self.mlm_probability, self.mask_replace_prob,
+                    self.random_replace_prob, self.exact, self.span, random_ids, self.seed)
+        if settings != self._masker_settings:
+            scheme = self.whole_word_mask if isinstance(self.whole_word_mask, str) else None
+            if self.whole_word_mask is True:
+                scheme = word_scheme(list(self.tokenizer.get_vocab()))
+            self.masker = Masker.from_tokenizer(
+                self.tokenizer, whole_word=scheme, mlm_probability=self.mlm_probability,
+                mask_replace_prob=self.mask_replace_prob, random_replace_prob=self.random_replace_prob,
+                exact=self.exact, span=self.span, seed=self.seed or 0, random_ids=self.random_ids,
+                valid_ids=None, strict_ids=False,
+            )
+            self._masker_settings = settings
+        return self.masker
+
+    def _word_features(self):
+        """The features that tell words apart, for this collator's whole-word mode (none without it)."""
+        if self.whole_word_mask is not True:
+            return ()
+        # Byte-level BPE and SentencePiece vocabularies mark word starts themselves: their offsets add nothing.
+        return ("word_ids", "offset_mapping") if self.masker.whole_word in (None, "wordpiece") else ("word_ids",)
+
+    def _word_start_mask(self, batch):
+        offsets, word_ids = batch.pop("offset_mapping", None), batch.pop("word_ids", None)
+        if self.whole_word_mask is not True:
+            return None
+        if word_ids is not None:
+            return _word_starts_from_word_ids(word_ids)
+        if offsets is not None:
+            return _word_starts_from_offsets(offsets)
+        if self.masker.whole_word is None:
+            raise ValueError("whole-word masking with this tokenizer (no '##', 'Ġ' or '▁' word marks in its "
+                             "vocabulary) needs features with offset_mapping (tokenize with "
+                             "return_offsets_mapping=True) or word_ids")
+        return None
+
+    # --- collation --------------------------------------------------------------------------------------
+
+    def __call__(self, features, return_tensors=None):
+        return_tensors = _check_return_tensors(self.return_tensors if return_tensors is None else return_tensors)
+        if not self.mlm:
+            batch = _causal_lm_batch(features, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of,
+                                     padding_side=self.padding_side)
+            return _to_tensors(batch, return_tensors)
+        masker = self._sync_masker()
+        word_features = self._word_features()
         batch = pad_features(features, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of,
-                             padding_side=self.padding_side, pad_token_type_id=self.pad_token_type_id)
+                             padding_side=self.padding_side, pad_token_type_id=self.pad_token_type_id,
+                             skip=[key for key in _DROPPED_KEYS if key not in word_features + ("special_tokens_mask",)])
+        word_starts = self._word_start_mask(batch)
         special = batch.pop("special_tokens_mask", None)
-        for key in _DROPPED_KEYS:
-            batch.pop(key, None)
-        # Targets: attended, non-special tokens (the tokenizer's specials by id, plus any the features mark).
-        maskable = batch.get("attention_mask")
-        if special is not None:
-            maskable = (special == 0) if maskable is None else (maskable != 0) & (special == 0)
+        ids, attention = batch["input_ids"], batch.get("attention_mask")
         if self.fixed:
-            batch["input_ids"], batch["labels"] = self.masker.mask_fixed(batch["input_ids"], maskable)
+            batch["input_ids"], batch["labels"] = masker.mask_fixed(
+                ids, attention, special_tokens_mask=special, word_start_mask=word_starts)
         else:
-            batch["input_ids"], batch["labels"] = self.masker(
-                batch["input_ids"], maskable, epoch=self.epoch, batch_index=self._next_batch_index())
-        return _to_tensors(batch, self.return_tensors)
+            batch["input_ids"], batch["labels"] = masker.mask_with(
+                ids, attention, self._bit_generator(return_tensors), special_tokens_mask=special,
+                word_start_mask=word_starts)
+        return _to_tensors(batch, return_tensors)
+
+
+# One name for transformers users: DataCollatorForLanguageModeling(tokenizer, mlm=True|False, ...).
+DataCollatorForLanguageModeling = DataCollatorForMLM
+
+
+def _stream_from_global_rng(bit_generator, return_tensors):
+    """``bit_generator`` set to a state drawn from the RNG transformers' collator draws from: torch's global
+    one, numpy's for "np". Setting a PCG64 state costs a tenth of seeding a new PCG64 from a key."""
+    if return_tensors == "pt":
+        import torch
+
+        key = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    else:
+        key = int(np.random.randint(0, 2**63 - 1, dtype=np.int64))
+    # Spread the 63 random bits over PCG64's 128-bit state (an odd multiplier is a bijection mod 2**128).
+    state = (key * 0x9E3779B97F4A7C15F39CC0605CEDC835) % 2**128
+    increment = ((key ^ _GLOBAL_RNG_TAG) << 1) | 1
+    bit_generator.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": increment},
+                           "has_uint32": 0, "uinteger": 0}
+    return bit_generator
+
+
+class _IteratorCount:
+    """Numbers the DataLoader iterators whose worker processes run a collator, across those processes.
+
+    Worker processes start afresh with every iterator (every epoch, unless persistent) from a copy of the
+    collator, so they cannot count epochs themselves. All workers of one iterator share its base seed, so
+    a worker that sees a base seed other than the last one is the first of the next iterator. The count
+    lives in shared memory, handed to the workers when they start; any other copy (pickle, deepcopy)
+    starts a count of its own.
+    """
+
+    def __init__(self):
+        import multiprocessing
+
+        self._lock = multiprocessing.Lock()
+        self._state = multiprocessing.RawArray("q", [-1, 0])  # [iterators seen - 1, last base seed]
+
+    def number(self, base_seed):
+        with self._lock:
+            if self._state[0] < 0 or self._state[1] != base_seed:
+                self._state[0] += 1
+                self._state[1] = base_seed
+            return self._state[0]
+
+    def __getstate__(self):
+        import multiprocessing
+        from multiprocessing import context
+
+        if context.get_spawning_popen() is None:
+            return {"fresh": True}
+        if getattr(self._lock, "_is_fork_ctx", False):
+            # A fork-context lock cannot go to spawn or forkserver workers. Workers take the lock only at
+            # their first batch, so the parent can switch to one that can before any of them starts.
+            self._lock = multiprocessing.get_context("spawn").Lock()
+        return self.__dict__
+
+    def __setstate__(self, state):
+        if state.get("fresh"):
+            self.__init__()
+        else:
+            self.__dict__.update(state)
 
 
 class DataCollatorForCLM:
-    """Causal-LM batches: ``labels`` = ``input_ids`` with -100 where attention is 0.
+    """Causal-LM batches: ``labels`` = ``input_ids`` with -100 on padding.
 
-    Unlike ``DataCollatorForLanguageModeling(mlm=False)``, padding is found by the attention mask, not by
-    the pad id, so EOS tokens keep their labels when pad == eos (transformers #23530).
+    Like ``DataCollatorForLanguageModeling(mlm=False)``, except that padding is found by the attention mask,
+    not by the pad id, so EOS tokens keep their labels when pad == eos (transformers #23530), and that a
+    tokenizer without a pad token pads with EOS.
 
-    ``padding_free=True`` concatenates the examples into one (1, total) row with ``position_ids``
-    restarting per example and label -100 at each example's first token (it would be predicted from the
-    previous example), like ``DataCollatorWithFlattening`` (given ``labels`` features are used, first
-    label of each example dropped); examples keep their input order. ``return_flash_attn_kwargs=True`` adds ``cu_seq_lens_q/k`` (int32) and
-    ``max_length_q/k`` for flash-attention varlen kernels.
+    ``padding_free=True`` is transformers' ``DataCollatorWithFlattening``, with its arguments: the examples
+    are concatenated into one (1, total) row (empty ones dropped), labels are the given ``labels`` or the
+    input_ids, with each example's first label replaced by ``separator_id`` (-100: it would be predicted
+    from the previous example); ``position_ids`` restart at ``position_ids_start`` for each example
+    (RoBERTa-style models count from padding_idx + 1 = 2); ``return_flash_attn_kwargs=True`` adds
+    ``cu_seq_lens_q/k`` (int32) and ``max_length_q/k`` for flash-attention varlen kernels,
+    ``return_seq_idx=True`` the example of each token (int32).
     """
 
-    def __init__(self, tokenizer=None, *, pad_id=None, padding_free=False, return_flash_attn_kwargs=False,
+    def __init__(self, tokenizer=None, mlm=False, *, pad_id=None, padding_free=False, return_position_ids=True,
+                 separator_id=-100, position_ids_start=0, return_flash_attn_kwargs=False, return_seq_idx=False,
                  pad_to_multiple_of=None, return_tensors="pt"):
-        if pad_id is None and tokenizer is not None:
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = pad_id
+        if _check_flag("mlm", mlm):
+            raise ValueError("DataCollatorForCLM makes causal-LM batches (mlm=False); use DataCollatorForMLM for "
+                             "masked LM")
+        self.tokenizer = tokenizer
+        self.mlm = False
+        self.pad_id = _clm_pad_id(tokenizer) if pad_id is None else pad_id
         self.padding_side = getattr(tokenizer, "padding_side", "right")
-        self.padding_free = bool(padding_free)
-        self.return_flash_attn_kwargs = bool(return_flash_attn_kwargs)
-        self.pad_to_multiple_of = pad_to_multiple_of
+        self.padding_free = _check_flag("padding_free", padding_free)
+        self.return_position_ids = _check_flag("return_position_ids", return_position_ids)
+        self.return_flash_attn_kwargs = _check_flag("return_flash_attn_kwargs", return_flash_attn_kwargs)
+        self.return_seq_idx = _check_flag("return_seq_idx", return_seq_idx)
+        self.separator_id = separator_id
+        self.position_ids_start = position_ids_start
+        self.pad_to_multiple_of = _check_multiple(pad_to_multiple_of)
         self.return_tensors = _check_return_tensors(return_tensors)
 
-    def __call__(self, features):
+    def __call__(self, features, return_tensors=None, separator_id=None):
+        return_tensors = _check_return_tensors(self.return_tensors if return_tensors is None else return_tensors)
         if self.padding_free:
-            return _to_tensors(self._flatten(features), self.return_tensors)
-        batch = pad_features(features, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of,
-                             padding_side=self.padding_side)
-        for key in _DROPPED_KEYS:
-            batch.pop(key, None)
-        labels = batch["input_ids"].copy()
-        # Padding by position, not by pad id: an EOS used as pad keeps its labels where it is real.
-        attention = batch.get("attention_mask")
-        if attention is None:  # bare id lists carry no mask
-            lengths = [len(f["input_ids"] if isinstance(f, Mapping) else f) for f in features]
-            attention = _padding_mask(lengths, labels.shape[1], self.padding_side)
-        labels[attention == 0] = IGNORE_INDEX
-        batch["labels"] = labels
-        return _to_tensors(batch, self.return_tensors)
+            separator_id = self.separator_id if separator_id is None else separator_id
+            return _to_tensors(self._flatten(features, separator_id), return_tensors)
+        return _to_tensors(_causal_lm_batch(features, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of,
+                                            padding_side=self.padding_side), return_tensors)
 
-    def _flatten(self, features):
-        from fastlm.packing import pack_documents
-
+    def _flatten(self, features, separator_id):
         if not features:
             raise ValueError("cannot collate an empty list of features")
-        rows = [f["input_ids"] if isinstance(f, Mapping) else f for f in features]
+        for name, value in (("separator_id", separator_id), ("position_ids_start", self.position_ids_start)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+        as_dicts = isinstance(features[0], Mapping)
+        rows = [_int_row("input_ids", i, f["input_ids"] if as_dicts else f) for i, f in enumerate(features)]
+        keep = [i for i, row in enumerate(rows) if len(row)]  # empty examples are dropped, as in transformers
+        if not keep:
+            raise ValueError("every example is empty: nothing to collate")
+        rows = [rows[i] for i in keep]
         lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        total = int(offsets[-1])
-        if total == 0:
-            raise ValueError("every example is empty: nothing to collate")
-        tokens = np.empty(total, dtype=np.int64)
-        for row, start, n in zip(rows, offsets[:-1], lengths):
-            tokens[start:start + n] = row
-        # One block as long as the batch: every example fits whole, none is split.
-        flat = pack_documents(tokens, offsets, total).gather([0], flatten=True)
-        batch = {key: flat[key] for key in ("input_ids", "labels", "position_ids")}
-        if all(isinstance(f, Mapping) and "labels" in f for f in features):
-            # Given labels win (e.g. prompts masked for SFT), as in DataCollatorWithFlattening; each
-            # example's first label still goes, since the previous example would predict it.
-            given = [np.asarray(f["labels"], dtype=np.int64) for f in features]
-            for i, (labels, n) in enumerate(zip(given, lengths)):
-                if labels.shape != (n,):
-                    raise ValueError(f"labels of example {i} have shape {labels.shape}, its input_ids {n} tokens")
-            flat_labels = np.concatenate(given)
-            flat_labels[offsets[:-1][lengths > 0]] = IGNORE_INDEX
-            batch["labels"] = flat_labels[None, :]
+        starts = offsets[:-1]
+        tokens = np.empty(int(offsets[-1]), dtype=np.int64)
+        _copy_rows("input_ids", rows, tokens, starts)
+        labels = tokens.copy()
+        if as_dicts and "labels" in features[0]:
+            # Given labels win (e.g. prompts masked for SFT), as in DataCollatorWithFlattening.
+            for i in keep:
+                if "labels" not in features[i]:
+                    raise ValueError(f"example {i} has no labels but example 0 has")
+            given = [_int_row("labels", i, features[i]["labels"]) for i in keep]
+            for i, row, n in zip(keep, given, lengths):
+                if len(row) != n:
+                    raise ValueError(f"labels of example {i} have {len(row)} entries, its input_ids {n} tokens")
+            _copy_rows("labels", given, labels, starts)
+        # Each example's first token would be predicted from the previous example.
+        labels[starts] = separator_id
+        batch = {"input_ids": tokens[None, :], "labels": labels[None, :]}
+        if self.return_position_ids:
+            positions = np.arange(tokens.shape[0], dtype=np.int64) - np.repeat(starts, lengths)
+            batch["position_ids"] = (positions + self.position_ids_start)[None, :]
+        if self.return_seq_idx:
+            batch["seq_idx"] = np.repeat(np.arange(len(rows), dtype=np.int32), lengths)[None, :]
         if self.return_flash_attn_kwargs:
-            batch.update({key: flat[key] for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")})
+            cu_seq_lens = offsets.astype(np.int32)
+            batch.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens,
+                         max_length_q=int(lengths.max()), max_length_k=int(lengths.max()))
         return batch

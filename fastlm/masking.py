@@ -278,13 +278,17 @@ class Masker:
             if whole_word in (True, "auto"):
                 whole_word = _detect_word_scheme(tokens)
             word_starts = word_start_table(tokens, ids, vocab_size, whole_word)
-        if isinstance(random_ids, str):
-            if random_ids not in ("non_special", "vocab"):
-                raise ValueError(f"random_ids must be 'non_special', 'vocab' or an array of ids, got {random_ids!r}")
-            random_ids = None if random_ids == "non_special" else np.arange(len(tokenizer), dtype=np.int64)
         kwargs.setdefault("special_ids", tokenizer.all_special_ids)
         kwargs.setdefault("mask_id", tokenizer.mask_token_id)
         kwargs.setdefault("valid_ids", ids)
+        if isinstance(random_ids, str):
+            if random_ids == "non_special":
+                specials = [i for i in [kwargs["mask_id"], *kwargs["special_ids"]] if i is not None]
+                random_ids = np.setdiff1d(ids, np.asarray(specials, dtype=np.int64))
+            elif random_ids == "vocab":
+                random_ids = np.arange(len(tokenizer), dtype=np.int64)
+            else:
+                raise ValueError(f"random_ids must be 'non_special', 'vocab' or an array of ids, got {random_ids!r}")
         return cls(vocab_size=vocab_size, whole_word=whole_word or None, word_starts=word_starts,
                    random_ids=random_ids, **kwargs)
 

@@ -86,7 +86,8 @@ def test_kernel_matches_reference(case, dtype, container):
     def matrix(flags):
         return None if flags is None else np.array(flags, dtype=np.int64).reshape(shape)
 
-    attention, special, starts_at = matrix(case["attention"]), matrix(case["special_mask"]), matrix(case["word_starts_at"])
+    attention, special = matrix(case["attention"]), matrix(case["special_mask"])
+    starts_at = matrix(case["word_starts_at"])
     out, labels = masker(ids, attention, epoch=case["epoch"], batch_index=case["batch_index"],
                          special_tokens_mask=special, word_start_mask=starts_at)
 

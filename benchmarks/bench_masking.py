@@ -5,7 +5,9 @@ Data: WikiText-2 validation (../shared/data), RoBERTa tokenizer, at 8x128 and 64
   numpy PCG64). HF given the special_tokens_mask tensor (its fast path), and without it (the tutorial's
   path: its dataset has none, so HF builds it with the tokenizer). "fastlm keyed" is the call a
   training loop makes: a fresh PCG64([batch_index, epoch, seed]) stream per batch.
-- "collate": feature lists (input_ids + attention_mask, as the tutorial's dataset holds them) to tensors.
+- "collate": feature lists (input_ids + attention_mask, as the tutorial's dataset holds them) to tensors;
+  fastlm keyed (seed=0: a PCG64 per batch from [batch, epoch, seed]) and with the default seed=None (the
+  stream drawn from torch's global RNG).
 - "whole-word": features of 64 paragraphs padded to 512 (HF needs their offset_mapping) to tensors.
 
     make bench     # or: .venv/bin/python -m pytest benchmarks/bench_masking.py --benchmark-only
@@ -136,10 +138,11 @@ def bench_collate_hf(benchmark, features, roberta_tok, shape):
     _throughput(benchmark, shape[0] * shape[1])
 
 
+@pytest.mark.parametrize("seed", [0, None], ids=["keyed", "global-rng"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def bench_collate_fastlm(benchmark, features, roberta_tok, shape):
+def bench_collate_fastlm(benchmark, features, roberta_tok, shape, seed):
     benchmark.group = f"collate {shape[0]}x{shape[1]}"
-    collator = DataCollatorForMLM(roberta_tok, mlm_probability=0.15, seed=0)
+    collator = DataCollatorForMLM(roberta_tok, mlm_probability=0.15, seed=seed)
     batch = benchmark(collator, features[shape])
     _check_masks(batch["labels"], torch.tensor([f["input_ids"] for f in features[shape]]))
     _throughput(benchmark, shape[0] * shape[1])
@@ -154,7 +157,7 @@ def _n_tokens(word_features):
 @pytest.mark.benchmark(group="whole-word collate 64x512")
 @pytest.mark.filterwarnings("ignore:Random token replacement is not supported")
 def bench_whole_word_hf(benchmark, word_features, roberta_tok):
-    # HF's whole-word mode forces mask_replace_prob=1 (with a warning); fastlm keeps 80/10/10.
+    # Both mask every token of a selected word (HF forces mask_replace_prob=1 with a warning; fastlm by default).
     collator = transformers.DataCollatorForLanguageModeling(roberta_tok, whole_word_mask=True, seed=0)
     batch = benchmark(collator, word_features)
     assert (batch["labels"] != IGNORE_INDEX).any()

@@ -6,8 +6,8 @@ arguments; ``mlm=False`` gives causal-LM batches), ``DataCollatorForWholeWordMas
 ``DataCollatorForCLM(padding_free=True)``. The toy tokenizer is transformers' own: a WordPiece vocabulary of
 the five specials only, fed ids up to 1000 (transformers takes any id; so does fastlm's collator).
 
-Of the 37 tests ported here, 35 pass unchanged (only the collator class swapped) and 2 are adapted:
-transformers' unit tests of its private whole-word helpers (``_calc_word_ids_and_prob_mask``,
+Of transformers' 38 tests for these collators, 36 pass unchanged (only the collator class swapped) and 2
+are adapted: its unit tests of two private whole-word helpers (``_calc_word_ids_and_prob_mask``,
 ``_whole_word_mask``) become one test of the same cases through fastlm's public whole-word masking.
 """
 import copy

@@ -39,6 +39,12 @@ def make_tokens(docs, dtype, container, tmp_dir=None):
     return flat, offsets
 
 
+@pytest.fixture(scope="module")
+def memmap_dir(tmp_path_factory):
+    """Where make_tokens writes its memmaps: pytest prunes it, unlike the system temp directory."""
+    return tmp_path_factory.mktemp("tokens")
+
+
 docs_strategy = st.lists(st.lists(st.integers(0, 65535), max_size=40), max_size=12)
 
 
@@ -59,8 +65,9 @@ def rows_of(batch):
     separator=st.one_of(st.none(), st.integers(0, 65535)),
     stride_fraction=st.one_of(st.none(), st.floats(0.05, 1.0)),
 )
-def test_pack_blocks_matches_reference(docs, dtype, container, block_size, remainder, separator, stride_fraction):
-    tokens, offsets = make_tokens(docs, dtype, container)
+def test_pack_blocks_matches_reference(memmap_dir, docs, dtype, container, block_size, remainder, separator,
+                                       stride_fraction):
+    tokens, offsets = make_tokens(docs, dtype, container, memmap_dir)
     stride = None if stride_fraction is None else max(1, int(block_size * stride_fraction))
     blocks = pack_blocks(tokens, offsets, block_size, remainder=remainder, separator=separator,
                          stride=stride, pad_id=7)
@@ -82,8 +89,9 @@ def test_pack_blocks_matches_reference(docs, dtype, container, block_size, remai
     remainder=st.sampled_from(["drop", "pad"]),
     separator=st.one_of(st.none(), st.integers(0, 65535)),
 )
-def test_pack_blocks_per_group_matches_reference(docs, dtype, container, block_size, group_size, remainder, separator):
-    tokens, offsets = make_tokens(docs, dtype, container)
+def test_pack_blocks_per_group_matches_reference(memmap_dir, docs, dtype, container, block_size, group_size,
+                                                 remainder, separator):
+    tokens, offsets = make_tokens(docs, dtype, container, memmap_dir)
     blocks = pack_blocks(tokens, offsets, block_size, group_size=group_size, remainder=remainder,
                          separator=separator, pad_id=3)
     expected = ref_pack_blocks(tokens, offsets, block_size, remainder, separator, None, group_size, pad_id=3)
@@ -111,8 +119,8 @@ def test_group_size_reproduces_the_tutorial_map_batches(docs, block_size, group_
     block_size=st.integers(1, 24),
     overlong=st.sampled_from(["split", "truncate"]),
 )
-def test_pack_documents_matches_reference(docs, dtype, container, block_size, overlong):
-    tokens, offsets = make_tokens(docs, dtype, container)
+def test_pack_documents_matches_reference(memmap_dir, docs, dtype, container, block_size, overlong):
+    tokens, offsets = make_tokens(docs, dtype, container, memmap_dir)
     packed = pack_documents(tokens, offsets, block_size, overlong=overlong, pad_id=5)
     pieces = ref_pieces(tokens, offsets, block_size, overlong)
     assert len(packed) == ref_best_fit_decreasing([len(p) for p in pieces], block_size)

@@ -470,7 +470,9 @@ def _flatten_rows(key, rows):
     """(flat ids, ids per row) of a batch column: a list of id lists, or a 2-D integer array."""
     if isinstance(rows, np.ndarray) and rows.dtype != object:
         if rows.dtype.kind not in "iu":
-            raise TypeError(f"column {key!r} has dtype {rows.dtype}; token ids must be integers (a float id would be truncated)")
+            raise TypeError(
+                f"column {key!r} has dtype {rows.dtype}; token ids must be integers (a float id would be truncated)"
+            )
         if rows.ndim != 2:
             raise TypeError(f"column {key!r} must be a 2-D array (rows of ids), got shape {rows.shape}")
         if rows.dtype == np.uint64 and rows.size and rows.max() >= _INT64_LIMIT:
@@ -514,7 +516,9 @@ def _arrow_rows(table, name):
         raise ValueError(f"column {name!r} row {row} is null (a missing row): drop or fill missing rows first")
     values = column.flatten()
     if not pa.types.is_integer(values.type):
-        raise TypeError(f"column {name!r} holds {values.type} ids; token ids must be integers (a float id would be truncated)")
+        raise TypeError(
+            f"column {name!r} holds {values.type} ids; token ids must be integers (a float id would be truncated)"
+        )
     lengths = pc.list_value_length(column).to_numpy().astype(np.int64)
     if values.null_count:
         first = pc.index(values.is_null(), True).as_py()

@@ -204,32 +204,42 @@ cdef inline Py_ssize_t _tree_first_at_least(const uint8_t* tree, Py_ssize_t leav
 def best_fit_decreasing(const int64_t[::1] piece_lengths, int64_t block_size, int64_t[::1] piece_block):
     """Assign each piece a block id by best-fit decreasing; returns the number of blocks.
 
-    Pieces are visited longest first (a counting sort: lengths are at most block_size), each going to the
-    open block whose remaining capacity fits it most tightly, or to a new block.
+    Pieces are visited longest first (a counting sort over lengths), each going to the open block whose
+    remaining capacity fits it most tightly, or to a new block.
+
+    Work memory is O(pieces + longest piece), never O(block_size): capacities are tracked up to the
+    longest piece only. That loses nothing, because at most one open block (the newest) can have more
+    room than the longest piece: a block is opened only when every open block has less room than the
+    piece at hand, and rooms only shrink. So the top bucket holds that one block, its room kept aside.
     """
     cdef Py_ssize_t n = piece_lengths.shape[0], p, i, leaves = 1
-    cdef int64_t length, n_blocks = 0, cap, block
-    while leaves < block_size + 1:
+    cdef int64_t length, n_blocks = 0, cap, block, longest = 0, newest_cap = 0
+    if n == 0:
+        return 0
+    with nogil:
+        for p in range(n):
+            longest = max(longest, piece_lengths[p])
+    while leaves < longest + 1:
         leaves *= 2
-    cdef int64_t* bucket_start = <int64_t*> malloc((block_size + 2) * sizeof(int64_t))
+    cdef int64_t* bucket_start = <int64_t*> malloc((longest + 2) * sizeof(int64_t))
     cdef int64_t* order = <int64_t*> malloc((n + 1) * sizeof(int64_t))
     # Open blocks with the same remaining capacity form a stack: head per capacity, next per block.
-    cdef int64_t* head = <int64_t*> malloc((block_size + 1) * sizeof(int64_t))
+    cdef int64_t* head = <int64_t*> malloc((longest + 1) * sizeof(int64_t))
     cdef int64_t* next_block = <int64_t*> malloc((n + 1) * sizeof(int64_t))
     cdef uint8_t* tree = <uint8_t*> malloc(2 * leaves)
     if not (bucket_start and order and head and next_block and tree):
         free(bucket_start); free(order); free(head); free(next_block); free(tree)
         raise MemoryError("best_fit_decreasing: cannot allocate its work arrays")
     with nogil:
-        memset(bucket_start, 0, (block_size + 2) * sizeof(int64_t))
+        memset(bucket_start, 0, (longest + 2) * sizeof(int64_t))
         for p in range(n):
-            bucket_start[block_size - piece_lengths[p] + 1] += 1
-        for i in range(1, block_size + 2):
+            bucket_start[longest - piece_lengths[p] + 1] += 1
+        for i in range(1, longest + 2):
             bucket_start[i] += bucket_start[i - 1]
         for p in range(n):
-            order[bucket_start[block_size - piece_lengths[p]]] = p
-            bucket_start[block_size - piece_lengths[p]] += 1
-        for i in range(block_size + 1):
+            order[bucket_start[longest - piece_lengths[p]]] = p
+            bucket_start[longest - piece_lengths[p]] += 1
+        for i in range(longest + 1):
             head[i] = -1
         memset(tree, 0, 2 * leaves)
         for i in range(n):
@@ -245,9 +255,14 @@ def best_fit_decreasing(const int64_t[::1] piece_lengths, int64_t block_size, in
                 head[cap] = next_block[block]
                 if head[cap] < 0:
                     _tree_set(tree, leaves, cap, False)
+                if block == n_blocks - 1:
+                    cap = newest_cap  # exact, also when its bucket is the clamped top one
             piece_block[p] = block
             cap -= length
+            if block == n_blocks - 1:
+                newest_cap = cap
             if cap > 0:
+                cap = min(cap, longest)
                 next_block[block] = head[cap]
                 head[cap] = block
                 _tree_set(tree, leaves, cap, True)

@@ -39,11 +39,17 @@ class Span:
     """SpanBERT span masking: span lengths ~ Geometric(p) truncated at max_length (redrawn past it).
 
     Spans start at a uniformly drawn unit (token, or word with whole-word masking) and cover ``length``
-    consecutive units, until ``mlm_probability`` of the row's eligible tokens are selected.
+    consecutive units, until ``mlm_probability`` of the row's eligible tokens are selected. ``p`` must be
+    at least ``SPAN_MIN_P`` (1e-4): each length costs about 1/p random draws.
     """
 
     p: float = 0.2
     max_length: int = 10
+
+
+# Span lengths past max_length are redrawn, so one length costs about 1/p draws of the kernel, which runs
+# with the GIL released and cannot be interrupted: p = 1e-12 would spin for hours.
+SPAN_MIN_P = 1e-4
 
 
 def _threshold(probability):
@@ -213,10 +219,14 @@ class Masker:
         if span is not None and not isinstance(span, Span):
             raise TypeError(f"span must be None, True or a fastlm.masking.Span, got {span!r}")
         if span is not None:
-            if not 0.0 < span.p <= 1.0:
-                raise ValueError(f"Span.p must be in (0, 1], got {span.p!r}")
-            if isinstance(span.max_length, bool) or not isinstance(span.max_length, (int, np.integer)) or span.max_length < 1:
-                raise ValueError(f"Span.max_length must be an int >= 1, got {span.max_length!r}")
+            if _check_probability("Span.p", span.p) < SPAN_MIN_P:
+                raise ValueError(
+                    f"Span.p must be at least {SPAN_MIN_P} (a span length costs about 1/p random draws), "
+                    f"got {span.p!r}; at p = {SPAN_MIN_P} lengths are already within 1% of uniform for max_length <= 100"
+                )
+            if (isinstance(span.max_length, bool) or not isinstance(span.max_length, (int, np.integer))
+                    or not 1 <= span.max_length < 2**63):
+                raise ValueError(f"Span.max_length must be an int in [1, 2**63), got {span.max_length!r}")
             if exact:
                 raise ValueError("span masking already selects a fixed budget of tokens; drop exact=True")
         self.span = span

@@ -23,6 +23,7 @@ _lists = load("_lists")
 
 TOKEN_DTYPES = (np.uint16, np.uint32, np.int32, np.int64)
 IGNORE_INDEX = -100
+_INT64_LIMIT = 2**63
 REMAINDER_MODES = ("drop", "pad", "keep")
 OVERLONG_MODES = ("split", "truncate")
 
@@ -46,10 +47,19 @@ def _check_tokens(tokens):
 
 def _check_offsets(offsets, n_tokens):
     if not isinstance(offsets, np.ndarray):
+        given = offsets
         offsets = np.asarray(offsets)
+        if offsets.size == 0:
+            offsets = offsets.astype(np.int64)  # numpy makes [] float64; the count is what is wrong
+        elif offsets.dtype.kind in "fO" and offsets.ndim == 1 and all(_is_int(x) for x in given):
+            # Python ints past int64 become float64 or object arrays: integers, but too large for an offset.
+            raise ValueError(f"offsets must lie in [0, {n_tokens}] (the token count), got values beyond 2**63")
     if offsets.dtype != np.int64:
         if offsets.dtype.kind not in "iu":
             raise TypeError(f"offsets must be integers, got dtype {offsets.dtype}")
+        if offsets.dtype == np.uint64 and offsets.size and offsets.max() >= _INT64_LIMIT:
+            # astype(int64) would wrap them to negative numbers and the message would say "decreasing".
+            raise ValueError(f"offsets must lie in [0, {n_tokens}] (the token count), got {offsets.max()}")
         offsets = offsets.astype(np.int64)  # offsets are small next to tokens; a copy is cheap
     if offsets.ndim != 1 or offsets.shape[0] < 1:
         raise ValueError("offsets must be 1-D with n_docs + 1 entries (at least one)")
@@ -66,9 +76,20 @@ def _check_offsets(offsets, n_tokens):
     return offsets
 
 
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _check_positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    if not _is_int(value) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return _check_int64(name, value)
+
+
+def _check_int64(name, value):
+    """Sizes and ids reach the kernels as int64: a larger Python int would be an OverflowError there."""
+    if int(value) >= _INT64_LIMIT:
+        raise ValueError(f"{name} must be below 2**63 (it is an int64 in the kernels), got {value!r}")
     return int(value)
 
 
@@ -81,9 +102,9 @@ def _check_choice(name, value, choices):
 def _check_token_id(name, value, optional=True):
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    if not _is_int(value) or value < 0:
         raise ValueError(f"{name} must be a non-negative token id, got {value!r}")
-    return int(value)
+    return _check_int64(name, value)
 
 
 def _check_layout_array(name, array, length=None):
@@ -95,14 +116,23 @@ def _check_layout_array(name, array, length=None):
     return array.shape[0]
 
 
+class BlockIndexError(IndexError, ValueError):
+    """A block index out of range: an IndexError as for any sequence, and a ValueError as for any other
+    bad argument of the API (numpy's AxisError is both for the same reason)."""
+
+
 def _check_indices(indices, n_blocks):
     indices = np.atleast_1d(np.asarray(indices))
+    if indices.size == 0 and indices.dtype.kind == "f":
+        indices = indices.astype(np.int64)  # numpy makes [] float64; no index, no batch rows
+    if indices.dtype.kind == "O" and indices.ndim == 1 and all(_is_int(x) for x in indices):
+        raise BlockIndexError(f"block index out of range for {n_blocks} blocks (got integers beyond 2**64)")
     if indices.dtype.kind not in "iu" or indices.ndim != 1:
-        raise TypeError("indices must be a 1-D array of integers")
-    indices = np.ascontiguousarray(indices, dtype=np.int64)
+        raise TypeError(f"indices must be a 1-D array of integers, got dtype {indices.dtype} and shape {indices.shape}")
     if indices.size and (indices.min() < 0 or indices.max() >= n_blocks):
-        raise IndexError(f"block index out of range for {n_blocks} blocks")
-    return indices
+        bad = indices[(indices < 0) | (indices >= n_blocks)][0]
+        raise BlockIndexError(f"block index {bad} out of range for {n_blocks} blocks")
+    return np.ascontiguousarray(indices, dtype=np.int64)
 
 
 def _batch_arrays(n_rows, width, keys, out):
@@ -432,8 +462,15 @@ def group_texts(examples, block_size=128):
     function on the same batch. Columns come back as (n_blocks, block_size) numpy arrays, which
     ``datasets.map`` stores as it stores lists. A ``pyarrow.Table`` batch (``Dataset.with_format("arrow")``)
     gives a ``pyarrow.Table`` back, built from the list offsets and values without Python objects.
+
+    Nothing is coerced: non-integer ids (a float would be truncated) are a TypeError; missing rows or ids
+    (None, Arrow nulls) and a row whose length differs from its ``input_ids`` row (its tokens would be
+    paired with another row's) are a ValueError naming the column and the row.
     """
     block_size = _check_positive("block_size", block_size)
+    if block_size >= 2**60:
+        # numpy refuses even an empty (0, block_size) int64 array past this size.
+        raise ValueError(f"block_size must be below 2**60 (the widest numpy int64 row), got {block_size}")
     import sys
 
     if "pyarrow" in sys.modules:
@@ -445,67 +482,113 @@ def group_texts(examples, block_size=128):
         table = getattr(examples, "pa_table", None)
         untouched = getattr(examples, "keys_to_format", None)
         if isinstance(table, pa.Table) and untouched is not None and set(untouched) == set(examples.keys()):
-            result = {}
+            columns = {}
             for name in table.column_names:
-                values = _arrow_flat_values(table, name)
-                result[name] = values.to_numpy(zero_copy_only=False)
-            return _blocks_with_labels(result, block_size)
+                values, lengths = _arrow_rows(table, name)
+                columns[name] = values.to_numpy(zero_copy_only=False), lengths
+            return _blocks_with_labels(columns, block_size)
 
     return _blocks_with_labels({key: _flatten_rows(key, rows) for key, rows in examples.items()}, block_size)
 
 
-def _blocks_with_labels(flat_columns, block_size):
-    if "input_ids" not in flat_columns:
+def _check_rows_line_up(row_lengths):
+    """Each column is concatenated on its own, so a row of another length than its input_ids row would
+    shift every later token against input_ids even when the totals agree."""
+    if "input_ids" not in row_lengths:
         raise KeyError("group_texts needs an 'input_ids' column")
-    total = flat_columns["input_ids"].shape[0]
-    n_blocks = total // block_size
-    result = {}
-    for key, flat in flat_columns.items():
-        if flat.shape[0] != total:
-            raise ValueError(f"column {key!r} holds {flat.shape[0]} tokens but input_ids holds {total}")
-        result[key] = flat[: n_blocks * block_size].reshape(n_blocks, block_size)
+    expected = row_lengths["input_ids"]
+    for name, lengths in row_lengths.items():
+        if lengths.shape != expected.shape:
+            raise ValueError(f"column {name!r} has {lengths.shape[0]} rows but input_ids has {expected.shape[0]}")
+        if not np.array_equal(lengths, expected):
+            row = int(np.argmax(lengths != expected))
+            raise ValueError(
+                f"column {name!r} row {row} holds {lengths[row]} ids but its input_ids row holds {expected[row]}"
+            )
+
+
+def _blocks_with_labels(columns, block_size):
+    """columns: name -> (flat ids, ids per row)."""
+    _check_rows_line_up({name: lengths for name, (_, lengths) in columns.items()})
+    n_blocks = columns["input_ids"][0].shape[0] // block_size
+    result = {name: flat[: n_blocks * block_size].reshape(n_blocks, block_size) for name, (flat, _) in columns.items()}
     # int64 labels, as datasets stores the tutorial's (it narrows only the columns it knows, like input_ids).
     result["labels"] = result["input_ids"].astype(np.int64)
     return result
 
 
 def _flatten_rows(key, rows):
+    """(flat ids, ids per row) of a batch column: a list of id lists, or a 2-D integer array."""
     if isinstance(rows, np.ndarray) and rows.dtype != object:
-        return rows.reshape(-1)
-    rows = [row if type(row) is list else list(row) for row in rows]
+        if rows.dtype.kind not in "iu":
+            raise TypeError(
+                f"column {key!r} has dtype {rows.dtype}; token ids must be integers (a float id would be truncated)"
+            )
+        if rows.ndim != 2:
+            raise TypeError(f"column {key!r} must be a 2-D array (rows of ids), got shape {rows.shape}")
+        if rows.dtype == np.uint64 and rows.size and rows.max() >= _INT64_LIMIT:
+            raise ValueError(f"column {key!r} holds id {rows.max()}, beyond int64")
+        return rows.reshape(-1), np.full(rows.shape[0], rows.shape[1], dtype=np.int64)
     try:
-        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        rows = list(rows)
     except TypeError:
-        raise TypeError(f"column {key!r} must hold lists of token ids") from None
+        raise TypeError(f"column {key!r} must be a list of rows of token ids, got a {type(rows).__name__}") from None
+    for r, row in enumerate(rows):
+        if type(row) is list:
+            continue
+        if row is None:
+            raise ValueError(f"column {key!r} row {r} is None (a missing row): drop or fill missing rows first")
+        try:
+            rows[r] = list(row)
+        except TypeError:
+            raise TypeError(f"column {key!r} row {r} is a {type(row).__name__}, expected a list of token ids") from None
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
     dest = np.zeros(len(rows), dtype=np.int64)
     np.cumsum(lengths[:-1], out=dest[1:])
     flat = np.empty(int(lengths.sum()), dtype=np.int64)
-    _lists.copy_int_lists(rows, flat, dest)
-    return flat
+    try:
+        _lists.copy_int_lists(rows, flat, dest)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"column {key!r} {error}") from None
+    return flat, lengths
 
 
-def _arrow_flat_values(table, name):
+def _arrow_rows(table, name):
+    """(flat ids, ids per row) of a list column, refusing what the conversion would coerce: nulls
+    (NaN or INT64_MIN once in numpy) and non-integer ids."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     column = table.column(name).combine_chunks()
     if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
         raise TypeError(f"column {name!r} has type {column.type}; group_texts needs lists of token ids")
-    return column.flatten()
+    if column.null_count:
+        row = pc.index(column.is_null(), True).as_py()
+        raise ValueError(f"column {name!r} row {row} is null (a missing row): drop or fill missing rows first")
+    values = column.flatten()
+    if not pa.types.is_integer(values.type):
+        raise TypeError(
+            f"column {name!r} holds {values.type} ids; token ids must be integers (a float id would be truncated)"
+        )
+    lengths = pc.list_value_length(column).to_numpy().astype(np.int64)
+    if values.null_count:
+        first = pc.index(values.is_null(), True).as_py()
+        row = int(np.searchsorted(np.cumsum(lengths), first, side="right"))
+        raise ValueError(f"column {name!r} row {row} holds a null id (a missing value)")
+    if pa.types.is_uint64(values.type) and len(values) and pc.max(values).as_py() >= _INT64_LIMIT:
+        raise ValueError(f"column {name!r} holds id {pc.max(values).as_py()}, beyond int64")
+    return values, lengths
 
 
 def _group_arrow_table(table, block_size):
     import pyarrow as pa
 
-    if "input_ids" not in table.column_names:
-        raise KeyError("group_texts needs an 'input_ids' column")
-    flat = {name: _arrow_flat_values(table, name) for name in table.column_names}
-    total = len(flat["input_ids"])
-    n_blocks = total // block_size
-    offsets = pa.array(np.arange(n_blocks + 1, dtype=np.int32) * block_size, type=pa.int32())
-    columns = {}
-    for name, values in flat.items():
-        if len(values) != total:
-            raise ValueError(f"column {name!r} holds {len(values)} tokens but input_ids holds {total}")
-        columns[name] = pa.ListArray.from_arrays(offsets, values.slice(0, n_blocks * block_size))
-    columns["labels"] = pa.ListArray.from_arrays(offsets, flat["input_ids"].slice(0, n_blocks * block_size).cast(pa.int64()))
-    return pa.table(columns)
+    columns = {name: _arrow_rows(table, name) for name in table.column_names}
+    _check_rows_line_up({name: lengths for name, (_, lengths) in columns.items()})
+    n_blocks = len(columns["input_ids"][0]) // block_size
+    offsets = pa.array(np.arange(n_blocks + 1, dtype=np.int64) * block_size, type=pa.int32())
+    result = {name: pa.ListArray.from_arrays(offsets, values.slice(0, n_blocks * block_size))
+              for name, (values, _) in columns.items()}
+    input_ids = columns["input_ids"][0].slice(0, n_blocks * block_size)
+    result["labels"] = pa.ListArray.from_arrays(offsets, input_ids.cast(pa.int64()))
+    return pa.table(result)

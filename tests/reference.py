@@ -49,13 +49,12 @@ def stream(docs, separator=None):
     return out
 
 
-def ref_pack_blocks(tokens, offsets, block_size, remainder="drop", separator=None, stride=None,
-                    group_size=None, pad_id=0):
-    """Rows (input_ids, labels, attention_mask) as lists, cut from the stream one window at a time."""
+def ref_windows(tokens, offsets, block_size, remainder="drop", separator=None, stride=None, group_size=None):
+    """The blocks pack_blocks cuts, unpadded: (tokens of the window, how many lead tokens are context)."""
     docs = documents(tokens, offsets)
     stride = stride or block_size
     groups = [docs[i:i + group_size] for i in range(0, len(docs), group_size)] if group_size else [docs]
-    rows = []
+    windows = []
     for group in groups:
         s = stream(group, separator)
         start, scored_until = 0, 0
@@ -63,14 +62,22 @@ def ref_pack_blocks(tokens, offsets, block_size, remainder="drop", separator=Non
             window = s[start:start + block_size]
             if len(window) < block_size and (remainder == "drop" or start >= len(s) or scored_until >= len(s)):
                 break
-            context = max(scored_until - start, 0)
-            labels = [IGNORE_INDEX] * context + window[context:]
-            pad = block_size - len(window)
-            rows.append((window + [pad_id] * pad, labels + [IGNORE_INDEX] * pad, [1] * len(window) + [0] * pad))
+            windows.append((window, max(scored_until - start, 0)))
             scored_until = start + len(window)
             if scored_until >= len(s):
                 break
             start += stride
+    return windows
+
+
+def ref_pack_blocks(tokens, offsets, block_size, remainder="drop", separator=None, stride=None,
+                    group_size=None, pad_id=0):
+    """Rows (input_ids, labels, attention_mask) as lists, cut from the stream one window at a time."""
+    rows = []
+    for window, context in ref_windows(tokens, offsets, block_size, remainder, separator, stride, group_size):
+        labels = [IGNORE_INDEX] * context + window[context:]
+        pad = block_size - len(window)
+        rows.append((window + [pad_id] * pad, labels + [IGNORE_INDEX] * pad, [1] * len(window) + [0] * pad))
     return rows
 
 
@@ -98,6 +105,48 @@ def ref_best_fit_decreasing(lengths, block_size):
         else:
             capacities.append(block_size - length)
     return len(capacities)
+
+
+def ref_packed_row(segments, block_size, pad_id):
+    """One gathered pack_documents block from its segments (token lists, in order): input_ids, labels
+    (-100 at each segment start and on padding), attention_mask, position_ids (restarting per segment)."""
+    ids, labels, positions = [], [], []
+    for segment in segments:
+        ids += segment
+        labels += [IGNORE_INDEX] + segment[1:]
+        positions += list(range(len(segment)))
+    pad = block_size - len(ids)
+    return ids + [pad_id] * pad, labels + [IGNORE_INDEX] * pad, [1] * len(ids) + [0] * pad, positions + [0] * pad
+
+
+def ref_flattened(rows):
+    """DataCollatorWithFlattening's layout of the real tokens of gathered rows (input_ids, labels,
+    attention_mask, position_ids lists): one row of them, with cu_seq_lens and the longest sequence."""
+    flat = {"input_ids": [], "labels": [], "position_ids": []}
+    for ids, labels, attention, positions in rows:
+        for i in range(len(ids)):
+            if attention[i]:
+                flat["input_ids"].append(ids[i])
+                flat["labels"].append(labels[i])
+                flat["position_ids"].append(positions[i])
+    starts = [i for i, position in enumerate(flat["position_ids"]) if position == 0]
+    cu_seq_lens = starts + [len(flat["input_ids"])]
+    lengths = [b - a for a, b in zip(cu_seq_lens[:-1], cu_seq_lens[1:])]
+    return flat, cu_seq_lens, max(lengths, default=0)
+
+
+# --- collators (fastlm.collators) ---------------------------------------------------------------------
+
+def ref_pad(rows, pad_id):
+    """Right padding as tokenizer.pad does it: (padded rows, attention rows)."""
+    width = max(map(len, rows), default=0)
+    return ([row + [pad_id] * (width - len(row)) for row in rows],
+            [[1] * len(row) + [0] * (width - len(row)) for row in rows])
+
+
+def ref_clm_labels(padded, attention):
+    """Causal-LM labels: the ids, -100 where attention is 0."""
+    return [[t if a else IGNORE_INDEX for t, a in zip(row, mask)] for row, mask in zip(padded, attention)]
 
 
 # --- masking (fastlm.masking) -------------------------------------------------------------------------

@@ -436,3 +436,22 @@ def test_probabilities_too_small_for_32_bit_draws_are_refused():
     masker = Masker(vocab_size=VOCAB, mask_id=MASK, special_ids=SPECIALS, mlm_probability=2**-31)
     _, labels = masker(np.full((2, 64), 7, dtype=np.int64))
     assert (labels == IGNORE_INDEX).all()
+
+
+def test_span_p_too_small_to_finish_is_refused():
+    """Lengths past max_length are redrawn, so one costs ~1/p draws in a kernel that ignores Ctrl-C:
+    p = 1e-12 spun forever, 1e-9 took 7.8 s for a 4 x 16 batch."""
+    ok = dict(vocab_size=VOCAB, mask_id=MASK, special_ids=SPECIALS)
+    for p in (1e-12, 1e-9, 0.99e-4):
+        with pytest.raises(ValueError, match=r"Span.p must be at least 0.0001"):
+            Masker(**ok, span=Span(p=p))
+    for bad in (0.0, -0.5, float("nan"), 1.5):
+        with pytest.raises(ValueError, match="Span.p"):
+            Masker(**ok, span=Span(p=bad))
+    with pytest.raises(TypeError, match="Span.p"):
+        Masker(**ok, span=Span(p="0.2"))
+    with pytest.raises(ValueError, match=r"Span.max_length must be an int in \[1, 2\*\*63\)"):
+        Masker(**ok, span=Span(max_length=2**63))
+    # At the floor a span costs ~1e4 draws: the batch is masked, up to its budget.
+    _, labels = Masker(**ok, span=Span(p=1e-4, max_length=10))(np.full((4, 16), 7, dtype=np.int64))
+    assert ((labels != IGNORE_INDEX).sum(axis=1) >= round(0.15 * 16)).all()

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -35,6 +39,12 @@ def make_tokens(docs, dtype, container, tmp_dir=None):
     return flat, offsets
 
 
+@pytest.fixture(scope="module")
+def memmap_dir(tmp_path_factory):
+    """Where make_tokens writes its memmaps: pytest prunes it, unlike the system temp directory."""
+    return tmp_path_factory.mktemp("tokens")
+
+
 docs_strategy = st.lists(st.lists(st.integers(0, 65535), max_size=40), max_size=12)
 
 
@@ -55,8 +65,9 @@ def rows_of(batch):
     separator=st.one_of(st.none(), st.integers(0, 65535)),
     stride_fraction=st.one_of(st.none(), st.floats(0.05, 1.0)),
 )
-def test_pack_blocks_matches_reference(docs, dtype, container, block_size, remainder, separator, stride_fraction):
-    tokens, offsets = make_tokens(docs, dtype, container)
+def test_pack_blocks_matches_reference(memmap_dir, docs, dtype, container, block_size, remainder, separator,
+                                       stride_fraction):
+    tokens, offsets = make_tokens(docs, dtype, container, memmap_dir)
     stride = None if stride_fraction is None else max(1, int(block_size * stride_fraction))
     blocks = pack_blocks(tokens, offsets, block_size, remainder=remainder, separator=separator,
                          stride=stride, pad_id=7)
@@ -78,8 +89,9 @@ def test_pack_blocks_matches_reference(docs, dtype, container, block_size, remai
     remainder=st.sampled_from(["drop", "pad"]),
     separator=st.one_of(st.none(), st.integers(0, 65535)),
 )
-def test_pack_blocks_per_group_matches_reference(docs, dtype, container, block_size, group_size, remainder, separator):
-    tokens, offsets = make_tokens(docs, dtype, container)
+def test_pack_blocks_per_group_matches_reference(memmap_dir, docs, dtype, container, block_size, group_size,
+                                                 remainder, separator):
+    tokens, offsets = make_tokens(docs, dtype, container, memmap_dir)
     blocks = pack_blocks(tokens, offsets, block_size, group_size=group_size, remainder=remainder,
                          separator=separator, pad_id=3)
     expected = ref_pack_blocks(tokens, offsets, block_size, remainder, separator, None, group_size, pad_id=3)
@@ -107,8 +119,8 @@ def test_group_size_reproduces_the_tutorial_map_batches(docs, block_size, group_
     block_size=st.integers(1, 24),
     overlong=st.sampled_from(["split", "truncate"]),
 )
-def test_pack_documents_matches_reference(docs, dtype, container, block_size, overlong):
-    tokens, offsets = make_tokens(docs, dtype, container)
+def test_pack_documents_matches_reference(memmap_dir, docs, dtype, container, block_size, overlong):
+    tokens, offsets = make_tokens(docs, dtype, container, memmap_dir)
     packed = pack_documents(tokens, offsets, block_size, overlong=overlong, pad_id=5)
     pieces = ref_pieces(tokens, offsets, block_size, overlong)
     assert len(packed) == ref_best_fit_decreasing([len(p) for p in pieces], block_size)
@@ -271,6 +283,17 @@ def test_group_texts_chain_and_seed_references_agree():
         (dict(separator=-1), ValueError, "separator must be a non-negative token id"),
         (dict(group_size=0), ValueError, "group_size must be a positive integer"),
         (dict(group_size=2, stride=2), ValueError, "cannot be combined"),
+        # Past int64 the kernels' arguments overflowed (OverflowError) or, for ids, failed later in gather.
+        (dict(block_size=2**63), ValueError, r"block_size must be below 2\*\*63"),
+        (dict(stride=2**63), ValueError, r"stride must be below 2\*\*63"),
+        (dict(group_size=2**63), ValueError, r"group_size must be below 2\*\*63"),
+        (dict(separator=2**63), ValueError, r"separator must be below 2\*\*63"),
+        (dict(pad_id=2**63, remainder="pad"), ValueError, r"pad_id must be below 2\*\*63"),
+        (dict(pad_id=np.uint64(2**64 - 1), remainder="pad"), ValueError, r"pad_id must be below 2\*\*63"),
+        (dict(offsets=[0, 2**63]), ValueError, "beyond 2\\*\\*63"),
+        (dict(offsets=[0, 2**64]), ValueError, "beyond 2\\*\\*63"),
+        (dict(offsets=np.array([0, 2**64 - 1], dtype=np.uint64)), ValueError, "must lie in"),
+        (dict(offsets=[]), ValueError, "at least one"),
     ],
 )
 def test_pack_blocks_rejects_bad_input(kwargs, error, match):
@@ -286,6 +309,10 @@ def test_pack_documents_rejects_bad_input():
         pack_documents(tokens, [0, 10], 4, overlong="drop")
     with pytest.raises(ValueError, match="pad_id"):
         pack_documents(tokens, [0, 10], 4, pad_id=-1)
+    with pytest.raises(ValueError, match=r"pad_id must be below 2\*\*63"):
+        pack_documents(tokens, [0, 10], 4, pad_id=2**63)
+    with pytest.raises(ValueError, match=r"block_size must be below 2\*\*63"):
+        pack_documents(tokens, [0, 10], 2**63)
     with pytest.raises(ValueError, match="non-decreasing"):
         pack_documents(tokens, [0, 6, 2, 10], 4)
 
@@ -298,15 +325,107 @@ def test_short_blocks_need_a_pad_id_to_gather():
         blocks.gather([3])
 
 
+@pytest.mark.parametrize("result", ["blocks", "packed"])
+def test_gather_indices_are_checked_at_the_boundary(result):
+    tokens = np.arange(10, dtype=np.int32)
+    layout = pack_blocks(tokens, [0, 10], 4) if result == "blocks" else pack_documents(tokens, [0, 4, 10], 4)
+    empty = layout.gather([])  # numpy makes [] a float64 array: this was a TypeError
+    assert all(array.shape == (0, 4) and array.dtype == np.int64 for array in empty.values())
+    # Out of range is an IndexError, as for any sequence, and a ValueError, as for any other bad argument.
+    for bad in ([-1], [len(layout)], [2**63], [2**64], np.array([2**64 - 1], dtype=np.uint64)):
+        with pytest.raises(IndexError, match="out of range"):
+            layout.gather(bad)
+        with pytest.raises(ValueError, match="out of range"):
+            layout.gather(bad)
+    for bad in ([0.0], [True], [[0]], ["0"]):
+        with pytest.raises(TypeError, match="indices must be a 1-D array of integers"):
+            layout.gather(bad)
+
+
 def test_group_texts_rejects_bad_batches():
     with pytest.raises(KeyError, match="input_ids"):
         fastlm.group_texts({"attention_mask": [[1, 1]]}, 2)
-    with pytest.raises(ValueError, match="holds 1 tokens but input_ids holds 2"):
+    with pytest.raises(ValueError, match="row 0 holds 1 ids but its input_ids row holds 2"):
         fastlm.group_texts({"input_ids": [[1, 2]], "attention_mask": [[1]]}, 2)
     with pytest.raises(TypeError, match="str"):
         fastlm.group_texts({"input_ids": ["some text"]}, 2)
     with pytest.raises(ValueError, match="block_size"):
         fastlm.group_texts({"input_ids": [[1, 2]]}, 0)
+    with pytest.raises(ValueError, match=r"block_size must be below 2\*\*60"):
+        fastlm.group_texts({"input_ids": [[1, 2]]}, 2**62)
+
+
+@pytest.mark.parametrize(
+    "batch, error, match",
+    [
+        # A float array was truncated into int labels while input_ids kept the floats.
+        ({"input_ids": np.array([[1.5, 2.7], [3.2, 4.9]])}, TypeError, "dtype float64; token ids must be integers"),
+        ({"input_ids": [[1, 2.5]]}, TypeError, r"'input_ids' row 0, position 1 is a float"),
+        ({"input_ids": [[1, 2], [3, None]]}, ValueError, r"'input_ids' row 1, position 1 is None \(a missing id\)"),
+        ({"input_ids": [[1, 2], None]}, ValueError, r"'input_ids' row 1 is None \(a missing row\)"),
+        ({"input_ids": [[1, 2**63]]}, ValueError, "does not fit in int64"),
+        ({"input_ids": np.array([[1, 2**63]], dtype=np.uint64)}, ValueError, "beyond int64"),
+        ({"input_ids": np.arange(4)}, TypeError, "2-D"),
+        # Equal totals, rows of other lengths: every token after row 0 was paired with the wrong id.
+        ({"input_ids": [[1, 2], [3]], "attention_mask": [[1], [1, 1]]}, ValueError,
+         "'attention_mask' row 0 holds 1 ids but its input_ids row holds 2"),
+    ],
+)
+def test_group_texts_refuses_what_it_would_coerce(batch, error, match):
+    with pytest.raises(error, match=match):
+        fastlm.group_texts(batch, 2)
+
+
+def test_group_texts_refuses_arrow_nulls_and_floats():
+    pa = pytest.importorskip("pyarrow")
+    with pytest.raises(ValueError, match="'input_ids' row 1 holds a null id"):
+        fastlm.group_texts(pa.table({"input_ids": pa.array([[1, 2], [3, None, 5]])}), 2)
+    # Null rows at different rows of two columns: flattened, both columns had 4 tokens, mispaired.
+    misaligned = pa.table({"input_ids": pa.array([[1, 2], None, [3, 4]]),
+                           "attention_mask": pa.array([None, [1, 1], [1, 1]])})
+    with pytest.raises(ValueError, match="'input_ids' row 1 is null"):
+        fastlm.group_texts(misaligned, 2)
+    with pytest.raises(TypeError, match="'input_ids' holds double ids"):
+        fastlm.group_texts(pa.table({"input_ids": pa.array([[1.5, 2.5]])}), 2)
+
+
+def test_group_texts_under_datasets_map_refuses_nulls():
+    """datasets hands group_texts its Arrow batch: nulls became NaN input_ids and INT64_MIN labels."""
+    datasets = pytest.importorskip("datasets")
+    raw = datasets.Dataset.from_dict({"input_ids": [[1, None, 3, 4], [5, 6]]})
+    for dataset in (raw, raw.with_format("arrow")):
+        with pytest.raises(ValueError, match="'input_ids' row 0 holds a null id"):
+            dataset.map(fastlm.group_texts, batched=True, fn_kwargs={"block_size": 2})
+
+
+def test_pack_documents_work_memory_does_not_grow_with_block_size():
+    """Best fit tracks capacities up to the longest piece, not block_size: three short documents in a
+    2**31 + 5 block pack under a 1 GiB address-space limit (its capacity tables wanted 40 GB: OOM-killed)."""
+    script = (
+        "import resource; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "import numpy as np\n"
+        "from fastlm.packing import pack_documents\n"
+        "packed = pack_documents(np.arange(100), [0, 10, 40, 100], 2**31 + 5)\n"
+        "print(len(packed), sorted(packed.seg_lengths.tolist()))\n"
+    )
+    # One BLAS thread: each extra one reserves address space of its own.
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split(maxsplit=1) == ["1", "[10, 30, 60]\n"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 30), max_size=25), extra=st.integers(0, 2**40))
+def test_pack_documents_with_blocks_far_longer_than_documents(lengths, extra):
+    """The capacity tables stop at the longest piece; blocks with more room than that still pack exactly."""
+    tokens = np.arange(sum(lengths), dtype=np.int64)
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    block_size = max(lengths, default=1) + extra
+    packed = pack_documents(tokens, offsets, block_size)
+    assert len(packed) == ref_best_fit_decreasing(lengths, block_size)
+    found = [tokens[a:a + n].tolist() for a, n in zip(packed.seg_starts, packed.seg_lengths)]
+    assert sorted(found) == sorted(documents(tokens, offsets))
 
 
 # --- beyond 2**32 ---------------------------------------------------------------------------------------

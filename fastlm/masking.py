@@ -191,8 +191,9 @@ class Masker:
     def __init__(self, *, vocab_size, mask_id, special_ids, mlm_probability=0.15, mask_replace_prob=0.8,
                  random_replace_prob=0.1, exact=False, whole_word=None, word_starts=None, span=None, seed=0,
                  valid_ids=None, random_ids=None, strict_ids=True):
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or not 0 < vocab_size < 2**32:
-            raise ValueError(f"vocab_size must be an int in [1, 2**32), got {vocab_size!r}")
+        # Per-id tables are vocab_size bytes each: past _MAX_TABLE_IDS they would only waste memory.
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or not 0 < vocab_size <= _MAX_TABLE_IDS:
+            raise ValueError(f"vocab_size must be an int in [1, 2**24], got {vocab_size!r}")
         self.vocab_size = int(vocab_size)
         if mask_id is None:
             raise ValueError("no mask id: masked-LM masking needs the tokenizer's mask token (e.g. <mask>, [MASK])")
@@ -240,6 +241,8 @@ class Masker:
             if valid_ids.size and (valid_ids.min() < 0 or valid_ids.max() >= self.vocab_size):
                 raise ValueError(f"valid_ids must lie in [0, {self.vocab_size})")
             selectable[valid_ids] = 1
+        if isinstance(special_ids, (str, bytes)) or not hasattr(special_ids, "__iter__"):
+            raise TypeError(f"special_ids must be a collection of ids (e.g. tokenizer.all_special_ids), got {special_ids!r}")
         self.special_ids = sorted({self.mask_id} | {
             _check_id("special id", i, self.vocab_size) for i in special_ids if i is not None
         })

@@ -1,5 +1,6 @@
 import hashlib
 import math
+import os
 import tempfile
 
 import numpy as np
@@ -24,6 +25,7 @@ def as_container(array, container):
         path = tempfile.NamedTemporaryFile(suffix=".bin", delete=False).name
         array.tofile(path)
         array = np.memmap(path, dtype=array.dtype, mode="r", shape=array.shape)
+        os.unlink(path)  # the mapping outlives the name: nothing is left in /tmp
     return array
 
 
@@ -406,6 +408,10 @@ def test_bad_input_raises_clear_errors(roberta_tok, gpt2_tok):
         Masker(**ok, span=True, exact=True)
     with pytest.raises(ValueError, match="no id to draw random replacements from: pass random_replace_prob=0"):
         Masker(vocab_size=3, mask_id=2, special_ids=[0, 1])
+    with pytest.raises(TypeError, match="special_ids must be a collection of ids"):
+        Masker(vocab_size=100, mask_id=4, special_ids=5)
+    with pytest.raises(ValueError, match=r"vocab_size must be an int in \[1, 2\*\*24\]"):
+        Masker(vocab_size=2**32 - 1, mask_id=4, special_ids=[])  # 4 GB of per-id tables before
 
     masker = Masker(**ok)
     ids = np.zeros((2, 5), dtype=np.int64)

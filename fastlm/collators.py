@@ -78,8 +78,8 @@ def _copy_rows(name, rows, out, dest):
     if all(type(row) is list for row in rows):
         try:
             _lists.copy_int_lists(rows, out, dest)
-        except (TypeError, OverflowError) as error:
-            raise TypeError(f"feature {name!r} must hold integer ids: {error}") from None
+        except (TypeError, ValueError) as error:  # a non-int id / a missing (None) or too large one
+            raise type(error)(f"feature {name!r} must hold integer ids: {error}") from None
         return
     for row, start in zip(rows, dest):
         if type(row) is list:

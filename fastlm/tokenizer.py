@@ -5,6 +5,7 @@ transformers and tokenizers are imported inside the functions: `import fastlm` s
 import hashlib
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 # The one special token a trained byte-level BPE gets: GPT-2's, used as eos, bos and unk.
 TRAINED_SPECIAL_TOKEN = "<|endoftext|>"
@@ -163,3 +164,150 @@ def fingerprint(tokenizer):
     """sha256 of the token -> id table: equal fingerprints mean interchangeable ids."""
     table = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(table.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte-level BPE (GPT-2, RoBERTa, fastlm's trained tokenizer): what makes a tokenizer one, and the
+# tiktoken encoding that reproduces it.
+
+# The pre-tokenizer's split of GPT-2 (tokenizers' ByteLevel(use_regex=True) uses exactly this).
+GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# The same split with possessive quantifiers, which tiktoken's regex engine runs faster (tiktoken's own
+# GPT-2 encoding uses it: tiktoken_ext/openai_public.py, r50k_pat_str).
+_TIKTOKEN_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+_TIKTOKEN_MIN_VERSION = (0, 11)  # encode_to_numpy honours allowed special tokens from 0.11 on
+
+
+def _byte_alphabet():
+    """GPT-2's byte -> printable character table (the characters byte-level vocabularies are written in)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    return {byte: chr(byte if byte in printable else next(shifted)) for byte in range(256)}
+
+
+def _backend_json(tokenizer):
+    """The tokenizers JSON of a fast tokenizer, or of tokenizer.json text, as a dict."""
+    if isinstance(tokenizer, str):
+        return json.loads(tokenizer)
+    return json.loads(tokenizer.backend_tokenizer.to_str())
+
+
+def byte_level_bpe_problem(tokenizer):
+    """Why ``tokenizer`` (a fast tokenizer or tokenizer.json text) is not a byte-level BPE that splits
+    text like GPT-2, or None when it is.
+
+    Such a tokenizer encodes every piece of GPT2_SPLIT_PATTERN on its own: tiktoken can reproduce it, and
+    a long document can be cut at whitespace that follows a non-space and encoded in parts.
+    """
+    return _byte_level_problem(_backend_json(tokenizer))
+
+
+def _byte_level_problem(spec):
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        return f"it is a {model.get('type')} tokenizer, not a byte-level BPE"
+    if spec.get("normalizer") is not None:
+        return f"it normalizes text first ({spec['normalizer'].get('type')})"
+    if not _splits_like_gpt2(spec.get("pre_tokenizer")):
+        return "its pre-tokenizer is not GPT-2's byte-level split"
+    if model.get("dropout") or model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return "its BPE model uses dropout, byte fallback or subword prefixes/suffixes"
+    # An added token that swallows the whitespace after it would change the ids of the text behind it.
+    if any(token.get("rstrip") for token in spec.get("added_tokens", [])):
+        return "an added token strips the whitespace after it (rstrip)"
+    return None
+
+
+def _splits_like_gpt2(pre_tokenizer):
+    if pre_tokenizer is None:
+        return False
+    if pre_tokenizer.get("type") == "ByteLevel":
+        return pre_tokenizer.get("use_regex", True) and not pre_tokenizer.get("add_prefix_space")
+    if pre_tokenizer.get("type") != "Sequence" or len(pre_tokenizer.get("pretokenizers", [])) != 2:
+        return False
+    split, byte_level = pre_tokenizer["pretokenizers"]
+    return (
+        split.get("type") == "Split"
+        and split.get("pattern") == {"Regex": GPT2_SPLIT_PATTERN}
+        and split.get("behavior") == "Isolated"
+        and not split.get("invert")
+        and byte_level.get("type") == "ByteLevel"
+        and not byte_level.get("use_regex", True)
+        and not byte_level.get("add_prefix_space")
+    )
+
+
+class TiktokenBPE(NamedTuple):
+    """A tiktoken encoding of a byte-level BPE, and ``ids[rank]``: the tokenizer's id of each tiktoken rank.
+
+    tiktoken's ranks are merge priorities (the 256 bytes, then one rank per merge, then the added
+    tokens as special tokens); vocabularies number their tokens otherwise (RoBERTa renumbers GPT-2's),
+    so ids are ``bpe.ids[bpe.encoding.encode_ordinary(text)]``.
+    """
+
+    encoding: object
+    ids: object
+
+
+def tiktoken_encoding(tokenizer, extra_special_tokens=()):
+    """The TiktokenBPE of a byte-level BPE (a fast tokenizer or tokenizer.json text), built offline from
+    its own vocabulary and merges. ``extra_special_tokens`` get tiktoken ranks after all of the
+    tokenizer's own (past the end of ``ids``). Raises ValueError naming why when tiktoken cannot
+    reproduce the tokenizer, ImportError when tiktoken is missing or too old.
+    """
+    import numpy as np
+    import tiktoken
+
+    version = tuple(int(part) for part in tiktoken.__version__.split(".")[:2])
+    if version < _TIKTOKEN_MIN_VERSION:
+        raise ImportError(f"tiktoken {tiktoken.__version__} is too old; fastlm needs tiktoken>=0.11 (pip install -U tiktoken)")
+    spec = _backend_json(tokenizer)
+    problem = _byte_level_problem(spec)
+    if problem:
+        raise ValueError(f"tiktoken cannot reproduce this tokenizer: {problem}")
+    alphabet = _byte_alphabet()
+    # str.translate + latin-1 turns a token written in the byte alphabet into its bytes at C speed; any
+    # other character becomes U+FFFF, which latin-1 refuses.
+    to_bytes = {code: "\uffff" for code in range(256)}
+    to_bytes.update({ord(char): chr(byte) for byte, char in alphabet.items()})
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    ranks = {bytes([byte]): byte for byte in range(256)}
+    rank_tokens = [alphabet[byte] for byte in range(256)]
+    for merge in merges:
+        merged = "".join(merge.split(" ") if isinstance(merge, str) else merge)
+        try:
+            merged_bytes = merged.translate(to_bytes).encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"tiktoken cannot reproduce this tokenizer: merge {merge!r} is not written in the byte alphabet") from None
+        # Two merges with the same result: BPE reaches it by the earlier (higher-priority) one first.
+        if merged_bytes not in ranks:
+            ranks[merged_bytes] = len(rank_tokens)
+            rank_tokens.append(merged)
+    missing = [token for token in rank_tokens if token not in vocab]
+    if missing:
+        raise ValueError(f"tiktoken cannot reproduce this tokenizer: {missing[0]!r} (a byte or a merge's result) is not in its vocabulary")
+    added = {token["content"]: token["id"] for token in spec.get("added_tokens", [])}
+    ids = np.array([vocab[token] for token in rank_tokens] + list(added.values()), np.int64)
+    special = {content: len(rank_tokens) + i for i, content in enumerate(added)}
+    special.update({content: len(ids) + i for i, content in enumerate(extra_special_tokens)})
+    encoding = tiktoken.Encoding("fastlm-byte-level-bpe", pat_str=_TIKTOKEN_GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+    return TiktokenBPE(encoding, ids)
+
+
+def template_ids(tokenizer):
+    """(prefix, suffix): the ids a fast tokenizer's template puts around every single text with
+    add_special_tokens=True, e.g. ([101], [102]) for BERT's [CLS] ... [SEP], ([], []) for GPT-2.
+    ValueError when they depend on the text (fastlm adds them around documents it encodes in pieces)."""
+    found = set()
+    for probe in ("Hello world", "a", "12 + 3"):
+        plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+        starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
+        if not starts:
+            found.add(None)
+            continue
+        found.add((tuple(full[: starts[0]]), tuple(full[starts[0] + len(plain) :])))
+    if len(found) != 1 or None in found:
+        raise ValueError("add_special_tokens: this tokenizer's template is not the same ids around every text")
+    prefix, suffix = found.pop()
+    return list(prefix), list(suffix)

@@ -5,9 +5,11 @@ Layout of a store directory::
     tokens.bin    every document's token ids back to back (uint16 when the vocabulary fits
                   in 65536 ids, else uint32), native little-endian
     offsets.bin   int64, n_docs + 1 entries: document i is tokens[offsets[i]:offsets[i + 1]]
+    bytes.bin     int64, n_docs entries: the UTF-8 bytes of each document's text (for bits per
+                  byte); stores written before it existed have none and still open
     meta.json     format version, dtype, vocabulary size, special ids, tokenizer name and
-                  vocabulary fingerprint, counts, the largest token id, source, sha256 of both
-                  files, the arguments (field types are checked on open)
+                  vocabulary fingerprint, counts, the largest token id, source, sha256 of the
+                  data files, the arguments (field types are checked on open)
     tokenizer/    the tokenizer in save_pretrained form (written by fastlm.prepare)
 
 Writers build the whole directory under a temporary name beside the destination and rename it at
@@ -31,6 +33,7 @@ FORMAT = "fastlm-token-store"
 FORMAT_VERSION = 1
 TOKENS_FILE = "tokens.bin"
 OFFSETS_FILE = "offsets.bin"
+BYTES_FILE = "bytes.bin"
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
 SPECIAL_NAMES = ("eos", "bos", "pad", "mask", "cls", "sep", "unk")
@@ -116,15 +119,18 @@ class TokenStore:
     ``store.tokens`` and ``store.offsets`` are read-only ``np.memmap``s; ``store[i]`` /
     ``store.doc(i)`` is document i (a memmap view, no copy); ``store[a:b]`` is a store over
     documents a..b-1 sharing the same token memmap; ``store.iter_batches(n)`` walks the store in
-    views of n documents.
+    views of n documents. ``store.doc_bytes[i]`` is the UTF-8 byte length of document i's text
+    (int64 memmap; None for stores written before fastlm recorded it), so bits per byte =
+    sum of token losses / ln 2 / ``store.n_bytes``.
     """
 
-    def __init__(self, path, tokens, offsets, meta):
+    def __init__(self, path, tokens, offsets, meta, doc_bytes=None):
         # Use TokenStore.open(path); this constructor trusts its arguments.
         self.path = Path(path)
         self.tokens = tokens
         self.offsets = offsets
         self.meta = meta
+        self.doc_bytes = doc_bytes
 
     @classmethod
     def open(cls, path, *, verify=False):
@@ -151,7 +157,9 @@ class TokenStore:
 
         tokens = cls._map(path / TOKENS_FILE, dtype, n_tokens)
         offsets = cls._map(path / OFFSETS_FILE, np.dtype(np.int64), n_docs + 1)
-        store = cls(path, tokens, offsets, meta)
+        has_bytes = BYTES_FILE in (meta.get("checksums") or {})
+        doc_bytes = cls._map(path / BYTES_FILE, np.dtype(np.int64), n_docs) if has_bytes else None
+        store = cls(path, tokens, offsets, meta, doc_bytes)
         store._check_offsets()
         if verify:
             store.verify()
@@ -191,9 +199,9 @@ class TokenStore:
                 )
 
     def verify(self):
-        """Recompute the sha256 of both data files and compare with meta.json; raises StoreError."""
+        """Recompute the sha256 of the data files and compare with meta.json; raises StoreError."""
         expected = self.meta.get("checksums", {})
-        for name in (TOKENS_FILE, OFFSETS_FILE):
+        for name in (TOKENS_FILE, OFFSETS_FILE) + ((BYTES_FILE,) if self.doc_bytes is not None else ()):
             want = expected.get(name)
             if want is None:
                 raise StoreError(f"{self.path / META_FILE} has no checksum for {name}")
@@ -252,6 +260,13 @@ class TokenStore:
             return self.meta["max_token_id"]
         return int(self.tokens.max()) if self.n_tokens else None
 
+    @property
+    def n_bytes(self):
+        """UTF-8 bytes of all documents' text (None without doc_bytes)."""
+        if self.doc_bytes is None:
+            return None
+        return sum(int(self.doc_bytes[start : start + _CHUNK_ITEMS].sum()) for start in range(0, len(self), _CHUNK_ITEMS))
+
     def __len__(self):
         return int(self.offsets.shape[0]) - 1
 
@@ -276,8 +291,8 @@ class TokenStore:
             tokens = self.tokens[first : self.offsets[stop]]
             offsets = np.asarray(self.offsets[start : stop + 1]) - first
             offsets.flags.writeable = False
-            view = TokenStore(self.path, tokens, offsets, self.meta)
-            return view
+            doc_bytes = None if self.doc_bytes is None else self.doc_bytes[start:stop]
+            return TokenStore(self.path, tokens, offsets, self.meta, doc_bytes)
         return self.doc(key)
 
     def __iter__(self):
@@ -304,10 +319,11 @@ class StoreWriter:
     Everything goes to a temporary directory beside ``output`` (``writer.path``, where callers may
     also save the tokenizer); ``close()`` writes meta.json and renames it into place. Leaving the
     ``with`` block by an exception deletes the temporary directory, and a killed process leaves
-    only a ``.<name>.tmp-*`` directory that never opens as a store.
+    only a ``.<name>.tmp-*`` directory that never opens as a store. With ``record_bytes`` every
+    append gives each document's text bytes too (bytes.bin).
     """
 
-    def __init__(self, output, *, vocab_size, overwrite=False):
+    def __init__(self, output, *, vocab_size, overwrite=False, record_bytes=False):
         self.output = Path(output)
         self.dtype = dtype_for_vocab(vocab_size)
         self.vocab_size = int(vocab_size)
@@ -320,6 +336,12 @@ class StoreWriter:
         self._offsets_file = open(self.path / OFFSETS_FILE, "wb")
         self._tokens_hash = hashlib.sha256()
         self._offsets_hash = hashlib.sha256()
+        self.record_bytes = record_bytes
+        self._bytes_file = open(self.path / BYTES_FILE, "wb") if record_bytes else None
+        self._bytes_hash = hashlib.sha256()
+        self.n_bytes = 0
+        self._open_bytes = 0  # text bytes of a document appended in part (open_last) so far
+        self._open = False
         self._offsets = np.empty(_OFFSET_BUFFER_ITEMS, np.int64)
         self._offsets[0] = 0
         self._n_buffered = 1
@@ -338,8 +360,13 @@ class StoreWriter:
                 raise RuntimeError("StoreWriter left without close(meta): nothing was written")
         return False
 
-    def append(self, tokens, lengths):
-        """Append documents: ``tokens`` holds them back to back, ``lengths[i]`` is document i's length."""
+    def append(self, tokens, lengths, doc_bytes=None, *, open_last=False):
+        """Append documents: ``tokens`` holds them back to back, ``lengths[i]`` is document i's length
+        and ``doc_bytes[i]`` its text's UTF-8 bytes (with record_bytes).
+
+        A long document may come in parts: with ``open_last`` the last document goes on in the next
+        append, whose first document is its rest (lengths and bytes of the parts add up).
+        """
         lengths = np.asarray(lengths)
         if lengths.ndim != 1 or not np.issubdtype(lengths.dtype, np.integer):
             raise TypeError("lengths must be a 1-D integer array")
@@ -352,9 +379,37 @@ class StoreWriter:
             raise ValueError(f"lengths sum to {int(lengths.sum())} but {tokens.shape[0]} tokens were given")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got {tokens.min()}..{tokens.max()}")
+        byte_counts = self._check_doc_bytes(doc_bytes, lengths.shape[0])
+        if not lengths.size:
+            if open_last:
+                raise ValueError("open_last needs a document to leave open")
+            return
         ends = self.n_tokens + np.cumsum(lengths, dtype=np.int64)
         self._write_tokens(tokens)
-        self._buffer_offsets(ends)
+        if byte_counts is not None:
+            byte_counts[0] += self._open_bytes
+            self._open_bytes = int(byte_counts[-1]) if open_last else 0
+            self._write_doc_bytes(byte_counts[:-1] if open_last else byte_counts)
+        self._buffer_offsets(ends[:-1] if open_last else ends)
+        self._open = open_last
+
+    def _check_doc_bytes(self, doc_bytes, n):
+        if not self.record_bytes:
+            if doc_bytes is not None:
+                raise ValueError("doc_bytes given to a StoreWriter made without record_bytes=True")
+            return None
+        if doc_bytes is None:
+            raise ValueError("this StoreWriter records text bytes: pass doc_bytes")
+        byte_counts = np.array(doc_bytes, np.int64)
+        if byte_counts.shape != (n,) or (n and byte_counts.min() < 0):
+            raise ValueError(f"doc_bytes must hold {n} non-negative counts, one per document")
+        return byte_counts
+
+    def _write_doc_bytes(self, byte_counts):
+        data = np.ascontiguousarray(byte_counts, np.int64)
+        self._bytes_file.write(data)
+        self._bytes_hash.update(data)
+        self.n_bytes += int(data.sum())
 
     def _write_tokens(self, tokens):
         data = np.ascontiguousarray(tokens.astype(self.dtype, copy=False))
@@ -386,9 +441,10 @@ class StoreWriter:
         """Finish the store: write meta.json (``meta`` plus what the writer knows) and rename into place."""
         if self._closed:
             raise RuntimeError("StoreWriter already closed")
+        if self._open:
+            raise RuntimeError("StoreWriter.close: the last document was left open (open_last) and never finished")
         self._flush_offsets()
-        self._tokens_file.close()
-        self._offsets_file.close()
+        self._close_files()
         full_meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -407,6 +463,9 @@ class StoreWriter:
             TOKENS_FILE: self._tokens_hash.hexdigest(),
             OFFSETS_FILE: self._offsets_hash.hexdigest(),
         }
+        if self.record_bytes:
+            full_meta["n_bytes"] = self.n_bytes
+            full_meta["checksums"][BYTES_FILE] = self._bytes_hash.hexdigest()
         with open(self.path / META_FILE, "w", encoding="utf-8") as f:
             json.dump(full_meta, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -420,10 +479,14 @@ class StoreWriter:
         """Drop everything written so far; the destination is left untouched."""
         if self._closed:
             return
-        self._tokens_file.close()
-        self._offsets_file.close()
+        self._close_files()
         shutil.rmtree(self.path, ignore_errors=True)
         self._closed = True
+
+    def _close_files(self):
+        for file in (self._tokens_file, self._offsets_file, self._bytes_file):
+            if file is not None:
+                file.close()
 
 
 def check_destination(output, overwrite):
@@ -573,7 +636,9 @@ def merge_stores(stores, output, *, overwrite=False):
                     f"cannot merge {shard.path} into {first.path}: {key} differs "
                     f"({shard.meta.get(key)!r} != {first.meta.get(key)!r}); shards must share a tokenizer"
                 )
-    with StoreWriter(output, vocab_size=first.vocab_size, overwrite=overwrite) as writer:
+    # Text bytes only when every shard has them: a partial bytes.bin would misalign documents.
+    record_bytes = all(shard.doc_bytes is not None for shard in shards)
+    with StoreWriter(output, vocab_size=first.vocab_size, overwrite=overwrite, record_bytes=record_bytes) as writer:
         for shard in shards:
             # Tokens and offsets are copied in independent fixed-size chunks, so one huge document
             # cannot blow the memory bound. Ids need no range check: the vocabularies are identical.
@@ -582,9 +647,13 @@ def merge_stores(stores, output, *, overwrite=False):
                 writer._write_tokens(shard.tokens[start : start + _CHUNK_ITEMS])
             for start in range(1, len(shard) + 1, _CHUNK_ITEMS):
                 writer._buffer_offsets(shard.offsets[start : start + _CHUNK_ITEMS] + base)
+            for start in range(0, len(shard) if record_bytes else 0, _CHUNK_ITEMS):
+                writer._write_doc_bytes(shard.doc_bytes[start : start + _CHUNK_ITEMS])
         if first.tokenizer_dir.is_dir():
             shutil.copytree(first.tokenizer_dir, writer.path / TOKENIZER_DIR)
-        keep = {k: v for k, v in first.meta.items() if k not in ("n_docs", "n_tokens", "checksums", "source", "args")}
+        # Counts, checksums and the encoding run's timing describe one shard, not the merged store.
+        per_shard = ("n_docs", "n_tokens", "n_bytes", "checksums", "source", "args", "encoding")
+        keep = {k: v for k, v in first.meta.items() if k not in per_shard}
         keep["source"] = [source for shard in shards for source in _as_list(shard.meta.get("source"))]
         keep["args"] = {"merged_from": [str(shard.path) for shard in shards]}
         return writer.close(keep)

@@ -430,3 +430,82 @@ def test_the_next_writer_removes_dead_runs_temp_dirs_and_keeps_live_ones(tmp_pat
     finally:
         running.kill()
         running.wait()
+
+
+# --- text bytes per document (bytes.bin) and documents appended in parts ----------------------------------
+
+
+def write_with_bytes(path, docs, doc_bytes, *, batches=2):
+    with StoreWriter(path, vocab_size=1000, record_bytes=True) as writer:
+        for part in np.array_split(np.arange(len(docs)), batches):
+            writer.append(np.array([t for i in part for t in docs[i]], np.int64), [len(docs[i]) for i in part],
+                          [doc_bytes[i] for i in part])
+        return writer.close(META)
+
+
+def test_doc_bytes_round_trip_slice_and_verify(tmp_path):
+    doc_bytes = [12, 0, 3, 40, 7]
+    store = write_with_bytes(tmp_path / "s", DOCS, doc_bytes)
+    assert store.doc_bytes.tolist() == doc_bytes and store.doc_bytes.dtype == np.int64
+    assert store.n_bytes == 62 == store.meta["n_bytes"] and "bytes.bin" in store.meta["checksums"]
+    assert store[1:4].doc_bytes.tolist() == [0, 3, 40] and store[1:4].n_bytes == 43
+    assert TokenStore.open(tmp_path / "s", verify=True).doc_bytes.tolist() == doc_bytes
+    data = bytearray((tmp_path / "s" / "bytes.bin").read_bytes())
+    data[0] ^= 1
+    (tmp_path / "s" / "bytes.bin").write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="bytes.bin is corrupt: sha256"):
+        TokenStore.open(tmp_path / "s", verify=True)
+    (tmp_path / "s" / "bytes.bin").write_bytes(bytes(data[:-8]))
+    with pytest.raises(StoreError, match="bytes.bin has 32 bytes .* truncated"):
+        TokenStore.open(tmp_path / "s")
+
+
+def test_stores_without_doc_bytes_still_open(tmp_path):
+    # Stores written before bytes.bin existed: no file, no checksum for it.
+    store = write_store(tmp_path / "s", DOCS)
+    assert not (tmp_path / "s" / "bytes.bin").exists() and "n_bytes" not in store.meta
+    reopened = TokenStore.open(tmp_path / "s", verify=True)
+    assert reopened.doc_bytes is None and reopened.n_bytes is None and reopened[1:3].doc_bytes is None
+
+
+def test_a_document_appended_in_parts(tmp_path):
+    with StoreWriter(tmp_path / "s", vocab_size=1000, record_bytes=True) as writer:
+        writer.append([1, 2, 3, 4], [1, 3], [5, 6], open_last=True)  # doc 0 whole, doc 1 begins
+        writer.append([5], [1], [7], open_last=True)                  # doc 1 goes on
+        writer.append([6, 7, 8], [1, 2], [8, 9])                       # doc 1 ends, doc 2 whole
+        store = writer.close(META)
+    assert [d.tolist() for d in store] == [[1], [2, 3, 4, 5, 6], [7, 8]]
+    assert store.doc_bytes.tolist() == [5, 21, 9]
+    with pytest.raises(RuntimeError, match="left open"):
+        with StoreWriter(tmp_path / "t", vocab_size=10) as writer:
+            writer.append([1], [1], open_last=True)
+            writer.close(META)
+    assert not (tmp_path / "t").exists()
+
+
+def test_doc_bytes_must_match_the_writer(tmp_path):
+    with StoreWriter(tmp_path / "s", vocab_size=10, record_bytes=True) as writer:
+        with pytest.raises(ValueError, match="pass doc_bytes"):
+            writer.append([1], [1])
+        with pytest.raises(ValueError, match="one per document"):
+            writer.append([1, 2], [1, 1], [3])
+        with pytest.raises(ValueError, match="one per document"):
+            writer.append([1], [1], [-1])
+        writer.abort()
+    with StoreWriter(tmp_path / "t", vocab_size=10) as writer:
+        with pytest.raises(ValueError, match="record_bytes"):
+            writer.append([1], [1], [3])
+        writer.abort()
+
+
+def test_merge_keeps_doc_bytes_only_when_every_shard_has_them(tmp_path):
+    doc_bytes = [12, 0, 3, 40, 7]
+    a = write_with_bytes(tmp_path / "a", DOCS[:2], doc_bytes[:2], batches=1)
+    b = write_with_bytes(tmp_path / "b", DOCS[2:], doc_bytes[2:], batches=1)
+    merged = merge_stores([a, b], tmp_path / "m")
+    whole = write_with_bytes(tmp_path / "w", DOCS, doc_bytes)
+    assert merged.doc_bytes.tolist() == doc_bytes and merged.meta["n_bytes"] == 62
+    assert merged.meta["checksums"] == whole.meta["checksums"]
+    old = write_store(tmp_path / "old", DOCS[:1])
+    mixed = merge_stores([a, old], tmp_path / "mixed")
+    assert mixed.doc_bytes is None and "bytes.bin" not in mixed.meta["checksums"]

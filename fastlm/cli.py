@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
 
 def main(argv=None):
@@ -23,7 +24,10 @@ def main(argv=None):
         return run.main(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        return args.command(args)
+        with warnings.catch_warnings():
+            # Library warnings (e.g. prepare leaving tiktoken for the HF tokenizer) read as one line.
+            warnings.showwarning = lambda message, *_, **__: print(f"{message}", file=sys.stderr)
+            return args.command(args)
     except BrokenPipeError:
         # The reader stopped early (`fastlm inspect S | head`): not an error. Point stdout at devnull so
         # the interpreter's final flush does not fail again.
@@ -53,7 +57,11 @@ def _parser():
     prepare.add_argument("--prepend-bos", action="store_true", help="start every document with the bos token")
     prepare.add_argument("--add-special-tokens", action="store_true",
                          help="apply the tokenizer's own template to each document (e.g. [CLS] ... [SEP])")
-    prepare.add_argument("--num-proc", type=int, default=1, help="batches tokenised at once, in threads (default: 1)")
+    prepare.add_argument("--num-proc", type=int, default=1,
+                         help="threads encoding batches at once; the store is the same for any value (default: 1)")
+    prepare.add_argument("--encoder", choices=("auto", "tiktoken", "hf"), default="auto",
+                         help="auto (default): tiktoken for a byte-level BPE (GPT-2, RoBERTa) when it gives the "
+                              "tokenizer's ids on a sample of the corpus, else the Hugging Face tokenizer")
     prepare.add_argument("--dataset", dest="dataset_name",
                          help="Hugging Face dataset name or save_to_disk directory (sources become its data_files)")
     prepare.add_argument("--dataset-config", help="dataset configuration name")
@@ -88,7 +96,7 @@ def _parser():
 def _prepare(args):
     from fastlm.prepare import prepare, summary
 
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     store = prepare(
         args.sources,
         args.output,
@@ -107,8 +115,9 @@ def _prepare(args):
         errors=args.errors,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        encoder=args.encoder,
     )
-    print(summary(store, time.perf_counter() - start))
+    print(summary(store, time.perf_counter() - start, time.process_time() - start_cpu))
     return 0
 
 
@@ -133,12 +142,26 @@ def _inspect(args):
     print(json.dumps(store.meta, indent=2, sort_keys=True))
     if args.verify:
         print("checksums: OK")
+    for line in _store_rates(store):
+        print(line)
     if tokenizer is not None:
         for i in range(min(args.docs, len(store))):
             doc = store.doc(i)
             print(f"--- document {i} ({doc.shape[0]} tokens)")
             print(tokenizer.decode(doc.tolist()))
     return 0
+
+
+def _store_rates(store):
+    if store.doc_bytes is not None and store.n_tokens:
+        yield f"text: {store.n_bytes:,} UTF-8 bytes, {store.n_bytes / store.n_tokens:.3f} bytes/token"
+    encoding = store.meta.get("encoding")
+    if encoding and encoding.get("seconds") and encoding.get("cpu_seconds"):
+        yield (
+            f"encoding: {encoding['encoder']}, {store.n_tokens / encoding['seconds']:,.0f} tokens/s, "
+            f"{store.n_tokens / encoding['cpu_seconds']:,.0f} tokens/s per core "
+            f"(num_proc {store.meta.get('args', {}).get('num_proc', 1)})"
+        )
 
 
 def _pack(args):

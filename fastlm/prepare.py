@@ -3,10 +3,10 @@
     from fastlm.prepare import prepare
     store = prepare(["wiki.train.raw"], "data/wiki", tokenizer="gpt2", append_eos=True, num_proc=4)
 
-Inputs are read in ~1 MB batches of documents and tokenised with batched fast-tokenizer calls
-(num_proc > 1 encodes that many batches at once in threads: the Rust encode releases the GIL).
-Each batch comes back as one flat numpy array plus document lengths and is appended to the store,
-so memory stays flat however large the corpus is.
+Inputs are read in ~1 MB batches of documents and encoded (fastlm.encoding: tiktoken for byte-level
+BPE, else the Hugging Face tokenizer; num_proc batches at once in threads). Each batch comes back as one
+flat numpy array plus document lengths and is appended to the store, so memory stays flat however large
+the corpus is; a document longer than a batch (a 200 MB line) is read and encoded in pieces.
 
 Documents with no non-whitespace text are skipped in every format (a WikiText blank row tokenises
 to nothing in the tutorial pipeline too). In "line" mode a document keeps its line ending, so a
@@ -18,16 +18,17 @@ import io
 import itertools
 import json
 import lzma
-import operator
 import os
+import re
 import sys
+import time
 import zlib
-from collections import deque
 from pathlib import Path
 
 import numpy as np
 
-from fastlm.store import TOKENIZER_DIR, StoreWriter, check_destination, dtype_for_vocab
+from fastlm.encoding import ENCODERS, Batch, choose_encoder, encode_batches, verification_sample
+from fastlm.store import TOKENIZER_DIR, StoreWriter, check_destination
 from fastlm.tokenizer import check_trained_vocab_size
 
 DOC_BOUNDARIES = ("line", "paragraph", "file")
@@ -39,6 +40,9 @@ _STRUCTURED = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "
 # stay a few MB.
 _BATCH_BYTES = 1 << 20
 _BATCH_ROWS = 4096
+# A document longer than this that cannot be cut for the tokenizer is refused: a tokenizer needs ~100x
+# a text's size in memory (a 200 MB line took 23 GB), so this bounds one call to about 1 GB.
+_MAX_UNSPLIT_CHARS = 1 << 23
 
 
 def prepare(
@@ -60,6 +64,7 @@ def prepare(
     errors="strict",
     overwrite=False,
     progress=True,
+    encoder="auto",
 ):
     """Tokenise ``sources`` into a new token store at ``output``; returns the opened TokenStore.
 
@@ -73,12 +78,21 @@ def prepare(
         whole "file". Rows of structured files and datasets are always one document each.
     add_special_tokens: apply the tokenizer's own template (e.g. [CLS] ... [SEP]) to each document;
         append_eos / prepend_bos add the eos / bos id explicitly.
-    num_proc: batches tokenised at once (threads). With TOKENIZERS_PARALLELISM unset the Rust
-        tokenizer also spreads each batch over the cores by itself.
+    num_proc: threads encoding batches at once (the encoders release the GIL); the store is the same
+        whatever it is. With TOKENIZERS_PARALLELISM unset the Hugging Face tokenizer also spreads each
+        batch over the cores by itself.
     errors: "strict" raises on invalid UTF-8 naming file and line; "replace" substitutes U+FFFD.
+    encoder: "auto" (tiktoken for a byte-level BPE when it reproduces the tokenizer's ids on a sample
+        of the corpus, else the Hugging Face tokenizer, with a warning saying why), "tiktoken" (or a
+        ValueError saying why not) or "hf". The ids are the tokenizer's either way.
+
+    A document longer than ~1 MB is read and encoded in pieces cut where a byte-level BPE gives the
+    whole document's ids; other tokenizers refuse documents over 8 Mi characters (_MAX_UNSPLIT_CHARS).
     """
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     _check_arguments(sources, tokenizer, train_tokenizer, vocab_size, doc_boundary, errors, num_proc, dataset_name)
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
     # Before any tokenizer is loaded or trained: a refused destination should not cost an hour first.
     check_destination(output, overwrite)
     sources = [Path(source) for source in sources]
@@ -89,7 +103,7 @@ def prepare(
 
     def read_batches():
         if dataset_name is not None:
-            return _dataset_batches(dataset_name, dataset_config, split, sources, text_column)
+            return _row_batches(_dataset_batches(dataset_name, dataset_config, split, sources, text_column), f"dataset {dataset_name}")
         return itertools.chain.from_iterable(
             _file_batches(source, doc_boundary, text_column, errors) for source in sources
         )
@@ -97,15 +111,17 @@ def prepare(
     from fastlm import tokenizer as tokenizer_lib
 
     if train_tokenizer:
-        tok = tokenizer_lib.train_bpe_tokenizer(read_batches(), vocab_size)
+        # A trained tokenizer is a byte-level BPE with GPT-2's split: it learns from the same safe pieces.
+        texts = (batch.texts for batch in _safe_pieces(read_batches()))
+        tok = tokenizer_lib.train_bpe_tokenizer(texts, vocab_size)
         tokenizer_name = f"byte-level BPE trained by fastlm prepare (vocab_size={vocab_size})"
     else:
         tok = tokenizer_lib.load_tokenizer(tokenizer)
         tokenizer_name = str(tokenizer) if isinstance(tokenizer, (str, Path, tuple, list)) else (tok.name_or_path or type(tok).__name__)
     bos = _required_special(tok, "bos", prepend_bos)
     eos = _required_special(tok, "eos", append_eos)
+    template_prefix, template_suffix = tokenizer_lib.template_ids(tok) if add_special_tokens else ([], [])
     total_vocab = tokenizer_lib.vocab_size(tok)
-    dtype = dtype_for_vocab(total_vocab)
     meta = {
         "vocab_size": total_vocab,
         "special_ids": tokenizer_lib.special_ids(tok),
@@ -126,31 +142,65 @@ def prepare(
             "train_tokenizer": train_tokenizer,
             "requested_vocab_size": vocab_size,
             "num_proc": num_proc,
+            "encoder": encoder,
         },
     }
-    from tqdm.auto import tqdm
-
-    encoder_args = (tok.backend_tokenizer.to_str(), add_special_tokens, dtype.name, bos, eos)
-    with StoreWriter(output, vocab_size=total_vocab, overwrite=overwrite) as writer:
+    tokenizer_json = tok.backend_tokenizer.to_str()
+    byte_level_problem = tokenizer_lib.byte_level_bpe_problem(tokenizer_json)
+    # Long documents are encoded in pieces where that keeps their ids, else whole up to a limit.
+    batches = (_safe_pieces if byte_level_problem is None else _whole_documents)(read_batches())
+    with StoreWriter(output, vocab_size=total_vocab, overwrite=overwrite, record_bytes=True) as writer:
         tok.save_pretrained(writer.path / TOKENIZER_DIR)
-        with tqdm(desc=f"prepare {Path(output).name}", unit="tok", unit_scale=True, disable=not progress) as bar:
-            for tokens, lengths in _encode_batches(read_batches(), encoder_args, num_proc):
-                writer.append(tokens, lengths)
-                bar.update(tokens.shape[0])
+        start, start_cpu = time.perf_counter(), time.process_time()
+        first = next(batches, Batch([]))
+        encoder, why = choose_encoder(
+            encoder, tokenizer_json, writer.dtype, verification_sample(first.texts), byte_level_problem
+        )
+        framing = {
+            "prefix": ([bos] if bos is not None else []) + template_prefix,
+            "suffix": template_suffix + ([eos] if eos is not None else []),
+        }
+        encoded = encode_batches(itertools.chain([first], batches), encoder, num_proc=num_proc, **framing)
+        _write(writer, encoded, Path(output).name, progress)
         if writer.n_docs == 0:
             where = f"dataset {dataset_name}" if dataset_name is not None else ", ".join(map(str, sources))
             raise ValueError(f"no documents found in {where}: the input is empty or only whitespace; no store written")
+        meta["encoding"] = {
+            "encoder": encoder.name,
+            "why_not_tiktoken": why,
+            "seconds": round(time.perf_counter() - start, 3),
+            "cpu_seconds": round(time.process_time() - start_cpu, 3),
+        }
         return writer.close(meta)
 
 
-def summary(store, seconds):
-    """One line for the end of a prepare run: documents, tokens, dtype, bytes, seconds, tokens/s."""
+def _write(writer, encoded, name, progress):
+    from tqdm.auto import tqdm
+
+    text_bytes = 0
+    with tqdm(desc=f"prepare {name}", unit="tok", unit_scale=True, disable=not progress) as bar:
+        for tokens, lengths, doc_bytes, open_last in encoded:
+            writer.append(tokens, lengths, doc_bytes, open_last=open_last)
+            text_bytes += int(doc_bytes.sum())
+            bar.update(tokens.shape[0])
+            bar.set_postfix_str(f"{text_bytes / 1e6 / max(bar.format_dict['elapsed'], 1e-3):,.1f} MB/s", refresh=False)
+
+
+def summary(store, seconds, cpu_seconds=None):
+    """One line for the end of a prepare run: documents, tokens, dtype, size, seconds, tokens/s (per
+    core: per CPU second), text bytes per token."""
     n_bytes = store.tokens.nbytes + store.offsets.nbytes
     rate = store.n_tokens / seconds if seconds > 0 else float("inf")
-    return (
+    line = (
         f"{store.path}: {len(store):,} documents, {store.n_tokens:,} tokens ({store.tokens.dtype}), "
-        f"{n_bytes / 2**20:,.1f} MiB, {seconds:,.1f} s ({rate:,.0f} tokens/s)"
+        f"{n_bytes / 2**20:,.1f} MiB, {seconds:,.1f} s ({rate:,.0f} tokens/s"
     )
+    if cpu_seconds:
+        line += f", {store.n_tokens / cpu_seconds:,.0f} tokens/s per core"
+    line += ")"
+    if store.doc_bytes is not None and store.n_tokens:
+        line += f", {store.n_bytes / store.n_tokens:.2f} bytes/token"
+    return line
 
 
 def _check_arguments(sources, tokenizer, train_tokenizer, vocab_size, doc_boundary, errors, num_proc, dataset_name):
@@ -217,25 +267,34 @@ def _file_batches(path, doc_boundary, text_column, errors):
         kind = _STRUCTURED.get(Path(path.stem).suffix.lower())
     if kind is None:
         chunks = _text_chunks(path, errors)
-        return {"line": _lines, "paragraph": _paragraphs, "file": _whole_file}[doc_boundary](chunks)
-    return _skip_blank({"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}[kind](
+        return {"line": _lines, "paragraph": _paragraphs, "file": _whole_file}[doc_boundary](chunks, path)
+    return _row_batches({"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}[kind](
         path, text_column, errors
-    ))
+    ), path)
 
 
 def _text_chunks(path, errors):
-    """Decoded text in ~_BATCH_BYTES pieces that end at a line end (except at end of file)."""
+    """(text, line, line_open): decoded text in ~_BATCH_BYTES pieces that end at a line end, and the
+    number of the line text starts in. A line longer than _BATCH_BYTES is cut at a character boundary
+    instead, with line_open True, so one huge line never sits in memory whole."""
     line = 1
+    line_open = False
     blocks = _read_blocks(path)
     rest = b""
     while True:
         block = next(blocks, b"")
         data = rest + block
+        if not data and line_open:
+            yield "", line, False  # the file ends inside the line the last piece left open
+        line_open = False
         if block:
             cut = data.rfind(b"\n") + 1
             if cut == 0:
-                rest = data
-                continue
+                cut = _utf8_boundary(data)
+                line_open = True
+                if cut == 0:
+                    rest = data
+                    continue
             data, rest = data[:cut], data[cut:]
         if not data:
             return
@@ -247,10 +306,19 @@ def _text_chunks(path, errors):
                 f"{path}, line {bad_line}: invalid UTF-8 ({error.reason}: {data[error.start:error.end]!r}); "
                 "fix the file or pass errors='replace' (--errors replace) to substitute U+FFFD"
             ) from None
+        yield text, line, line_open
         line += data.count(b"\n")
-        yield text
         if not block:
             return
+
+
+def _utf8_boundary(data):
+    """The last offset in data that is not inside a UTF-8 character (a character has at most 3
+    continuation bytes); cutting there decodes, strictly or with U+FFFD, as the whole would."""
+    for cut in range(len(data), max(len(data) - 4, 0), -1):
+        if cut == len(data) and data[-1] < 0x80 or data[cut - 1] < 0x80 or data[cut - 1] >= 0xC0:
+            return cut if data[cut - 1] < 0x80 else cut - 1
+    return len(data)
 
 
 def _split_lines(text):
@@ -264,34 +332,100 @@ def _split_lines(text):
     return lines
 
 
-def _lines(chunks):
-    for text in chunks:
-        yield [line for line in _split_lines(text) if not line.isspace()]
+def _lines(chunks, path):
+    continues = False
+    for text, line, line_open in chunks:
+        lines = _split_lines(text) or [""]
+        # The first line may finish one begun in an earlier chunk and the last may go on in the next:
+        # whether such a line is blank is for _safe_pieces / _whole_documents to tell.
+        first = 1 if continues else 0
+        last = max(len(lines) - 1 if line_open else len(lines), first)
+        docs = lines[:first] + [line for line in lines[first:last] if not line.isspace()] + lines[last:]
+        where = f"{path}, line {line + text.count(chr(10))}" if line_open else ""
+        yield Batch(docs, continues, line_open, where)
+        continues = line_open
 
 
-def _paragraphs(chunks):
-    pending = []
-    for text in chunks:
+def _paragraphs(chunks, path):
+    paragraph = []       # the current paragraph's text not sent yet
+    size = 0
+    sent = False         # the current paragraph is long: its first pieces went out already
+    first_line = 0       # the line it starts on, for error messages
+    unsure = ""          # an unfinished line that is whitespace so far: blank or not is known at its end
+    in_text_line = False  # the last piece was an unfinished line with text: the next piece goes on with it
+    for text, line, line_open in chunks:
+        continues = sent
         docs = []
-        for blank, group in itertools.groupby(_split_lines(text), key=str.isspace):
-            if not blank:
-                pending.extend(group)
-            elif pending:
-                docs.append("".join(pending))
-                pending = []
-        yield docs
-    if pending:
-        yield ["".join(pending)]
+        lines = _split_lines(text) or [""]
+        for i, piece in enumerate(lines):
+            complete = not (line_open and i == len(lines) - 1)
+            if not in_text_line:
+                piece = unsure + piece
+                unsure = ""
+                if piece.isspace() or not piece:
+                    if not complete:
+                        unsure = _bounded_whitespace(piece, path, line + i)
+                    elif paragraph or sent:
+                        docs.append("".join(paragraph))  # a blank line ends the paragraph
+                        paragraph, size, sent = [], 0, False
+                    continue
+                if not (paragraph or sent):
+                    first_line = line + i
+            paragraph.append(piece)
+            size += len(piece)
+            in_text_line = not complete
+        if size >= _BATCH_BYTES:
+            docs.append("".join(paragraph))
+            paragraph, size, sent = [], 0, True
+        if docs:
+            yield Batch(docs, continues, sent and not paragraph, f"{path}, line {first_line}")
+    if paragraph or sent:
+        yield Batch(["".join(paragraph)], sent)
 
 
-def _whole_file(chunks):
-    text = "".join(chunks)
-    yield [] if text.isspace() or not text else [text]
+def _bounded_whitespace(text, path, line):
+    if len(text) > _MAX_UNSPLIT_CHARS:
+        raise ValueError(f"{path}, line {line}: more than {_MAX_UNSPLIT_CHARS:,} characters of whitespace in one line")
+    return text
 
 
-def _skip_blank(batches):
+def _whole_file(chunks, path):
+    previous = None
+    for i, (text, _, _) in enumerate(chunks):
+        if previous is not None:
+            yield Batch([previous], i > 1, True, str(path))
+        previous = text
+    if previous is not None:
+        yield Batch([previous] if i or not previous.isspace() else [], i > 0)
+
+
+def _row_batches(batches, where):
+    """Rows of a structured file or dataset as Batches: blank rows skipped, a row longer than
+    _BATCH_BYTES in pieces (it is in memory already; the pieces bound the tokenizer's memory)."""
+    row = 0
     for texts in batches:
-        yield [text for text in texts if text and not text.isspace()]
+        if texts and max(map(len, texts)) > _BATCH_BYTES:
+            yield from _long_rows(texts, row, where)
+        else:
+            yield Batch([text for text in texts if text and not text.isspace()])
+        row += len(texts)
+
+
+def _long_rows(texts, first_row, where):
+    docs = []
+    for row, text in enumerate(texts, first_row):
+        if len(text) <= _BATCH_BYTES or text.isspace():
+            if text and not text.isspace():
+                docs.append(text)
+            continue
+        if docs:
+            yield Batch(docs)
+            docs = []
+        starts = range(0, len(text), _BATCH_BYTES)
+        for start in starts:
+            yield Batch([text[start : start + _BATCH_BYTES]], start > 0, start != starts[-1], f"{where}, row {row}")
+    if docs:
+        yield Batch(docs)
 
 
 def _text_column_values(column, where, text_column, first_row):
@@ -466,78 +600,88 @@ def _dataset_batches(name, config, split, data_files, text_column):
     for table in column.iter(batch_size=_BATCH_ROWS):
         texts = _text_column_values(table.column(0).combine_chunks(), f"dataset {name}", text_column, row)
         row += table.num_rows
-        yield [text for text in texts if text and not text.isspace()]
+        yield texts
 
 
 # ---------------------------------------------------------------------------------------------
-# Encoding: batches of texts -> (flat token array, document lengths), in-process or in a pool.
+# Long documents: the readers send a document longer than _BATCH_BYTES in pieces. A byte-level BPE
+# with GPT-2's split encodes each piece of its regex split on its own, so a document can be cut where
+# the split always cuts and encoded in parts with exactly the whole document's ids; any other tokenizer
+# gets whole documents, up to _MAX_UNSPLIT_CHARS.
 
 
-class _Encoder:
-    """Batched fast-tokenizer calls flattened with numpy. It works on a copy of the backend
-    tokenizer (from its JSON), so the user's tokenizer object is never modified."""
-
-    def __init__(self, tokenizer_json, add_special_tokens, dtype, bos, eos):
-        from tokenizers import Tokenizer
-
-        self.backend = Tokenizer.from_str(tokenizer_json)
-        # A saved tokenizer.json may carry truncation/padding settings: they must not cut documents.
-        self.backend.no_truncation()
-        self.backend.no_padding()
-        self.add_special_tokens = add_special_tokens
-        self.dtype = np.dtype(dtype)
-        self.bos = bos
-        self.eos = eos
-
-    def __call__(self, texts):
-        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=self.add_special_tokens)
-        ids = list(map(operator.attrgetter("ids"), encodings))
-        lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
-        tokens = np.fromiter(itertools.chain.from_iterable(ids), self.dtype, count=int(lengths.sum()))
-        return _add_boundaries(tokens, lengths, self.bos, self.eos)
+# The last offset where GPT-2's split always cuts, whatever follows: a space or newline after a
+# non-whitespace character. No piece of the split holds both (only whitespace pieces hold whitespace,
+# and an optional leading space is a piece's first character), none looks behind, and the piece that
+# ends there looks no further; so the text before and after it split as the whole does. Python's \S is
+# "not str.isspace()", which is stricter than the tokenizers' regex \S: never a false cut.
+_SAFE_CUT = re.compile(r".*\S([ \n])", re.DOTALL)
 
 
-def _add_boundaries(tokens, lengths, bos, eos):
-    """Insert bos before and/or eos after every document, vectorised over the batch."""
-    extra = (bos is not None) + (eos is not None)
-    if not extra:
-        return tokens, lengths
-    lengths = lengths + extra
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    out = np.empty(int(ends[-1]) if ends.size else 0, tokens.dtype)
-    content = np.ones(out.shape[0], bool)
-    if bos is not None:
-        out[starts] = bos
-        content[starts] = False
-    if eos is not None:
-        out[ends - 1] = eos
-        content[ends - 1] = False
-    out[content] = tokens
-    return out, lengths
+def _last_safe_cut(text):
+    match = _SAFE_CUT.match(text)
+    return match.start(1) if match else 0
 
 
-def _encode_batches(batches, encoder_args, num_proc):
-    encoder = _Encoder(*encoder_args)
-    batches = (texts for texts in batches if texts)
-    if num_proc == 1:
-        yield from map(encoder, batches)
-        return
-    from concurrent.futures import ThreadPoolExecutor
+def _safe_pieces(batches):
+    """Batches whose pieces of long documents end only at safe cuts (the rest of a piece is carried
+    to the next one), so encoding the pieces gives exactly the whole documents' ids. A long document
+    goes out only once it has text, so one that turns out blank is dropped like any blank document."""
+    carry = ""         # the open document's text after its last safe cut
+    started = False    # some of the open document went out already
+    for batch in batches:
+        texts = list(batch.texts)
+        continues = False
+        same_document = batch.continues and batch.open and len(texts) == 1
+        if batch.continues:
+            texts[0] = carry + texts[0]
+            carry = ""
+            continues = started
+            if not started and not same_document and (texts[0].isspace() or not texts[0]):
+                texts.pop(0)
+        opened = False
+        if batch.open:
+            last = texts.pop()
+            cut = _last_safe_cut(last)
+            if cut:
+                texts.append(last[:cut])
+                opened = True
+            carry = last[cut:]
+            if len(carry) > _MAX_UNSPLIT_CHARS:
+                raise ValueError(
+                    f"{batch.where}: more than {_MAX_UNSPLIT_CHARS:,} characters without a space or newline after "
+                    "a non-space, where a long document can be cut for the tokenizer; split such text first"
+                )
+            started = opened or (same_document and started)
+        else:
+            started = False
+        if texts:
+            yield Batch(texts, continues, opened, batch.where)
 
-    # Threads, not processes: encode_batch_fast releases the GIL for the whole Rust encode, which
-    # is ~95% of the work, so threads scale like a process pool without its start-up cost,
-    # pickling, fork/spawn hazards or hangs when a worker dies.
-    pool = ThreadPoolExecutor(num_proc, thread_name_prefix="fastlm-tokenize")
-    try:
-        # Submitting everything up front would read the whole corpus ahead; a bounded queue of
-        # 2 batches per thread keeps every core busy with memory independent of the corpus size.
-        pending = deque()
-        for texts in batches:
-            pending.append(pool.submit(encoder, texts))
-            if len(pending) >= 2 * num_proc:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+
+def _whole_documents(batches):
+    """Batches of whole documents, the pieces of long ones joined; refuses one longer than
+    _MAX_UNSPLIT_CHARS (this tokenizer cannot encode it in parts, and it needs ~100x its size in memory)."""
+    pieces = []
+    size = 0
+    for batch in batches:
+        texts = list(batch.texts)
+        same_document = batch.continues and batch.open and len(texts) == 1
+        if batch.continues:
+            pieces.append(texts.pop(0))
+            size += len(pieces[-1])
+            if not same_document:
+                whole = "".join(pieces)
+                texts[0:0] = [whole] if whole and not whole.isspace() else []
+                pieces, size = [], 0
+        if batch.open and not same_document:
+            pieces = [texts.pop()]
+            size = len(pieces[0])
+        if size > _MAX_UNSPLIT_CHARS:
+            raise ValueError(
+                f"{batch.where}: a document of more than {_MAX_UNSPLIT_CHARS:,} characters, too long to tokenize "
+                "whole; only a byte-level BPE tokenizer (GPT-2, RoBERTa) encodes long documents in pieces. "
+                "Split the document (e.g. --doc-boundary line or paragraph) or use such a tokenizer"
+            )
+        if texts:
+            yield Batch(texts)

@@ -74,6 +74,35 @@ def test_inspect_prints_meta_and_decoded_documents(store_path, corpus, capsys):
     assert "--- document 1 (" in out and "--- document 2 (" not in out
 
 
+def test_inspect_and_prepare_report_bytes_per_token_and_tokens_per_core(store_path, corpus, gpt2_dir, tmp_path, capsys):
+    store = TokenStore.open(store_path)
+    assert main(["inspect", str(store_path), "--docs", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"{store.n_bytes / store.n_tokens:.3f} bytes/token" in out
+    cpu_rate = store.n_tokens / store.meta["encoding"]["cpu_seconds"]
+    assert "encoding: tiktoken, " in out and f"{cpu_rate:,.0f} tokens/s per core (num_proc 1)" in out
+    assert main(["prepare", str(corpus), "-o", str(tmp_path / "s"), "--tokenizer", gpt2_dir, "--no-progress",
+                 "--encoder", "hf", "--num-proc", "2"]) == 0
+    summary = capsys.readouterr().out
+    assert "tokens/s per core" in summary and "bytes/token" in summary
+    hf = TokenStore.open(tmp_path / "s")
+    assert hf.meta["encoding"]["encoder"] == "hf" and hf.meta["args"]["num_proc"] == 2
+    assert hf.tokens.tolist() == [t for t in store.tokens.tolist() if t != 50256]
+
+
+def test_a_fallback_warning_is_one_line(corpus, gpt2_dir, tmp_path, capsys, monkeypatch):
+    from fastlm import encoding
+
+    encoding._tiktoken_bpe.cache_clear()
+    monkeypatch.setitem(sys.modules, "tiktoken", None)
+    assert main(["prepare", str(corpus), "-o", str(tmp_path / "s"), "--tokenizer", gpt2_dir, "--no-progress"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastlm prepare: tiktoken is not available")
+    assert main(["prepare", str(corpus), "-o", str(tmp_path / "t"), "--tokenizer", gpt2_dir, "--encoder", "tiktoken"]) == 2
+    assert "error: encoder='tiktoken' cannot encode with this tokenizer: tiktoken is not available" in capsys.readouterr().err
+    encoding._tiktoken_bpe.cache_clear()
+
+
 def test_pack_reports_every_mode(store_path, capsys):
     assert main(["pack", str(store_path), "--block-size", "64"]) == 0
     out = capsys.readouterr().out

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastlm.prepare import prepare
-from fastlm.store import StoreError, TokenStore, merge_stores
+from fastlm.store import StoreError, StoreWriter, TokenStore, merge_stores
 from tests.data import shared_path, wikitext_lines
 from tests.reference import ref_line_documents, ref_paragraph_documents
 
@@ -111,6 +111,9 @@ def test_wikitext_raw_file_gives_the_tutorial_token_stream(tmp_path, gpt2_tok):
     store = prepare([shared_path("wikitext-2-raw", "wiki.valid.raw.xz")], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
     expected = np.fromiter((t for row in ids(gpt2_tok, rows) for t in row), np.int64)
     np.testing.assert_array_equal(store.tokens, expected)
+    # GPT-2 takes the tiktoken path by default; every document's text bytes are recorded.
+    assert store.meta["encoding"]["encoder"] == "tiktoken" and store.meta["encoding"]["why_not_tiktoken"] is None
+    assert store.doc_bytes.tolist() == [len(row.encode()) for row in rows if row]
 
 
 @pytest.mark.parametrize("batch_bytes", [7, 1 << 20])
@@ -129,25 +132,43 @@ def test_paragraph_and_file_boundaries(tmp_path, gpt2_tok, monkeypatch, batch_by
     assert store_docs(lines) == ids(gpt2_tok, expected)
 
 
+def joined_pieces(batches):
+    """The documents of a stream of Batches, the pieces of long ones joined back."""
+    docs = []
+    for batch in batches:
+        texts = list(batch.texts)
+        if batch.continues:
+            docs[-1] += texts.pop(0)
+        docs.extend(texts)
+    return docs
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     text=st.text(alphabet="ab \t\r\n\x0c\u2028\u00e9\u20ac\U0001f600", max_size=80),
     batch_bytes=st.integers(1, 40),
-    boundary=st.sampled_from(["line", "paragraph"]),
+    boundary=st.sampled_from(["line", "paragraph", "file"]),
 )
 def test_chunked_reader_splits_documents_like_the_reference(tmp_path_factory, text, batch_bytes, boundary):
-    # Read batches cut anywhere after a newline (multi-byte characters, "\r\n", blank runs):
-    # the documents must not depend on where the cuts fall.
+    # Read batches cut anywhere after a newline, and inside lines longer than a batch (multi-byte
+    # characters, "\r\n", blank runs): the documents must not depend on where the cuts fall, whether
+    # long documents are joined back whole or cut where GPT-2's split cuts.
     path = tmp_path_factory.mktemp("reader") / "c.txt"
     path.write_bytes(text.encode("utf-8"))
     old = prepare_module._BATCH_BYTES
     prepare_module._BATCH_BYTES = batch_bytes
     try:
-        got = [doc for batch in prepare_module._file_batches(path, boundary, "text", "strict") for doc in batch]
+        whole = [doc for batch in prepare_module._whole_documents(prepare_module._file_batches(path, boundary, "text", "strict")) for doc in batch.texts]
+        pieces = list(prepare_module._safe_pieces(prepare_module._file_batches(path, boundary, "text", "strict")))
     finally:
         prepare_module._BATCH_BYTES = old
-    reference = ref_line_documents if boundary == "line" else ref_paragraph_documents
-    assert got == reference(text)
+    reference = {"line": ref_line_documents, "paragraph": ref_paragraph_documents}.get(boundary, lambda t: [t] if t.strip() else [])
+    assert whole == reference(text)
+    assert joined_pieces(pieces) == reference(text)
+    # Every piece that leaves its document open ends just before a space or newline that follows text.
+    for batch, after in zip(pieces, pieces[1:]):
+        if batch.open:
+            assert not batch.texts[-1][-1].isspace() and after.texts[0][:1] in (" ", "\n")
 
 
 def test_eos_and_bos_around_every_document(tmp_path, gpt2_tok, docs):
@@ -164,8 +185,12 @@ def test_wordpiece_vocab_file_with_its_own_template(tmp_path, bert_tok, docs):
     store = prepare([path], tmp_path / "s", tokenizer=str(vocab), add_special_tokens=True, progress=False)
     assert store_docs(store) == ids(bert_tok, docs[:20], add_special_tokens=True)
     assert store.meta["special_ids"]["mask"] == 103 and store.meta["special_ids"]["cls"] == 101
+    assert store.meta["encoding"]["encoder"] == "hf" and "WordPiece" in store.meta["encoding"]["why_not_tiktoken"]
     with pytest.raises(ValueError, match="needs a eos token"):
         prepare([path], tmp_path / "t", tokenizer=str(vocab), append_eos=True, progress=False)
+    with pytest.raises(ValueError, match="encoder='tiktoken' cannot encode with this tokenizer: .*WordPiece"):
+        prepare([path], tmp_path / "t", tokenizer=str(vocab), encoder="tiktoken", progress=False)
+    assert not (tmp_path / "t").exists() and no_leftovers(tmp_path)
 
 
 def test_bpe_vocab_and_merges_files(tmp_path, roberta_tok, docs):
@@ -216,14 +241,71 @@ def test_train_tokenizer_is_saved_beside_the_store(tmp_path, docs):
     assert reloaded.decode(store.doc(3)[:-1].tolist()) == docs[3]
 
 
-def test_parallel_equals_serial(tmp_path, gpt2_tok, docs, monkeypatch):
-    # Small batches so both workers get several and results must come back in order.
+@pytest.fixture(scope="module")
+def serial_store(tmp_path_factory, gpt2_tok, docs):
+    """The reference for the parallel runs: num_proc=1, Hugging Face encoder, small batches."""
+    root = tmp_path_factory.mktemp("serial")
+    path = write_text(root / "c.txt", "".join(docs) + "naïve café 😀\n" * 3)
+    old = prepare_module._BATCH_BYTES
+    prepare_module._BATCH_BYTES = 2000
+    try:
+        return path, prepare([path], root / "s", tokenizer=gpt2_tok, append_eos=True, encoder="hf", progress=False)
+    finally:
+        prepare_module._BATCH_BYTES = old
+
+
+@pytest.mark.parametrize("encoder, num_proc", [("tiktoken", 1), ("tiktoken", 2), ("tiktoken", 3), ("hf", 3)])
+def test_stores_are_identical_whatever_the_encoder_and_num_proc(tmp_path, gpt2_tok, serial_store, monkeypatch, encoder, num_proc):
+    # Small batches so every thread gets several and results must come back in order.
     monkeypatch.setattr(prepare_module, "_BATCH_BYTES", 2000)
-    path = write_text(tmp_path / "c.txt", "".join(docs))
-    serial = prepare([path], tmp_path / "one", tokenizer=gpt2_tok, append_eos=True, progress=False)
-    parallel = prepare([path], tmp_path / "two", tokenizer=gpt2_tok, append_eos=True, num_proc=2, progress=False)
-    np.testing.assert_array_equal(parallel.tokens, serial.tokens)
-    np.testing.assert_array_equal(parallel.offsets, serial.offsets)
+    path, serial = serial_store
+    store = prepare([path], tmp_path / "s", tokenizer=gpt2_tok, append_eos=True, encoder=encoder, num_proc=num_proc, progress=False)
+    assert store.meta["checksums"] == serial.meta["checksums"]
+    np.testing.assert_array_equal(store.tokens, serial.tokens)
+    np.testing.assert_array_equal(store.offsets, serial.offsets)
+    np.testing.assert_array_equal(store.doc_bytes, serial.doc_bytes)
+    assert store.meta["encoding"]["encoder"] == encoder
+
+
+def test_byte_counts_are_each_documents_utf8_length(tmp_path, gpt2_tok):
+    text = "ascii line\nnaïve café\n\n😀 emoji 👍🏽\nbroken \xff\xfe bytes\n日本語\n"
+    path = tmp_path / "c.txt"
+    path.write_bytes(text.encode("utf-8").replace(b"\xc3\xbf\xc3\xbe", b"\xff\xfe"))
+    store = prepare([path], tmp_path / "s", tokenizer=gpt2_tok, errors="replace", append_eos=True, progress=False)
+    docs = ["ascii line\n", "naïve café\n", "😀 emoji 👍🏽\n", "broken \ufffd\ufffd bytes\n", "日本語\n"]
+    assert store.doc_bytes.tolist() == [len(doc.encode()) for doc in docs]
+    assert store.n_bytes == sum(len(doc.encode()) for doc in docs) == store.meta["n_bytes"]
+
+
+def test_adversarial_text_takes_the_tiktoken_path_with_the_tokenizers_ids(tmp_path, gpt2_tok, roberta_tok):
+    lines = [
+        "emoji 😀👍🏽 👨‍👩‍👧 🇫🇷 and combining e\u0301 a\u0308\u0323\n",
+        "CRLF line\r\n",
+        "U+2028\u2028inside\u2029and U+0085\u0085 and NBSP\u00a0here\n",
+        "runs" + " " * 500 + "of\t\t\t\twhitespace" + " \t" * 200 + "\n",
+        "it's we'll 1234567 ½ 日本語 \ufffd <|endoftext|> <mask> </s>\n",
+    ]
+    path = tmp_path / "c.txt"
+    path.write_bytes("".join(lines).encode("utf-8") + b"invalid \xc3\x28 and \xed\xa0\x80 bytes\n")
+    expected_docs = lines + ["invalid \ufffd( and \ufffd\ufffd\ufffd bytes\n"]
+    for name, tok in (("g", gpt2_tok), ("r", roberta_tok)):
+        store = prepare([path], tmp_path / name, tokenizer=tok, errors="replace", encoder="tiktoken", progress=False)
+        assert store_docs(store) == ids(tok, expected_docs)
+
+
+def test_auto_says_once_why_it_falls_back_and_the_ids_stay_the_tokenizers(tmp_path, docs):
+    from tests.test_encoding import merge_order_tokenizer
+
+    tok = merge_order_tokenizer()
+    path = write_text(tmp_path / "c.txt", "abc abc\n" + "".join(docs[:30]))
+    with pytest.warns(UserWarning) as warned:
+        store = prepare([path], tmp_path / "s", tokenizer=tok, progress=False)
+    assert [str(w.message) for w in warned if "tiktoken" in str(w.message)] == [
+        "fastlm prepare: tiktoken's ids differ from the tokenizer's on 'abc abc\\n'; "
+        "encoding with the Hugging Face tokenizer instead (slower)"
+    ]
+    assert store_docs(store) == ids(tok, ["abc abc\n", *docs[:30]])
+    assert store.meta["encoding"]["encoder"] == "hf" and "abc" in store.meta["encoding"]["why_not_tiktoken"]
 
 
 def test_merge_equals_preparing_the_concatenated_input(tmp_path, gpt2_tok, docs):
@@ -237,6 +319,85 @@ def test_merge_equals_preparing_the_concatenated_input(tmp_path, gpt2_tok, docs)
     assert merged.meta["checksums"] == whole.meta["checksums"]
     assert merged.meta["source"] == whole.meta["source"]
     assert (merged.tokenizer_dir / "tokenizer.json").is_file()
+
+
+# --- long documents: encoded in pieces with the whole document's ids, or refused ------------------------
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Read batches of 1000 bytes and an unsplit-document limit of 5000 characters, and the length of
+    the longest text any encoder was given."""
+    from fastlm.encoding import HFEncoder, TiktokenEncoder
+
+    monkeypatch.setattr(prepare_module, "_BATCH_BYTES", 1000)
+    monkeypatch.setattr(prepare_module, "_MAX_UNSPLIT_CHARS", 5000)
+    longest = [0]
+    for cls in (HFEncoder, TiktokenEncoder):
+        def spy(self, texts, real=cls.__call__):
+            longest[0] = max([longest[0], *map(len, texts)])
+            return real(self, texts)
+
+        monkeypatch.setattr(cls, "__call__", spy)
+    return longest
+
+
+@pytest.fixture(scope="module")
+def long_line(docs):
+    """~25,000 characters of WikiText on one line: spaces, punctuation, numbers, some double spaces."""
+    return "".join(doc.replace("\n", "  ") for doc in docs[:60]).strip() + " end\n"
+
+
+@pytest.mark.parametrize("encoder", ["tiktoken", "hf"])
+@pytest.mark.parametrize("boundary", ["line", "file"])
+def test_a_long_line_is_encoded_in_pieces_with_the_whole_lines_ids(tmp_path, gpt2_tok, small_pieces, long_line, encoder, boundary):
+    # A 200 MB line peaked at 22.9 GB: the tokenizer saw it whole. Now no call sees more than a few
+    # read batches, and the ids are those of the whole line.
+    assert len(long_line) > 20_000
+    text = "short first line\n" + long_line + "\n   \n" + long_line.replace(" end", " the end")
+    path = write_text(tmp_path / "c.txt", text)
+    store = prepare([path], tmp_path / "s", tokenizer=gpt2_tok, doc_boundary=boundary, encoder=encoder,
+                    append_eos=True, prepend_bos=True, progress=False)
+    eos = gpt2_tok.eos_token_id
+    whole = ids(gpt2_tok, {"line": ["short first line\n", long_line, long_line.replace(" end", " the end")],
+                            "file": [text]}[boundary])
+    assert store_docs(store) == [[eos, *doc, eos] for doc in whole]
+    assert store.doc_bytes.tolist() == [len(doc.encode()) for doc in {"line": ["short first line\n", long_line, long_line.replace(" end", " the end")], "file": [text]}[boundary]]
+    assert 0 < small_pieces[0] <= 2000
+
+
+def test_a_long_row_is_encoded_in_pieces(tmp_path, gpt2_tok, small_pieces, long_line):
+    # (parquet: pyarrow's JSON and CSV readers need a row to fit in a couple of read blocks)
+    kwargs = write_format(tmp_path, "parquet", ["first row", long_line * 2, "last row"])
+    store = prepare(kwargs["sources"], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+    assert store_docs(store) == ids(gpt2_tok, ["first row", long_line * 2, "last row"])
+    assert 0 < small_pieces[0] <= 2000
+
+
+def test_a_long_blank_line_is_skipped_like_any_blank_line(tmp_path, gpt2_tok, small_pieces):
+    path = write_text(tmp_path / "c.txt", "one\n" + " \t" * 1500 + "\ntwo\n")
+    store = prepare([path], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+    assert store_docs(store) == ids(gpt2_tok, ["one\n", "two\n"])
+
+
+def test_a_long_line_is_refused_naming_file_and_line_when_it_cannot_be_cut(tmp_path, gpt2_tok, bert_tok, small_pieces, long_line):
+    # WordPiece (BERT) cannot be cut safely: a line over the limit is refused, not read whole.
+    path = write_text(tmp_path / "c.txt", "first\n" + long_line + "last\n")
+    vocab = str(shared_path("tokenizers", "bert-base-uncased", "vocab.txt"))
+    with pytest.raises(ValueError, match=r"c.txt, line 2: a document of more than 5,000 characters"):
+        prepare([path], tmp_path / "s", tokenizer=vocab, progress=False)
+    # Nor can a byte-level BPE cut a run with no space after text in it.
+    path = write_text(tmp_path / "d.txt", "first\nsecond\n" + "x" * 9000 + " tail\n")
+    with pytest.raises(ValueError, match=r"d.txt, line 3: more than 5,000 characters without a space or newline"):
+        prepare([path], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+    kwargs = write_format(tmp_path, "parquet", ["first row", "second", long_line])
+    with pytest.raises(ValueError, match=r"corpus.parquet, row 2: a document of more than 5,000 characters"):
+        prepare(kwargs["sources"], tmp_path / "s", tokenizer=vocab, progress=False)
+    assert not (tmp_path / "s").exists() and no_leftovers(tmp_path)
+    # Under the limit, BERT gets the long line whole.
+    path = write_text(tmp_path / "e.txt", "first\n" + long_line[:4000] + "\n")
+    store = prepare([path], tmp_path / "s", tokenizer=vocab, progress=False)
+    assert store_docs(store) == ids(bert_tok, ["first\n", long_line[:4000] + "\n"])
 
 
 # --- bad input: clear errors, no store ------------------------------------------------------------------
@@ -454,16 +615,16 @@ def test_unknown_tokenizer_name_offline(tmp_path):
 def test_an_exception_midway_leaves_nothing(tmp_path, gpt2_tok, docs, monkeypatch):
     monkeypatch.setattr(prepare_module, "_BATCH_BYTES", 500)
     path = write_text(tmp_path / "c.txt", "".join(docs))
-    real = prepare_module._Encoder.__call__
+    real = StoreWriter.append
     calls = []
 
-    def failing(self, texts):
+    def failing(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(self, texts)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(prepare_module._Encoder, "__call__", failing)
+    monkeypatch.setattr(StoreWriter, "append", failing)
     with pytest.raises(KeyboardInterrupt):
         prepare([path], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
     assert not (tmp_path / "s").exists() and no_leftovers(tmp_path)
@@ -476,8 +637,8 @@ import fastlm.prepare
 prepare_module = sys.modules["fastlm.prepare"]
 prepare_module._BATCH_BYTES = 500
 real_append = StoreWriter.append
-def append_then_die(self, tokens, lengths):
-    real_append(self, tokens, lengths)
+def append_then_die(self, *args, **kwargs):
+    real_append(self, *args, **kwargs)
     if self.n_docs > 20:
         os.kill(os.getpid(), signal.SIGKILL)
 StoreWriter.append = append_then_die

@@ -313,12 +313,13 @@ def _text_chunks(path, errors):
 
 
 def _utf8_boundary(data):
-    """The last offset in data that is not inside a UTF-8 character (a character has at most 3
-    continuation bytes); cutting there decodes, strictly or with U+FFFD, as the whole would."""
-    for cut in range(len(data), max(len(data) - 4, 0), -1):
-        if cut == len(data) and data[-1] < 0x80 or data[cut - 1] < 0x80 or data[cut - 1] >= 0xC0:
-            return cut if data[cut - 1] < 0x80 else cut - 1
-    return len(data)
+    """Where to cut data so that no UTF-8 character is split: before a multi-byte character's lead
+    byte among the last four bytes, else at the end. Cutting there decodes, strictly or with U+FFFD,
+    exactly as the whole would."""
+    i = len(data) - 1
+    while i > 0 and len(data) - i < 4 and 0x80 <= data[i] < 0xC0:
+        i -= 1
+    return i if data[i] >= 0xC0 else len(data)
 
 
 def _split_lines(text):
@@ -341,8 +342,8 @@ def _lines(chunks, path):
         first = 1 if continues else 0
         last = max(len(lines) - 1 if line_open else len(lines), first)
         docs = lines[:first] + [line for line in lines[first:last] if not line.isspace()] + lines[last:]
-        where = f"{path}, line {line + text.count(chr(10))}" if line_open else ""
-        yield Batch(docs, continues, line_open, where)
+        open_line = line + text.count("\n")
+        yield Batch(docs, continues, line_open, f"{path}, line {open_line}" if line_open else "")
         continues = line_open
 
 

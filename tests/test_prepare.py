@@ -171,6 +171,28 @@ def test_chunked_reader_splits_documents_like_the_reference(tmp_path_factory, te
             assert not batch.texts[-1][-1].isspace() and after.texts[0][:1] in (" ", "\n")
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    parts=st.lists(st.sampled_from([b"a", b" ", b"\n", b"\xc3\xa9", b"\xe2\x82\xac", b"\xf0\x9f\x98\x80", b"\xff",
+                                    b"\x80", b"\xe2\x82", b"\xed\xa0\x80", b"\xf0\x9f"]), max_size=40),
+    batch_bytes=st.integers(1, 12),
+)
+def test_cuts_inside_long_lines_decode_like_the_whole_file(tmp_path_factory, parts, batch_bytes):
+    # Pieces of a line longer than a batch are cut between characters: with --errors replace, broken
+    # and truncated sequences turn into the same U+FFFD as when the file is decoded whole.
+    data = b"".join(parts)
+    path = tmp_path_factory.mktemp("cuts") / "c.txt"
+    path.write_bytes(data)
+    old = prepare_module._BATCH_BYTES
+    prepare_module._BATCH_BYTES = batch_bytes
+    try:
+        chunks = list(prepare_module._text_chunks(path, "replace"))
+    finally:
+        prepare_module._BATCH_BYTES = old
+    assert "".join(text for text, _, _ in chunks) == data.decode("utf-8", "replace")
+    assert [line for _, line, _ in chunks] == [1 + "".join(t for t, _, _ in chunks[:i]).count("\n") for i in range(len(chunks))]
+
+
 def test_eos_and_bos_around_every_document(tmp_path, gpt2_tok, docs):
     path = write_text(tmp_path / "c.txt", "".join(docs[:20]))
     store = prepare([path], tmp_path / "s", tokenizer=gpt2_tok, append_eos=True, prepend_bos=True, progress=False)

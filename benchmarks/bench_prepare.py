@@ -1,33 +1,50 @@
-"""Corpus to training blocks: `fastlm prepare` + pack_blocks vs the tutorial's datasets.map pipeline.
+"""Corpus to tokens: `fastlm prepare` against the tutorial pipeline, datatrove and Megatron, and its
+encoders against each other.
 
-Data: WikiText-2 valid + test raw (../shared/data), GPT-2 tokenizer, repeated 8x (about 4.3 M
-tokens); both sides use 2 processes. The tutorial side starts from an in-memory Dataset of the rows
-(built outside the timing) and runs `.map(tokenize, batched=True, num_proc=2)` then HF's
-itertools.chain `group_texts` with num_proc=2. The fastlm side starts from the raw text file and ends
-with a token store on disk plus the block index over its memmap.
+Data: WikiText-2 valid + test raw (../shared/data), GPT-2 tokenizer. Groups:
 
-Peak RSS of prepare is measured in a child process at 8x and 32x the corpus (extra_info): it must
-stay flat. Under `--benchmark-disable` (make test) the corpus is 1x/2x and each side runs once.
+- corpus -> 128-token blocks (x8, about 4.3 M tokens, 2 workers on every side): fastlm prepare (tiktoken
+  path, and --encoder hf) + pack_blocks, from the raw text file to a store and its block index, vs the
+  tutorial's `.map(tokenize, batched=True, num_proc=2)` + HF's itertools.chain `group_texts` with
+  num_proc=2, from an in-memory Dataset of the rows built outside the timing. Peak RSS of prepare is
+  measured in a child process at x8 and x32 (extra_info): it must stay flat.
+- encoder, one core (x8 rows in prepare's ~1 MB batches): the tiktoken path vs the HF fast tokenizer's
+  `__call__` on the same batches.
+- prepare scaling: tokens/s at num_proc 1 and 2 for both encoders (x8 file).
+- tokenize a corpus, 2 workers (x2 rows as jsonl in two files): fastlm prepare vs datatrove's
+  DocumentTokenizer pipeline vs Megatron's preprocess_data.py loop (megatron-core's tokenizer and
+  IndexedDatasetBuilder in a 2-process Pool, as tools/preprocess_data.py does; that script is not in
+  the megatron-core package). Skipped when datatrove / megatron-core are not installed.
+
+Under `--benchmark-disable` (make test) the corpus is x1/x2 and each row runs once.
 
     make bench     # or: .venv/bin/python -m pytest benchmarks/bench_prepare.py --benchmark-only
 """
 import itertools
+import json
 import lzma
+import multiprocessing
 import os
 import resource
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import fastlm
+from fastlm.encoding import Batch, TiktokenEncoder, encode_batches
 from tests.data import shared_path, wikitext_lines
 from tests.reference import chain_group_texts
 
 BLOCK = 128
 NUM_PROC = 2
 ROOT = Path(__file__).resolve().parents[1]
+BLOCKS_GROUP = "corpus -> 128-token blocks"
+ENCODER_GROUP = "encoder, one core, same batches"
+SCALING_GROUP = "prepare scaling: num_proc 1 vs 2"
+PEERS_GROUP = "tokenize a jsonl corpus, 2 workers"
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of the (large) pytest
 # process would report the parent's size. VmHWM is the peak of the child's own address space.
@@ -80,10 +97,10 @@ def _cpu_seconds():
     )
 
 
-def _timed(benchmark, request, fn):
+def _timed(benchmark, request, fn, rounds=3):
     """benchmark.pedantic(fn), also recording CPU seconds per round: on a shared machine wall time
     depends on the neighbours' load, CPU time much less."""
-    rounds = 1 if _smoke(request) else 3
+    rounds = 1 if _smoke(request) else rounds
     start = _cpu_seconds()
     result = benchmark.pedantic(fn, rounds=rounds, iterations=1)
     benchmark.extra_info["cpu_s_per_round"] = round((_cpu_seconds() - start) / rounds, 2)
@@ -94,6 +111,9 @@ def _throughput(benchmark, n_tokens):
     benchmark.extra_info["tokens"] = n_tokens
     if benchmark.stats:
         benchmark.extra_info["Mtokens_per_s"] = round(n_tokens / benchmark.stats.stats.median / 1e6, 3)
+        cpu = benchmark.extra_info.get("cpu_s_per_round")
+        if cpu:
+            benchmark.extra_info["Mtokens_per_cpu_s"] = round(n_tokens / cpu / 1e6, 3)
 
 
 def _peak_rss_mb(source, output):
@@ -105,23 +125,32 @@ def _peak_rss_mb(source, output):
     return float(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.benchmark(group="corpus -> 128-token blocks")
-def bench_prepare_and_pack_fastlm(benchmark, request, corpus, gpt2_tok, n_tokens, scales):
-    outputs = (corpus["root"] / f"store_{i}" for i in itertools.count())
+def _outputs(corpus, name):
+    return (corpus["root"] / f"{name}_{i}" for i in itertools.count())
+
+
+# --- corpus -> 128-token blocks -------------------------------------------------------------------------
+
+
+def _prepare_and_pack(benchmark, request, corpus, gpt2_tok, n_tokens, encoder):
+    outputs = _outputs(corpus, f"store_{encoder}")
 
     def prepare_and_pack():
-        store = fastlm.prepare(
-            [corpus["files"][corpus["scale"]]], next(outputs), tokenizer=gpt2_tok, num_proc=NUM_PROC, progress=False
-        )
+        store = fastlm.prepare([corpus["files"][corpus["scale"]]], next(outputs), tokenizer=gpt2_tok,
+                               num_proc=NUM_PROC, encoder=encoder, progress=False)
         return store, fastlm.pack_blocks(store.tokens, store.offsets, BLOCK)
 
     store, blocks = _timed(benchmark, request, prepare_and_pack)
     # Same token stream as the tutorial: same number of tokens and of full blocks (up to the
     # tutorial's per-1000-row remainders, which pack_blocks does not drop).
-    assert store.n_tokens == n_tokens
+    assert store.n_tokens == n_tokens and store.meta["encoding"]["encoder"] == encoder
     assert len(blocks) == n_tokens // BLOCK
     _throughput(benchmark, n_tokens)
 
+
+@pytest.mark.benchmark(group=BLOCKS_GROUP)
+def bench_prepare_and_pack_fastlm(benchmark, request, corpus, gpt2_tok, n_tokens, scales):
+    _prepare_and_pack(benchmark, request, corpus, gpt2_tok, n_tokens, "tiktoken")
     rss = {scale: _peak_rss_mb(corpus["files"][scale], corpus["root"] / f"rss_x{scale}") for scale in scales}
     for scale, peak in rss.items():
         benchmark.extra_info[f"peak_rss_mib_x{scale}"] = round(peak, 1)
@@ -130,7 +159,12 @@ def bench_prepare_and_pack_fastlm(benchmark, request, corpus, gpt2_tok, n_tokens
     assert rss[large] < 1.1 * rss[small] + 20, rss
 
 
-@pytest.mark.benchmark(group="corpus -> 128-token blocks")
+@pytest.mark.benchmark(group=BLOCKS_GROUP)
+def bench_prepare_and_pack_fastlm_hf_encoder(benchmark, request, corpus, gpt2_tok, n_tokens):
+    _prepare_and_pack(benchmark, request, corpus, gpt2_tok, n_tokens, "hf")
+
+
+@pytest.mark.benchmark(group=BLOCKS_GROUP)
 def bench_tutorial_map_tokenize_group_texts(benchmark, request, corpus, gpt2_tok, n_tokens):
     datasets = pytest.importorskip("datasets")
     datasets.disable_progress_bars()
@@ -147,3 +181,146 @@ def bench_tutorial_map_tokenize_group_texts(benchmark, request, corpus, gpt2_tok
     # The tutorial drops each 1000-row batch's remainder, so it keeps slightly fewer blocks.
     assert 0.99 * (n_tokens // BLOCK) <= len(blocks) <= n_tokens // BLOCK
     _throughput(benchmark, n_tokens)
+
+
+# --- the encoders on one core -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def batches(corpus):
+    """The x8 rows (blank ones dropped, as prepare does) in ~1 MB batches, as prepare encodes them."""
+    rows = [row for row in corpus["rows"] if row]
+    sizes = np.cumsum([len(row) for row in rows])
+    cuts = np.searchsorted(sizes, np.arange(1 << 20, sizes[-1], 1 << 20))
+    return [rows[a:b] for a, b in itertools.pairwise([0, *cuts.tolist(), len(rows)])]
+
+
+@pytest.mark.benchmark(group=ENCODER_GROUP)
+def bench_encoder_tiktoken_path(benchmark, request, gpt2_tok, batches, n_tokens):
+    encoder = TiktokenEncoder(gpt2_tok.backend_tokenizer.to_str(), np.uint16)
+
+    def encode_all():
+        return sum(tokens.shape[0] for tokens, *_ in encode_batches(map(Batch, batches), encoder))
+
+    assert _timed(benchmark, request, encode_all, rounds=5) == n_tokens
+    _throughput(benchmark, n_tokens)
+
+
+@pytest.mark.benchmark(group=ENCODER_GROUP)
+def bench_encoder_hf_fast_tokenizer_call(benchmark, request, gpt2_tok, batches, n_tokens):
+    def encode_all():
+        return sum(len(ids) for batch in batches for ids in gpt2_tok(batch)["input_ids"])
+
+    assert _timed(benchmark, request, encode_all, rounds=5) == n_tokens
+    _throughput(benchmark, n_tokens)
+
+
+# --- scaling with num_proc --------------------------------------------------------------------------------
+
+
+@pytest.mark.benchmark(group=SCALING_GROUP)
+@pytest.mark.parametrize("encoder, num_proc", [("tiktoken", 1), ("tiktoken", 2), ("hf", 1), ("hf", 2)])
+def bench_prepare_num_proc(benchmark, request, corpus, gpt2_tok, n_tokens, encoder, num_proc):
+    outputs = _outputs(corpus, f"scaling_{encoder}_{num_proc}")
+
+    def run():
+        return fastlm.prepare([corpus["files"][corpus["scale"]]], next(outputs), tokenizer=gpt2_tok,
+                              num_proc=num_proc, encoder=encoder, progress=False)
+
+    assert _timed(benchmark, request, run).n_tokens == n_tokens
+    _throughput(benchmark, n_tokens)
+
+
+# --- fastlm prepare vs datatrove and Megatron -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def jsonl_corpus(request, gpt2_tok, tmp_path_factory):
+    """x2 of the rows (non-blank; 300 rows in a smoke run) as jsonl in two files (one per worker), a
+    save_pretrained tokenizer directory, and the token count."""
+    root = tmp_path_factory.mktemp("peers")
+    rows = [row for row in wikitext_lines("valid") + wikitext_lines("test") if row]
+    rows = rows[:300] if _smoke(request) else rows * 2
+    files = [root / "input" / f"part{i}.jsonl" for i in range(2)]
+    files[0].parent.mkdir()
+    for file, part in zip(files, (rows[: len(rows) // 2], rows[len(rows) // 2 :])):
+        file.write_text("".join(json.dumps({"text": row}) + "\n" for row in part), encoding="utf-8")
+    gpt2_tok.save_pretrained(root / "tokenizer")
+    n = sum(map(len, gpt2_tok(rows)["input_ids"]))
+    return dict(root=root, files=files, rows=rows, tokenizer=root / "tokenizer", n_tokens=n)
+
+
+@pytest.mark.benchmark(group=PEERS_GROUP)
+def bench_tokenize_jsonl_fastlm(benchmark, request, jsonl_corpus, gpt2_tok):
+    outputs = _outputs(jsonl_corpus, "fastlm")
+
+    def run():
+        return fastlm.prepare(jsonl_corpus["files"], next(outputs), tokenizer=gpt2_tok, num_proc=NUM_PROC, progress=False)
+
+    assert _timed(benchmark, request, run, rounds=1).n_tokens == jsonl_corpus["n_tokens"]
+    _throughput(benchmark, jsonl_corpus["n_tokens"])
+
+
+@pytest.mark.benchmark(group=PEERS_GROUP)
+def bench_tokenize_jsonl_datatrove(benchmark, request, jsonl_corpus):
+    pytest.importorskip("datatrove")
+    pytest.importorskip("orjson")  # datatrove's JsonlReader needs it
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.tokens import DocumentTokenizer
+
+    outputs = _outputs(jsonl_corpus, "datatrove")
+
+    def run():
+        out = next(outputs)
+        pipeline = [
+            JsonlReader(str(jsonl_corpus["files"][0].parent)),
+            DocumentTokenizer(str(out), tokenizer_name_or_path=str(jsonl_corpus["tokenizer"] / "tokenizer.json"),
+                              eos_token=None, shuffle_documents=False),
+        ]
+        LocalPipelineExecutor(pipeline=pipeline, tasks=NUM_PROC, workers=NUM_PROC, logging_dir=str(out / "logs"),
+                              skip_completed=False).run()
+        return sum(f.stat().st_size for f in out.glob("*.ds")) // 2
+
+    assert _timed(benchmark, request, run, rounds=1) == jsonl_corpus["n_tokens"]
+    _throughput(benchmark, jsonl_corpus["n_tokens"])
+
+
+_megatron_tokenizer = None
+
+
+def _megatron_init(path):
+    global _megatron_tokenizer
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    _megatron_tokenizer = MegatronTokenizer.from_pretrained(
+        tokenizer_path=path, metadata_path={"library": "huggingface", "model_type": "gpt"}, use_fast=True
+    )
+
+
+def _megatron_encode(line):
+    return _megatron_tokenizer.tokenize(json.loads(line)["text"])
+
+
+@pytest.mark.benchmark(group=PEERS_GROUP)
+def bench_tokenize_jsonl_megatron_preprocess(benchmark, request, jsonl_corpus):
+    pytest.importorskip("megatron.core")
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    outputs = _outputs(jsonl_corpus, "megatron")
+
+    def run():
+        # tools/preprocess_data.py: a Pool of workers tokenizing lines (imap, chunks of 32), one builder.
+        out = next(outputs)
+        builder = IndexedDatasetBuilder(f"{out}.bin", dtype=np.uint16)
+        context = multiprocessing.get_context("fork")
+        with context.Pool(NUM_PROC, initializer=_megatron_init, initargs=(str(jsonl_corpus["tokenizer"]),)) as pool:
+            for file in jsonl_corpus["files"]:
+                with open(file, encoding="utf-8") as lines:
+                    for ids in pool.imap(_megatron_encode, lines, 32):
+                        builder.add_document(ids, [len(ids)])
+        builder.finalize(f"{out}.idx")
+        return os.path.getsize(f"{out}.bin") // 2
+
+    assert _timed(benchmark, request, run, rounds=1) == jsonl_corpus["n_tokens"]
+    _throughput(benchmark, jsonl_corpus["n_tokens"])

@@ -153,20 +153,20 @@ def prepare(
         tok.save_pretrained(writer.path / TOKENIZER_DIR)
         start, start_cpu = time.perf_counter(), time.process_time()
         first = next(batches, Batch([]))
-        encoder, why = choose_encoder(
+        chosen, why = choose_encoder(
             encoder, tokenizer_json, writer.dtype, verification_sample(first.texts), byte_level_problem
         )
         framing = {
             "prefix": ([bos] if bos is not None else []) + template_prefix,
             "suffix": template_suffix + ([eos] if eos is not None else []),
         }
-        encoded = encode_batches(itertools.chain([first], batches), encoder, num_proc=num_proc, **framing)
+        encoded = encode_batches(itertools.chain([first], batches), chosen, num_proc=num_proc, **framing)
         _write(writer, encoded, Path(output).name, progress)
         if writer.n_docs == 0:
             where = f"dataset {dataset_name}" if dataset_name is not None else ", ".join(map(str, sources))
             raise ValueError(f"no documents found in {where}: the input is empty or only whitespace; no store written")
         meta["encoding"] = {
-            "encoder": encoder.name,
+            "encoder": chosen.name,
             "why_not_tiktoken": why,
             "seconds": round(time.perf_counter() - start, 3),
             "cpu_seconds": round(time.process_time() - start_cpu, 3),

@@ -266,14 +266,28 @@ def _file_batches(path, doc_boundary, text_column, errors):
     if kind is None and path.suffix.lower() in _COMPRESSED:
         kind = _STRUCTURED.get(Path(path.stem).suffix.lower())
     if kind is None:
-        chunks = _text_chunks(path, errors)
-        return {"line": _lines, "paragraph": _paragraphs, "file": _whole_file}[doc_boundary](chunks, path)
+        pieces = _text_pieces(path, errors)
+        return {"line": _lines, "paragraph": _paragraphs, "file": _whole_file}[doc_boundary](pieces, path)
     return _row_batches({"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}[kind](
         path, text_column, errors
     ), path)
 
 
 def _text_chunks(path, errors):
+    """Decoded text in ~_BATCH_BYTES chunks that end at a line end (except at the end of the file), for
+    readers that need whole lines; a long line is held whole."""
+    long_line = []
+    for text, _, line_open in _text_pieces(path, errors):
+        if line_open:
+            long_line.append(text)
+            continue
+        if long_line:
+            text = "".join(long_line) + text
+            long_line = []
+        yield text
+
+
+def _text_pieces(path, errors):
     """(text, line, line_open): decoded text in ~_BATCH_BYTES pieces that end at a line end, and the
     number of the line text starts in. A line longer than _BATCH_BYTES is cut at a character boundary
     instead, with line_open True, so one huge line never sits in memory whole."""

@@ -38,7 +38,7 @@ META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
 SPECIAL_NAMES = ("eos", "bos", "pad", "mask", "cls", "sep", "unk")
 # What a store directory may hold: --overwrite replaces a directory only if it holds nothing else.
-STORE_ENTRIES = (TOKENS_FILE, OFFSETS_FILE, META_FILE, TOKENIZER_DIR)
+STORE_ENTRIES = (TOKENS_FILE, OFFSETS_FILE, BYTES_FILE, META_FILE, TOKENIZER_DIR)
 # Inside a temporary directory: which process made it, so a later run can tell a dead one's leftovers
 # from a live one's work in progress.
 _OWNER_FILE = ".fastlm-owner.json"

@@ -186,11 +186,15 @@ def test_cuts_inside_long_lines_decode_like_the_whole_file(tmp_path_factory, par
     old = prepare_module._BATCH_BYTES
     prepare_module._BATCH_BYTES = batch_bytes
     try:
-        chunks = list(prepare_module._text_chunks(path, "replace"))
+        chunks = list(prepare_module._text_pieces(path, "replace"))
+        whole_lines = list(prepare_module._text_chunks(path, "replace"))
     finally:
         prepare_module._BATCH_BYTES = old
     assert "".join(text for text, _, _ in chunks) == data.decode("utf-8", "replace")
     assert [line for _, line, _ in chunks] == [1 + "".join(t for t, _, _ in chunks[:i]).count("\n") for i in range(len(chunks))]
+    # The readers of CSV and JSON lines get whole lines.
+    assert "".join(whole_lines) == data.decode("utf-8", "replace")
+    assert all(chunk.endswith("\n") for chunk in whole_lines[:-1])
 
 
 def test_eos_and_bos_around_every_document(tmp_path, gpt2_tok, docs):

@@ -1,12 +1,14 @@
 """Train a causal-LM or masked-LM head on packed blocks from a token store with DeepSpeed; report perplexity.
 
-With no arguments it is the offline demo: it prepares the stdlib's pydoc_data.topics text, trains a
-byte-level BPE tokenizer on it, trains a tiny GPT for a minute or two on CPU and prints the held-out
-perplexity (outputs under runs/demo).
+With no arguments (or only the --local_rank a launcher adds) it is the offline demo: it prepares the
+stdlib's pydoc_data.topics text, trains a byte-level BPE tokenizer on it, trains a tiny GPT for a minute
+or two on CPU and prints the held-out perplexity (outputs under runs/demo in the working directory;
+FASTLM_DEMO_STEPS=N shortens it to N steps).
 
-Launch it any of these ways (the arguments are the same):
+Launch it any of these ways (the arguments are the same; without any, each runs the demo):
 
     python -m fastlm.run                                       # the offline demo
+    deepspeed fastlm/run.py                                    # the demo through DeepSpeed's launcher
     python -m fastlm.run --task clm --train_store S --config_name gpt2-tiny --output_dir runs/x
     fastlm train --task mlm --train_file train.txt --validation_file valid.txt \\
         --model_name_or_path distilroberta-base --output_dir runs/mlm
@@ -19,11 +21,14 @@ Launch it any of these ways (the arguments are the same):
     torchrun --nproc_per_node 2 fastlm/run.py ...
     deepspeed fastlm/run.py ... --deepspeed ds_config.json    # a DeepSpeed JSON merged with the flags
 
-The loop is the DeepSpeed one: engine(batch) -> engine.backward(loss) -> engine.step(). Rank 0 logs and
-writes <output_dir>/metrics.jsonl, results.json, loss.png, the final model and tokenizer (model/, loadable
-with from_pretrained) and DeepSpeed checkpoints (checkpoints/, with the data position and RNG state in
-client_state so --resume continues exactly). Perplexity is exp(sum of token NLL / number of target
-tokens), both summed over ranks and batches.
+The loop is the DeepSpeed one: engine(batch) -> engine.backward(loss) -> engine.step(), with token-weighted
+steps: each optimizer step's gradient is that of (sum of token NLL over its micro batches and ranks) /
+(its target tokens), whatever the micro batch, accumulation and rank count. Rank 0 logs and writes
+<output_dir>/metrics.jsonl, results.json, loss.png, the final model and tokenizer (model/, loadable with
+from_pretrained) and DeepSpeed checkpoints (checkpoints/, with the data position and RNG state in
+client_state so --resume continues exactly, and checksums that --resume verifies). A non-finite loss or
+gradient norm stops the run naming the step (exit status 1) before anything holds it. Perplexity is
+exp(sum of token NLL / number of target tokens), both summed over ranks and batches.
 
 This file is the launch and the loop. The flags, their checks and the DeepSpeed config are in
 fastlm/config.py; the data plan (sources, stores, packing, sample order) in fastlm/data.py; the model in
@@ -269,6 +274,10 @@ def _run(args, explicit):
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, args.weight_decay),
                                       config=ds_config, lr_scheduler=schedule)
     del model
+    if clip is not None and world_size == 1:
+        # Nothing to all-reduce, yet DeepSpeed's ZeRO-0 path would still copy every gradient into a flat
+        # bucket, "reduce" it and copy it back, every step.
+        engine.enable_backward_allreduce = False
     state = {"step": 0, "epoch": 0, "sample": 0, "tokens_seen": 0, "train_loss_sum": 0.0,
              "train_loss_count": 0, "window": [0.0, 0, 0]}
     if args.resume:

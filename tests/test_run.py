@@ -558,19 +558,25 @@ def test_mlm_resumed_with_another_split_takes_the_same_token_weighted_steps(mlm_
     _assert_same_training(full, tmp_path, [3, 4])
 
 
+def _launch_two_ranks(argv, *, cwd):
+    """`deepspeed --num_gpus 2 fastlm/run.py argv` (as a script, fastlm not on PYTHONPATH); asserts exit 0."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"  # 2 ranks on 2 cores: the launcher leaves it unset, ~10x slower
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(run._free_port()), str(ROOT / "fastlm" / "run.py"),
+           *argv]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def test_mlm_resumed_on_two_ranks_takes_the_same_token_weighted_steps(mlm_dropout_free_run, tmp_path):
     """The 1-rank ZeRO-2 checkpoint resumed by `deepspeed --num_gpus 2` as micro batch 4 x 2 ranks: each
     rank's micro batch holds its own number of masked targets, and steps 3-4 must still be the 1-rank
     run's (DeepSpeed's average over ranks undone)."""
     full, argv = mlm_dropout_free_run
     _resume_from(full, 2, tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["OMP_NUM_THREADS"] = "1"
-    launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(run._free_port()), str(ROOT / "fastlm" / "run.py"),
-           *argv(tmp_path, 4, 1, "--resume")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _launch_two_ranks(argv(tmp_path, 4, 1, "--resume"), cwd=tmp_path)
     assert json.loads((tmp_path / "results.json").read_text())["world_size"] == 2
     _assert_same_training(full, tmp_path, [3, 4])
 
@@ -591,13 +597,7 @@ def test_resume_on_another_rank_count_repeats_the_losses(dropout_free_run, tmp_p
     the optimizer state is converted to DeepSpeed's universal format first."""
     full, argv = dropout_free_run
     _resume_from(full, 4, tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["OMP_NUM_THREADS"] = "1"
-    launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(run._free_port()), str(ROOT / "fastlm" / "run.py"),
-           *argv(tmp_path, 4, 2, "--resume")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _launch_two_ranks(argv(tmp_path, 4, 2, "--resume"), cwd=tmp_path)
     assert "converting" in proc.stdout and "universal format" in proc.stdout
     a, b = _train_losses(full), _train_losses(tmp_path)
     assert sorted(b) == [5, 6, 7, 8]
@@ -777,15 +777,9 @@ def test_dataset_with_document_packing_and_strided_evaluation(text_files, tmp_pa
 def test_two_ranks_with_the_deepspeed_launcher(text_files, tmp_path):
     """`deepspeed --num_gpus 2 fastlm/run.py` (as a script, fastlm not installed): rank 0 prepares the
     text while rank 1 waits, the ranks train on disjoint blocks and both report the same evaluation."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["OMP_NUM_THREADS"] = "1"  # 2 ranks on 2 cores: the launcher leaves it unset, ~10x slower
-    launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(run._free_port()), str(ROOT / "fastlm" / "run.py"),
-           "--train_file", str(text_files[0]), "--validation_file", str(text_files[1]), "--train_tokenizer",
-           "--vocab_size", "512", "--config_name", "gpt2-tiny", "--block_size", "64", "--max_steps", "4",
-           "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path), *TINY]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _launch_two_ranks(["--train_file", str(text_files[0]), "--validation_file", str(text_files[1]), "--train_tokenizer",
+                       "--vocab_size", "512", "--config_name", "gpt2-tiny", "--block_size", "64", "--max_steps", "4",
+                       "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path), *TINY], cwd=tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2
     assert results["ranks"]["overlapping_blocks"] == 0

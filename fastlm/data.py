@@ -170,12 +170,14 @@ def rank0_then_others(work, *, rank, what):
         try:
             work()
         except Exception as error:
-            failure = [f"{type(error).__name__}: {error}"]
+            failure = [error if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"]
             if dist.get_world_size() > 1:
                 dist.broadcast_object_list(failure, src=0)
             raise
     if dist.get_world_size() > 1:  # the others wait here: a barrier that also tells them when rank 0 failed
         dist.broadcast_object_list(failure, src=0)
+    if isinstance(failure[0], ConfigError):
+        raise failure[0]  # a configuration error reads the same on every rank: one line, exit status 2
     if failure[0]:
         raise RuntimeError(f"rank 0 could not {what}: {failure[0]}")
 

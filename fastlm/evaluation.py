@@ -23,12 +23,13 @@ def token_nll(logits, labels, *, shift):
     """(sum of token negative log-likelihoods in float64, number of target tokens) of one batch.
 
     CLM predicts token t+1 from position t (shift=True), as HF's models do with `labels`; MLM scores
-    each masked position in place. Logits are upcast to float32 like HF's loss.
+    each masked position in place. Logits are upcast to float32 like HF's loss. The labels shift, not
+    the logits (HF's ForCausalLMLoss): slicing the logits would copy all batch x length x vocab of them.
     """
     import torch.nn.functional as F
 
     if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
+        labels = F.pad(labels[:, 1:], (0, 1), value=-100)
     nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                           ignore_index=-100, reduction="sum")
     return nll.double(), (labels != -100).sum()

@@ -1,12 +1,14 @@
 """Train a causal-LM or masked-LM head on packed blocks from a token store with DeepSpeed; report perplexity.
 
-With no arguments it is the offline demo: it prepares the stdlib's pydoc_data.topics text, trains a
-byte-level BPE tokenizer on it, trains a tiny GPT for a minute or two on CPU and prints the held-out
-perplexity (outputs under runs/demo).
+With no arguments (or only the --local_rank a launcher adds) it is the offline demo: it prepares the
+stdlib's pydoc_data.topics text, trains a byte-level BPE tokenizer on it, trains a tiny GPT for a minute
+or two on CPU and prints the held-out perplexity (outputs under runs/demo in the working directory;
+FASTLM_DEMO_STEPS=N shortens it to N steps).
 
-Launch it any of these ways (the arguments are the same):
+Launch it any of these ways (the arguments are the same; without any, each runs the demo):
 
     python -m fastlm.run                                       # the offline demo
+    deepspeed fastlm/run.py                                    # the demo through DeepSpeed's launcher
     python -m fastlm.run --task clm --train_store S --config_name gpt2-tiny --output_dir runs/x
     fastlm train --task mlm --train_file train.txt --validation_file valid.txt \\
         --model_name_or_path distilroberta-base --output_dir runs/mlm
@@ -19,11 +21,14 @@ Launch it any of these ways (the arguments are the same):
     torchrun --nproc_per_node 2 fastlm/run.py ...
     deepspeed fastlm/run.py ... --deepspeed ds_config.json    # a DeepSpeed JSON merged with the flags
 
-The loop is the DeepSpeed one: engine(batch) -> engine.backward(loss) -> engine.step(). Rank 0 logs and
-writes <output_dir>/metrics.jsonl, results.json, loss.png, the final model and tokenizer (model/, loadable
-with from_pretrained) and DeepSpeed checkpoints (checkpoints/, with the data position and RNG state in
-client_state so --resume continues exactly). Perplexity is exp(sum of token NLL / number of target
-tokens), both summed over ranks and batches.
+The loop is the DeepSpeed one: engine(batch) -> engine.backward(loss) -> engine.step(), with token-weighted
+steps: each optimizer step's gradient is that of (sum of token NLL over its micro batches and ranks) /
+(its target tokens), whatever the micro batch, accumulation and rank count. Rank 0 logs and writes
+<output_dir>/metrics.jsonl, results.json, loss.png, the final model and tokenizer (model/, loadable with
+from_pretrained) and DeepSpeed checkpoints (checkpoints/, with the data position and RNG state in
+client_state so --resume continues exactly, and checksums that --resume verifies). A non-finite loss or
+gradient norm stops the run naming the step (exit status 1) before anything holds it. Perplexity is
+exp(sum of token NLL / number of target tokens), both summed over ranks and batches.
 
 This file is the launch and the loop. The flags, their checks and the DeepSpeed config are in
 fastlm/config.py; the data plan (sources, stores, packing, sample order) in fastlm/data.py; the model in
@@ -38,8 +43,10 @@ if __package__ in (None, ""):
     # there instead, so `import fastlm` works even without `pip install -e .`.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -51,7 +58,7 @@ import numpy as np
 from fastlm.config import (LENGTH_FLAGS, RESULT_FLAGS, ConfigError, build_ds_config, check_args, lr_schedule, parse,
                            resume_settings)
 from fastlm.data import TrainBatches, make_masker, open_or_prepare, pack, rank0_then_others, train_eval_documents
-from fastlm.evaluation import evaluate
+from fastlm.evaluation import evaluate, token_nll
 from fastlm.model import build_model, flops_per_token, model_inputs, param_groups, position_offset
 
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -87,15 +94,14 @@ def _device_type():
 
 # --- outputs ------------------------------------------------------------------------------------------
 
-def _write_json(path, obj):
+def _write_text(path, text):
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def _read_json(path):
-    """A JSON file's content, or {} when there is none."""
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _write_json(path, obj):
+    _write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _read_metrics(path):
@@ -166,20 +172,26 @@ def _set_rng_state(state):
 
 def main(argv=None):
     """The command line (`python -m fastlm.run`, `fastlm train`): train, then return exit status 0.
-    Bad configurations exit with status 2 and one message."""
-    train(argv)
+    Bad configurations exit with status 2 and one message; a diverged run with status 1."""
+    try:
+        train(argv)
+    except Diverged as error:
+        print(f"fastlm train: error: {error}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
 def train(argv=None):
-    """Train from command-line arguments (sys.argv[1:] by default; none at all = the offline demo).
-    Returns results.json's content on rank 0 (None on other ranks)."""
+    """Train from command-line arguments (sys.argv[1:] by default; none at all, or only the
+    `--local_rank` a launcher adds, = the offline demo). Returns results.json's content on rank 0 (None
+    on other ranks); raises Diverged when the loss or gradient norm stops being finite."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv:
-        print("[fastlm] no arguments: the offline demo. Training a tiny GPT on the stdlib's pydoc topics "
-              f"(about 2 minutes on 2 CPU cores; outputs in {DEMO_DIR}). `--help` lists the runner's flags.",
-              flush=True)
-        argv = demo_argv()
+    if _only_launcher_arguments(argv):
+        argv += demo_argv()
+        if os.environ.get("RANK", "0") == "0":
+            print("[fastlm] no arguments: the offline demo. Training a tiny GPT on the stdlib's pydoc topics "
+                  f"(about 2 minutes on 2 CPU cores; outputs in {DEMO_DIR.resolve()}). `--help` lists the "
+                  "runner's flags.", flush=True)
     _device_type()  # sets DS_ACCELERATOR=cpu before deepspeed is first imported, when there is no GPU
     args, explicit, parser = parse(argv)
     try:
@@ -188,12 +200,23 @@ def train(argv=None):
         parser.error(str(error))
 
 
+def _only_launcher_arguments(argv):
+    """Whether argv holds nothing but what a launcher adds: DeepSpeed's appends `--local_rank=N` (torchrun
+    and `python -m` add nothing; they pass the rank in the environment)."""
+    rest = list(argv)
+    while rest[:1] == ["--local_rank"] or rest and rest[0].startswith("--local_rank="):
+        rest = rest[2:] if rest[0] == "--local_rank" else rest[1:]
+    return not rest
+
+
 def _run(args, explicit):
+    start_time = time.time()
     check_args(args)
     rank, world_size, local_rank = _distributed_env()
     device_type = _device_type()
     # Config errors come before anything starts (no process group, no data, no model yet).
     ds_config = build_ds_config(args, world_size=world_size, device_type=device_type, explicit=explicit)
+    clip = _clipping_in_the_loop(ds_config, args)
 
     import deepspeed
     import torch
@@ -201,7 +224,6 @@ def _run(args, explicit):
     from transformers import AutoTokenizer
 
     ds_logger.setLevel("WARNING")
-    start_time = time.time()
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl")
@@ -235,8 +257,10 @@ def _run(args, explicit):
     settings = resume_settings(args)
     resume_tag, universal = None, False
     if args.resume:  # checked before the model is built: another model shape would fail inside DeepSpeed
-        resume_tag = (ckpt_dir / "latest").read_text().strip()
-        _check_resumable(_read_json(ckpt_dir / resume_tag / CHECKPOINT_SETTINGS), settings, layout, rank=rank)
+        resume_tag, saved = _latest_checkpoint(ckpt_dir)
+        rank0_then_others(lambda: _verify_checkpoint(ckpt_dir / resume_tag, saved.get("files")), rank=rank,
+                          what="verify the checkpoint")
+        _check_resumable(saved, settings, layout, rank=rank)
         resume_tag, universal = _universal_if_resharded(ckpt_dir, resume_tag, world_size=world_size, rank=rank)
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
@@ -250,6 +274,10 @@ def _run(args, explicit):
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, args.weight_decay),
                                       config=ds_config, lr_scheduler=schedule)
     del model
+    if clip is not None and world_size == 1:
+        # Nothing to all-reduce, yet DeepSpeed's ZeRO-0 path would still copy every gradient into a flat
+        # bucket, "reduce" it and copy it back, every step.
+        engine.enable_backward_allreduce = False
     state = {"step": 0, "epoch": 0, "sample": 0, "tokens_seen": 0, "train_loss_sum": 0.0,
              "train_loss_count": 0, "window": [0.0, 0, 0]}
     if args.resume:
@@ -267,9 +295,22 @@ def _run(args, explicit):
         tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
         os.replace(tmp, metrics_path)
 
-    seen, stats = _train(engine, args, train_blocks, eval_blocks, masker, state, total_steps=total_steps,
-                         rank=rank, world_size=world_size, device_type=device_type, metrics_path=metrics_path,
-                         ckpt_dir=ckpt_dir, flops_per_token=token_flops, layout=layout, settings=settings)
+    try:
+        seen, stats = _train(engine, args, train_blocks, eval_blocks, masker, state, total_steps=total_steps,
+                             rank=rank, world_size=world_size, device_type=device_type, metrics_path=metrics_path,
+                             ckpt_dir=ckpt_dir, flops_per_token=token_flops, layout=layout, settings=settings,
+                             clip=clip, start_time=start_time)
+    except Diverged as error:
+        latest = ckpt_dir / "latest"
+        kept = (f"{latest} still names {latest.read_text().strip()}, the last checkpoint before it"
+                if latest.is_file() else "no checkpoint was saved before it")
+        message = (f"{error}. Nothing from that step on was saved ({kept}; no model/ written). Lower "
+                   "--learning_rate (or raise --warmup_steps) and start a new run")
+        if world_size == 1:
+            raise Diverged(message) from None
+        if rank == 0:
+            print(f"fastlm train: error: {message}", file=sys.stderr, flush=True)
+        _shutdown(world_size, status=1)
 
     final_eval = evaluate(engine, eval_blocks, args=args, rank=rank, world_size=world_size, masker=masker) if eval_blocks else {}
     ranks = _rank_report(seen, final_eval.get("eval_loss"), world_size=world_size, device=engine.device)
@@ -281,6 +322,7 @@ def _run(args, explicit):
                 f.write(json.dumps({"step": state["step"], **final_eval}) + "\n")
         results = {
             "task": args.task, "steps": state["step"], "epochs": state["step"] / steps_per_epoch,
+            # Token-weighted, as every logged loss: summed token NLL / target tokens over the whole run.
             "train_loss": state["train_loss_sum"] / max(state["train_loss_count"], 1),
             **final_eval, "tokens_seen": state["tokens_seen"], "train_blocks": len(train_blocks),
             "eval_blocks": len(eval_blocks) if eval_blocks else 0, "world_size": world_size,
@@ -336,12 +378,66 @@ CHECKPOINT_SETTINGS = "fastlm.json"
 
 
 def _save_checkpoint(engine, ckpt_dir, tag, state, *, layout, settings, rank):
-    """A DeepSpeed checkpoint with the data position and RNG state in its client state. The settings file
-    goes first: DeepSpeed's `latest` then never points at a checkpoint without one."""
-    if rank == 0:
-        (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-        _write_json(ckpt_dir / tag / CHECKPOINT_SETTINGS, {"layout": layout, "settings": settings})
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**state, "rng": _rng_state()})
+    """A DeepSpeed checkpoint with the data position and RNG state in its client state. Then rank 0 writes
+    fastlm.json beside it (data layout, settings, and the size and sha256 of every file, which --resume
+    verifies) and only then points `latest` at it, atomically: `latest` never names a checkpoint that is
+    incomplete or cannot be verified (DeepSpeed's own `latest` is written in place, before ours could be)."""
+    directory = ckpt_dir / tag
+    if rank == 0:  # a stale directory of the same name (an abandoned run's) would mix its files into this one
+        shutil.rmtree(directory, ignore_errors=True)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**state, "rng": _rng_state()}, save_latest=False)
+    if rank != 0:
+        return
+    # save_checkpoint ends with a barrier: every rank's files are written.
+    files = {str(path.relative_to(directory)): [path.stat().st_size, _sha256(path)]
+             for path in sorted(directory.rglob("*")) if path.is_file() and path.name != CHECKPOINT_SETTINGS}
+    _write_json(directory / CHECKPOINT_SETTINGS, {"layout": layout, "settings": settings, "files": files})
+    _write_text(ckpt_dir / "latest", tag)
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _latest_checkpoint(ckpt_dir):
+    """(the tag `latest` names, its fastlm.json); one-line errors for a dangling `latest` or a missing or
+    unreadable fastlm.json."""
+    latest = ckpt_dir / "latest"
+    tag = latest.read_text().strip()
+    if not tag or not (ckpt_dir / tag).is_dir():
+        raise ConfigError(f"--resume: {latest} names checkpoint {tag!r}, which is not a directory in {ckpt_dir}; "
+                          "point it at one of the checkpoints there, or start a new run")
+    path = ckpt_dir / tag / CHECKPOINT_SETTINGS
+    try:
+        return tag, json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--resume: {path} is missing: the checkpoint was saved incompletely or by an older "
+                          "fastlm, so it cannot be verified; point checkpoints/latest at another one, or start a new run") from None
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--resume: cannot read {path} ({error}); point checkpoints/latest at another "
+                          "checkpoint, or start a new run") from None
+
+
+def _verify_checkpoint(directory, files):
+    """Refuse a checkpoint with a file missing, truncated or changed since it was saved, naming the file."""
+    if files is None:
+        raise ConfigError(f"--resume: {directory / CHECKPOINT_SETTINGS} records no checksums (saved by an older "
+                          "fastlm), so the checkpoint cannot be verified; start a new run")
+    advice = "point checkpoints/latest at another checkpoint, or start a new run"
+    for name, (size, digest) in sorted(files.items()):
+        path = directory / name
+        if not path.is_file():
+            raise ConfigError(f"--resume: checkpoint file {path} is missing; {advice}")
+        if path.stat().st_size != size:
+            raise ConfigError(f"--resume: checkpoint file {path} is truncated or changed ({path.stat().st_size} "
+                              f"bytes, {size} when saved); {advice}")
+        if _sha256(path) != digest:
+            raise ConfigError(f"--resume: checkpoint file {path} is corrupt (its sha256 differs from the one "
+                              f"recorded when it was saved); {advice}")
 
 
 def _data_layout(args, *, world_size, train_blocks, train_store):
@@ -395,19 +491,28 @@ def _check_resumable(saved, settings, layout, *, rank):
 
 
 def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_steps, rank, world_size,
-           device_type, metrics_path, ckpt_dir, flops_per_token, layout, settings):
-    """The loop; advances `state` (the resumable position) and returns this run's throughput."""
+           device_type, metrics_path, ckpt_dir, flops_per_token, layout, settings, clip, start_time):
+    """The loop; advances `state` (the resumable position) and returns this run's throughput.
+
+    Every optimizer step's gradient is that of (sum of token losses over all its micro batches and
+    ranks) / (target tokens of the whole step), however the step is split (transformers #34191): the
+    step's micro batches are fetched first and their targets counted (one all_reduce), and a micro
+    batch's loss is its summed token NLL x accumulation x ranks / that count, which undoes DeepSpeed's
+    division by the accumulation steps (engine.backward) and its average over ranks (the gradient
+    all-reduce, ZeRO 0-3). `clip` is the max gradient norm where the loop clips itself (None: DeepSpeed
+    clips and reports the norm).
+    """
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-
-    accum = args.gradient_accumulation_steps
+    accum, shift = args.gradient_accumulation_steps, args.task == "clm"
     bar = tqdm(total=total_steps, initial=state["step"], disable=rank != 0 or args.disable_tqdm,
                desc=f"{args.task} train", dynamic_ncols=True)
     log = _Logger(engine, args, state, rank=rank, world_size=world_size, metrics_path=metrics_path, bar=bar,
                   flops_per_token=flops_per_token, device_type=device_type)
     first_step, data_time, step_time, startup_time, tokens = state["step"], 0.0, 0.0, 0.0, 0
+    first_step_s = None  # from the start of the run (set-up, data, model, engine) to the first step done
     # Which blocks this rank trained on in its first epoch: summed over ranks it shows the shares are disjoint.
     first_epoch, seen = state["epoch"], np.zeros(len(train_blocks), dtype=np.int32)
     config, dtype = engine.module.config, engine.module.dtype
@@ -424,52 +529,82 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
             continue
         # A private generator for worker seeds: drawing them from the global torch RNG would shift the
         # dropout stream between a resumed and an uninterrupted run.
-        loader = DataLoader(dataset, batch_size=None, num_workers=args.dataloader_num_workers,
-                            pin_memory=device_type == "cuda",
-                            generator=torch.Generator().manual_seed(args.seed + state["epoch"]))
-        j = 0
-        fetch_start = time.perf_counter()
-        for batch in loader:
+        loader = iter(DataLoader(dataset, batch_size=None, num_workers=args.dataloader_num_workers,
+                                 pin_memory=device_type == "cuda",
+                                 generator=torch.Generator().manual_seed(args.seed + state["epoch"])))
+        for first in range(0, len(dataset), accum):
+            fetch_start = time.perf_counter()
+            batches = [next(loader) for _ in range(accum)]
             t0 = time.perf_counter()
             # The first fetch of an epoch includes starting the workers: a one-off, reported on its own.
-            if j == 0:
+            if first == 0:
                 startup_time += t0 - fetch_start
             else:
                 data_time += t0 - fetch_start
-            n_tokens = int(batch["attention_mask"].sum())
-            batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
-            loss = engine(**model_inputs(batch, config, task=args.task, dtype=dtype)).loss
-            engine.backward(loss)
-            if (j + 1) % accum == 0 and log.due(state["step"] + 1, total_steps) and _unscaled_plain_grads(engine):
-                log.grad_norm = _grad_norm(engine.module)  # DeepSpeed reports none on this path
-            engine.step()
-            log.add(loss.detach(), n_tokens)
-            tokens += n_tokens
-            if dataset.epoch == first_epoch:
-                seen[dataset.indices(j)] = 1
-            j += 1
-            if j % accum == 0:
-                state["step"] += 1
-                state["epoch"], state["sample"] = ((state["epoch"] + 1, 0) if j == len(dataset)
-                                                   else (state["epoch"], dataset.end_position(j - 1)))
-                log.step_done(total_steps)
-                if eval_blocks is not None and args.eval_steps and state["step"] % args.eval_steps == 0 \
-                        and state["step"] != total_steps:
-                    log.write(evaluate(engine, eval_blocks, args=args, rank=rank, world_size=world_size, masker=masker))
-                if args.save_steps and state["step"] % args.save_steps == 0:
-                    _save_checkpoint(engine, ckpt_dir, f"step{state['step']}", state, layout=layout,
-                                     settings=settings, rank=rank)
+            targets = sum(_targets(batch["labels"], shift=shift) for batch in batches)
+            loss_scale = accum * world_size / _sum_targets(targets, device=engine.device, world_size=world_size)
+            step_nll, step_tokens, grad_norm = 0.0, 0, None
+            for j, batch in enumerate(batches, start=first):
+                step_tokens += int(batch["attention_mask"].sum())
+                batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
+                labels = batch.pop("labels")  # the model computes no loss of its own: ours is summed
+                logits = engine(**model_inputs(batch, config, task=args.task, dtype=dtype)).logits
+                nll, _ = token_nll(logits, labels, shift=shift)
+                engine.backward(nll * loss_scale)
+                if clip is not None and j == first + accum - 1:  # gradients reduced over ranks: clip them
+                    grad_norm = _clip_gradients(engine.module, clip)
+                engine.step()
+                step_nll += nll.detach()
+                if dataset.epoch == first_epoch:
+                    seen[dataset.indices(j)] = 1
+            # DeepSpeed skips the update of a step whose gradients are not finite, and reports its norm as inf.
+            # With fp16's dynamic loss scaling that is routine (the scale drops); in bf16 or fp32 it is divergence.
+            if clip is None and not (args.precision == "fp16" and not engine.was_step_applied()):
+                grad_norm = engine.get_global_grad_norm()
+            tokens += step_tokens
+            state["step"] += 1
+            if state["step"] == first_step + 1:
+                first_step_s = time.time() - start_time
+            state["epoch"], state["sample"] = ((state["epoch"] + 1, 0) if first + accum == len(dataset)
+                                               else (state["epoch"], dataset.end_position(first + accum - 1)))
+            log.step_done(step_nll, targets=targets, tokens=step_tokens, grad_norm=grad_norm)
+            if log.due(state["step"], total_steps):
+                log.write_window()
+            if eval_blocks is not None and args.eval_steps and state["step"] % args.eval_steps == 0 \
+                    and state["step"] != total_steps:
+                log.write(evaluate(engine, eval_blocks, args=args, rank=rank, world_size=world_size, masker=masker))
+            if args.save_steps and state["step"] % args.save_steps == 0:
+                log.flush()  # checks the steps since the last log line: no checkpoint of a diverged model
+                _save_checkpoint(engine, ckpt_dir, f"step{state['step']}", state, layout=layout,
+                                 settings=settings, rank=rank)
             step_time += time.perf_counter() - t0
             if state["step"] >= total_steps:
                 break
-            fetch_start = time.perf_counter()
     bar.close()
     steps = state["step"] - first_step
     loop_time = data_time + step_time + startup_time
     return seen, {"data_time_fraction": data_time / (data_time + step_time) if steps else 0.0,
-                  "dataloader_startup_s": startup_time,
+                  "dataloader_startup_s": startup_time, "time_to_first_step_s": first_step_s,
                   "train_steps_per_s": steps / loop_time if steps else 0.0,
                   "train_tokens_per_s_per_rank": tokens / loop_time if steps else 0.0}
+
+
+def _targets(labels, *, shift):
+    """Target tokens of a micro batch (labels on the host): CLM's first label of a row is never one."""
+    return int((labels[:, 1:] if shift else labels).ne(-100).sum())
+
+
+def _sum_targets(targets, *, device, world_size):
+    """The step's target tokens over all ranks (at least 1: a step without targets has a zero gradient),
+    as a tensor left on the device: dividing the loss by it needs no host sync."""
+    if world_size == 1:
+        return max(targets, 1)
+    import torch
+    import torch.distributed as dist
+
+    total = torch.tensor(float(targets), dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.clamp_(min=1)
 
 
 def _sum_over_ranks(values, *, dtype, device, world_size):
@@ -499,29 +634,47 @@ def _rank_report(seen, eval_loss, *, world_size, device):
             "eval_loss": losses}
 
 
-def _unscaled_plain_grads(engine):
-    """ZeRO-0 in fp32: DeepSpeed clips with torch and keeps no norm; every gradient is whole and local."""
-    return engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
+def _clipping_in_the_loop(ds_config, args):
+    """The max gradient norm the loop clips to itself (0: none), taken out of ds_config; None where
+    DeepSpeed clips. DeepSpeed's ZeRO-0 fp32 path clips with torch and throws the norm away, which the
+    divergence check and the log need: there the loop clips instead, by the same rule."""
+    autocast = (ds_config.get("torch_autocast") or {}).get("enabled")
+    if args.zero_stage != 0 or args.precision != "fp32" or autocast:
+        return None
+    clip, ds_config["gradient_clipping"] = ds_config.get("gradient_clipping", 0.0), 0.0
+    return clip
 
 
-def _grad_norm(module):
+def _clip_gradients(module, clip):
+    """The gradients' total 2-norm (a tensor: no host sync), after clipping them to `clip` (0: no clipping)."""
     import torch
 
-    norms = [p.grad.detach().norm(2) for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+    params = [p for p in module.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if clip:
+        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+    return norm
+
+
+class Diverged(RuntimeError):
+    """The training loss or gradient norm stopped being finite; nothing from that step on was saved."""
 
 
 class _Logger:
-    """Sums micro-batch losses and tokens between log lines; every `logging_steps` optimizer steps it
-    all-reduces them across ranks and rank 0 appends a line to metrics.jsonl. The running sums live in
-    `state`, so a checkpoint between two log lines resumes them too."""
+    """The loop's bookkeeping. Each step's summed token NLL stays on the device until a log line, a
+    checkpoint or the end needs it, so the loop makes no host sync of its own per step; then one
+    all_reduce sums the pending steps over ranks, a step whose loss or gradient norm is not finite stops
+    the run (Diverged, on every rank alike: the sums and norms are global), and the sums move into
+    state["window"]. Every `logging_steps` steps rank 0 appends the window's token-weighted loss (summed
+    NLL / target tokens) to metrics.jsonl. The window holds global sums, so a checkpoint between two
+    log lines resumes it on any rank count."""
 
     def __init__(self, engine, args, state, *, rank, world_size, metrics_path, bar, flops_per_token, device_type):
         import torch
 
         self.engine, self.args, self.state, self.rank, self.world_size = engine, args, state, rank, world_size
         self.metrics_path, self.bar, self.flops_per_token = metrics_path, bar, flops_per_token
-        self.loss = torch.zeros((), dtype=torch.float64, device=engine.device)  # on device: no sync per micro batch
+        self.pending = []  # (step, summed NLL on the device, targets, tokens, grad norm) since the last flush
         self.peak = None
         if device_type == "cuda":
             name = torch.cuda.get_device_name()
@@ -532,39 +685,50 @@ class _Logger:
     def due(self, step, total_steps):
         return step % self.args.logging_steps == 0 or step == total_steps
 
-    def add(self, loss, n_tokens):
-        self.loss += loss.double()
-        self.state["window"][1] += 1
-        self.state["window"][2] += n_tokens
-
-    def step_done(self, total_steps):
-        import torch
-
-        step = self.state["step"]
+    def step_done(self, nll, *, targets, tokens, grad_norm):
+        self.pending.append((self.state["step"], nll, targets, tokens, grad_norm))
         if self.rank == 0:
             self.bar.update(1)
-        # One host sync per optimizer step (not per micro batch), so a checkpoint holds the window exactly.
-        self.state["window"][0] += self.loss.item()
-        self.loss.zero_()
-        if not self.due(step, total_steps):
+
+    def flush(self):
+        """Sum the pending steps over ranks, check them, and add them to state["window"]."""
+        import torch
+
+        if not self.pending:
             return
-        totals = _sum_over_ranks(self.state["window"], dtype=torch.float64, device=self.engine.device,
-                                 world_size=self.world_size)
-        loss_sum, n_micro, tokens = totals.tolist()
+        steps, nll, targets, tokens, norms = zip(*self.pending)
+        self.pending = []
+        device = self.engine.device
+        totals = torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device) for x in nll]),
+                              torch.tensor(targets, dtype=torch.float64, device=device),
+                              torch.tensor(tokens, dtype=torch.float64, device=device)])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(totals)
+        nll, targets, tokens = totals.tolist()
+        norms = [None if norm is None else float(norm) for norm in norms]
+        for step, step_nll, step_targets, norm in zip(steps, nll, targets, norms):
+            if not (math.isfinite(step_nll) and (norm is None or math.isfinite(norm))):
+                loss = step_nll / step_targets if step_targets else step_nll
+                raise Diverged(f"training diverged at step {step}: loss {loss}, gradient norm {norm}")
+        window = self.state["window"]
+        window[0], window[1], window[2] = window[0] + sum(nll), window[1] + int(sum(targets)), window[2] + int(sum(tokens))
+        self.grad_norm = norms[-1]
+
+    def write_window(self):
+        self.flush()
+        nll_sum, targets, tokens = self.state["window"]
         seconds = time.perf_counter() - self.since
-        self.state["tokens_seen"] += int(tokens)
-        self.state["train_loss_sum"] += loss_sum
-        self.state["train_loss_count"] += int(n_micro)
-        record = {"step": step, "epoch": self.state["epoch"], "loss": loss_sum / n_micro,
+        self.state["tokens_seen"] += tokens
+        self.state["train_loss_sum"] += nll_sum
+        self.state["train_loss_count"] += targets
+        record = {"epoch": self.state["epoch"], "loss": nll_sum / targets if targets else None,
                   "lr": self.engine.get_lr()[0], "tokens_per_s": tokens / seconds, "tokens_seen": self.state["tokens_seen"]}
-        grad_norm = self.engine.get_global_grad_norm()
-        grad_norm, self.grad_norm = (self.grad_norm if grad_norm is None else grad_norm), None
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
+        if self.grad_norm is not None:
+            record["grad_norm"] = self.grad_norm
         if self.peak:
             record["mfu"] = self.flops_per_token * tokens / seconds / (self.peak * self.world_size)
         self.write(record)
-        if self.rank == 0:
+        if self.rank == 0 and targets:
             self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         self.state["window"] = [0.0, 0, 0]
         self.since = time.perf_counter()
@@ -575,7 +739,7 @@ class _Logger:
                 f.write(json.dumps({"step": self.state["step"], **record}) + "\n")
 
 
-def _shutdown(world_size):
+def _shutdown(world_size, status=0):
     """With several ranks, torch's gloo can abort at interpreter exit after a clean run (SIGABRT in
     1-4 of 10 runs): leave the process group in order and exit without running the interpreter's
     teardown."""
@@ -587,26 +751,37 @@ def _shutdown(world_size):
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 # --- the offline demo ---------------------------------------------------------------------------------
 
-DEMO_DIR = Path("runs/demo")
+DEMO_DIR = Path("runs/demo")  # relative: the demo writes under the directory it is started from
+DEMO_STEPS = 300
 
 
-def demo_argv(output_dir=DEMO_DIR, max_steps=300):
+def demo_argv(output_dir=DEMO_DIR, max_steps=None):
     """Arguments of the offline demo, after writing its corpus: every pydoc topic as one document (a
-    line: the topics' own newlines become spaces) from the stdlib, so every machine has it."""
+    line: the topics' own newlines become spaces) from the stdlib, so every machine has it.
+
+    max_steps defaults to $FASTLM_DEMO_STEPS, else DEMO_STEPS: tests run the demo's launch forms for a
+    few steps through the environment, the one input a launcher passes on unchanged.
+    """
     from pydoc_data.topics import topics
 
     output_dir = Path(output_dir)
     corpus = output_dir / "pydoc_topics.txt"
     if not corpus.is_file():
         output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = corpus.with_suffix(".tmp")
+        tmp = corpus.with_name(f"{corpus.name}.{os.getpid()}.tmp")
         tmp.write_text("".join(" ".join(text.split()) + "\n" for _, text in sorted(topics.items())), encoding="utf-8")
-        os.replace(tmp, corpus)
+        # Every rank of a launch gets here before any process group exists. A hard link never replaces:
+        # the first rank's file stays, so all ranks see one file (its mtime is part of the key of the
+        # prepared-data cache, which a second rename would change under rank 0's feet).
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, corpus)
+        tmp.unlink()
+    max_steps = max_steps or os.environ.get("FASTLM_DEMO_STEPS", DEMO_STEPS)
     return ["--task", "clm", "--train_file", str(corpus), "--train_tokenizer", "--vocab_size", "4096",
             "--config_name", "gpt2-mini", "--block_size", "128", "--separator", "eos",
             "--validation_split_percentage", "10", "--per_device_train_batch_size", "16",

@@ -462,22 +462,123 @@ def test_a_step_trains_on_the_same_samples_with_the_same_masks_whatever_its_spli
 
 
 @pytest.fixture(scope="module")
-def dropout_free_run(clm_stores, tmp_path_factory):
+def dropout_free(tmp_path_factory):
+    """Config directories of tiny models without dropout: runs that split the same steps differently
+    must then agree."""
+    from transformers import GPT2Config, RobertaConfig
+
+    root = tmp_path_factory.mktemp("dropout_free_configs")
+    GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=1024, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+               attn_pdrop=0.0).save_pretrained(root / "gpt2")
+    RobertaConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=64, intermediate_size=256, vocab_size=50265,
+                  max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).save_pretrained(root / "roberta")
+    return {"clm": root / "gpt2", "mlm": root / "roberta"}
+
+
+def _layout(argv, micro, accum):
+    """argv with another micro batch and accumulation."""
+    argv = [*argv, "--gradient_accumulation_steps", str(accum)]
+    argv[argv.index("--per_device_train_batch_size") + 1] = str(micro)
+    return argv
+
+
+@pytest.fixture(scope="module")
+def dropout_free_run(clm_stores, dropout_free, tmp_path_factory):
     """8 steps of global batch 16 (micro 8 x accumulation 2, ZeRO-2), checkpoint at step 4, no dropout:
     the run that resumes on other layouts must repeat its losses."""
-    from transformers import GPT2Config
-
     root = tmp_path_factory.mktemp("dropout_free")
-    GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=1024, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-               attn_pdrop=0.0).save_pretrained(root / "config")
+
     def argv(out, micro, accum, *extra):
-        args = _clm_args(clm_stores, out, "--max_steps", "8", "--save_steps", "4", "--zero_stage", "2",
-                         "--gradient_accumulation_steps", str(accum), *extra)
-        args[args.index("--config_name") + 1] = str(root / "config")
-        args[args.index("--per_device_train_batch_size") + 1] = str(micro)
-        return args
+        args = _clm_args(clm_stores, out, "--max_steps", "8", "--save_steps", "4", "--zero_stage", "2", *extra)
+        args[args.index("--config_name") + 1] = str(dropout_free["clm"])
+        return _layout(args, micro, accum)
     run.train(argv(root / "full", 8, 2))
     return root / "full", argv
+
+
+def _weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(Path(out) / "model" / "model.safetensors")
+
+
+def _relative_distance(a, b):
+    assert a.keys() == b.keys()
+    squared = sum(float((a[k].double() - b[k].double()).square().sum()) for k in a)
+    return math.sqrt(squared / sum(float(a[k].double().square().sum()) for k in a))
+
+
+def _assert_same_training(a, b, steps):
+    """Runs a and b logged the same token-weighted loss at `steps` and ended with the same weights."""
+    losses_a, losses_b = _train_losses(a), _train_losses(b)
+    assert sorted(losses_b) == steps
+    for step in steps:
+        assert losses_b[step] == pytest.approx(losses_a[step], rel=2e-5, abs=0), step
+    assert _relative_distance(_weights(a), _weights(b)) < 1e-4
+
+
+def test_steps_are_token_weighted_whatever_the_accumulation_clm_documents(clm_stores, dropout_free, tmp_path):
+    """Whole documents packed into blocks leave micro batches with different target counts: the same
+    blocks as micro batch 8 x accumulation 1 and as 2 x 4 must still take the same steps (the gradient of
+    summed token NLL / the step's targets; ZeRO-0 fp32, where the loop clips itself)."""
+    def argv(out, micro, accum):
+        args = _clm_args(clm_stores, out, "--packing", "documents", "--max_steps", "3")
+        args[args.index("--config_name") + 1] = str(dropout_free["clm"])
+        return _layout(args, micro, accum)
+
+    run.train(argv(tmp_path / "8x1", 8, 1))
+    run.train(argv(tmp_path / "2x4", 2, 4))
+    _assert_same_training(tmp_path / "8x1", tmp_path / "2x4", [1, 2, 3])
+
+
+@pytest.fixture(scope="module")
+def mlm_dropout_free_run(mlm_stores, dropout_free, tmp_path_factory):
+    """4 MLM steps of micro batch 8 (ZeRO-2, DeepSpeed clips), checkpoint at step 2, no dropout. Masks
+    give every row its own number of targets."""
+    root = tmp_path_factory.mktemp("mlm_dropout_free")
+
+    def argv(out, micro, accum, *extra):
+        args = ["--task", "mlm", "--train_store", str(mlm_stores[0]), "--eval_store", str(mlm_stores[1]),
+                "--config_name", str(dropout_free["mlm"]), "--block_size", "64", "--per_device_train_batch_size", "8",
+                "--learning_rate", "3e-3", "--max_steps", "4", "--save_steps", "2", "--zero_stage", "2",
+                "--output_dir", str(out), *TINY, *extra]
+        return _layout(args, micro, accum)
+    run.train(argv(root / "full", 8, 1))
+    return root / "full", argv
+
+
+def test_mlm_resumed_with_another_split_takes_the_same_token_weighted_steps(mlm_dropout_free_run, tmp_path, capsys):
+    """The step-2 checkpoint of the 8 x 1 run resumed as micro batch 2 x accumulation 4: the same samples
+    and masks (elastic resume), and steps 3-4 as the uninterrupted run took them (token weighting)."""
+    full, argv = mlm_dropout_free_run
+    _resume_from(full, 2, tmp_path)
+    run.train(argv(tmp_path, 2, 4, "--resume"))
+    assert "the same global batch of 8, so the same samples in the same order" in capsys.readouterr().out
+    _assert_same_training(full, tmp_path, [3, 4])
+
+
+def _launch_two_ranks(argv, *, cwd):
+    """`deepspeed --num_gpus 2 fastlm/run.py argv` (as a script, fastlm not on PYTHONPATH); asserts exit 0."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"  # 2 ranks on 2 cores: the launcher leaves it unset, ~10x slower
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(run._free_port()), str(ROOT / "fastlm" / "run.py"),
+           *argv]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_mlm_resumed_on_two_ranks_takes_the_same_token_weighted_steps(mlm_dropout_free_run, tmp_path):
+    """The 1-rank ZeRO-2 checkpoint resumed by `deepspeed --num_gpus 2` as micro batch 4 x 2 ranks: each
+    rank's micro batch holds its own number of masked targets, and steps 3-4 must still be the 1-rank
+    run's (DeepSpeed's average over ranks undone)."""
+    full, argv = mlm_dropout_free_run
+    _resume_from(full, 2, tmp_path)
+    _launch_two_ranks(argv(tmp_path, 4, 1, "--resume"), cwd=tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["world_size"] == 2
+    _assert_same_training(full, tmp_path, [3, 4])
 
 
 def test_resume_with_another_split_of_the_global_batch_repeats_the_losses(dropout_free_run, tmp_path, capsys):
@@ -496,13 +597,7 @@ def test_resume_on_another_rank_count_repeats_the_losses(dropout_free_run, tmp_p
     the optimizer state is converted to DeepSpeed's universal format first."""
     full, argv = dropout_free_run
     _resume_from(full, 4, tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["OMP_NUM_THREADS"] = "1"
-    launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(run._free_port()), str(ROOT / "fastlm" / "run.py"),
-           *argv(tmp_path, 4, 2, "--resume")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _launch_two_ranks(argv(tmp_path, 4, 2, "--resume"), cwd=tmp_path)
     assert "converting" in proc.stdout and "universal format" in proc.stdout
     a, b = _train_losses(full), _train_losses(tmp_path)
     assert sorted(b) == [5, 6, 7, 8]
@@ -682,18 +777,84 @@ def test_dataset_with_document_packing_and_strided_evaluation(text_files, tmp_pa
 def test_two_ranks_with_the_deepspeed_launcher(text_files, tmp_path):
     """`deepspeed --num_gpus 2 fastlm/run.py` (as a script, fastlm not installed): rank 0 prepares the
     text while rank 1 waits, the ranks train on disjoint blocks and both report the same evaluation."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["OMP_NUM_THREADS"] = "1"  # 2 ranks on 2 cores: the launcher leaves it unset, ~10x slower
-    launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(run._free_port()), str(ROOT / "fastlm" / "run.py"),
-           "--train_file", str(text_files[0]), "--validation_file", str(text_files[1]), "--train_tokenizer",
-           "--vocab_size", "512", "--config_name", "gpt2-tiny", "--block_size", "64", "--max_steps", "4",
-           "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path), *TINY]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _launch_two_ranks(["--train_file", str(text_files[0]), "--validation_file", str(text_files[1]), "--train_tokenizer",
+                       "--vocab_size", "512", "--config_name", "gpt2-tiny", "--block_size", "64", "--max_steps", "4",
+                       "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path), *TINY], cwd=tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2
     assert results["ranks"]["overlapping_blocks"] == 0
     assert results["ranks"]["blocks_trained"] == 4 * 4 * 2
     assert len(set(results["ranks"]["eval_loss"])) == 1 and len(results["ranks"]["eval_loss"]) == 2
     assert results["tokens_seen"] == 4 * 4 * 2 * 64
+
+
+# --- divergence and damaged checkpoints ---------------------------------------------------------------
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(clm_stores, tmp_path, capsys):
+    """A learning rate of 1e6 makes the loss NaN at step 2: the run stops there with exit status 1 and one
+    line, `latest` still names step 1's checkpoint (which verifies), and no model or results are written."""
+    argv = _clm_args(clm_stores, tmp_path, "--learning_rate", "1e6", "--max_steps", "6", "--save_steps", "1")
+    assert run.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "fastlm train: error: training diverged at step 2: loss nan" in err and "Traceback" not in err
+    assert f"{tmp_path / 'checkpoints' / 'latest'} still names step1" in err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step1"]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step1"
+    run._verify_checkpoint(tmp_path / "checkpoints" / "step1",
+                           json.loads((tmp_path / "checkpoints" / "step1" / run.CHECKPOINT_SETTINGS).read_text())["files"])
+    assert not (tmp_path / "model").exists() and not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_non_finite_gradient_stops_the_run_at_its_own_step(stage, clm_stores, tmp_path, monkeypatch):
+    """The loss of step 3 is finite but one of its gradients is not: the gradient norm (the loop's own on
+    ZeRO-0 fp32; on ZeRO-2 DeepSpeed skips the update and reports inf) names step 3, before a checkpoint
+    holds its update."""
+    build_model = run.build_model
+    backwards = []
+
+    def poison(grad):  # called once a backward pass (accumulation 1: once a step)
+        backwards.append(1)
+        return grad * math.nan if len(backwards) == 3 else grad
+
+    def poisoned_build_model(*args, **kwargs):
+        model, keep_alive = build_model(*args, **kwargs)
+        model.transformer.h[0].mlp.c_fc.bias.register_hook(poison)
+        return model, keep_alive
+
+    monkeypatch.setattr(run, "build_model", poisoned_build_model)
+    argv = _clm_args(clm_stores, tmp_path, "--max_steps", "5", "--save_steps", "2", "--zero_stage", str(stage))
+    with pytest.raises(run.Diverged, match=r"training diverged at step 3: loss \d.*gradient norm (nan|inf)"):
+        run.train(argv)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step2"
+    assert not (tmp_path / "checkpoints" / "step4").exists() and not (tmp_path / "model").exists()
+
+
+def _flip_a_bit(path):
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def _truncate(path):
+    os.truncate(path, path.stat().st_size - 100)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda step: _flip_a_bit(step / "mp_rank_00_model_states.pt"), "mp_rank_00_model_states.pt is corrupt"),
+    (lambda step: _truncate(step / "mp_rank_00_model_states.pt"), "mp_rank_00_model_states.pt is truncated"),
+    (lambda step: (step / "mp_rank_00_model_states.pt").unlink(), "mp_rank_00_model_states.pt is missing"),
+    (lambda step: (step / run.CHECKPOINT_SETTINGS).unlink(), "fastlm.json is missing"),
+    (lambda step: (step.parent / "latest").write_text("step99"), "names checkpoint 'step99', which is not a directory"),
+])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(damage, message, clm_run, clm_stores, tmp_path, capsys):
+    out, _ = clm_run
+    _resume_from(out, 15, tmp_path)
+    damage(tmp_path / "checkpoints" / "step15")
+    with _deadline(120), pytest.raises(SystemExit) as exit_:
+        run.train(_clm_args(clm_stores, tmp_path, "--max_steps", "30", "--warmup_steps", "3", "--resume"))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

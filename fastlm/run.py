@@ -38,8 +38,8 @@ if __package__ in (None, ""):
     # there instead, so `import fastlm` works even without `pip install -e .`.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -50,8 +50,9 @@ import numpy as np
 
 from fastlm.config import (LENGTH_FLAGS, RESULT_FLAGS, ConfigError, build_ds_config, check_args, lr_schedule, parse,
                            resume_settings)
-from fastlm.data import TrainBatches, make_masker, open_or_prepare, pack, rank0_then_others, train_eval_documents
-from fastlm.evaluation import evaluate
+from fastlm.data import (TrainBatches, check_token_ids, check_tokenizers, describe_sources, make_masker, open_or_prepare,
+                         plan, rank0_then_others)
+from fastlm.evaluation import evaluate_sets, nll_by_source
 from fastlm.model import build_model, flops_per_token, model_inputs, param_groups, position_offset
 
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -212,14 +213,11 @@ def _run(args, explicit):
     out = Path(args.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    train_store, eval_store = open_or_prepare(args, rank)
-    tokenizer = AutoTokenizer.from_pretrained(train_store.tokenizer_dir)
-    (train_tokens, train_offsets), eval_docs = train_eval_documents(args, train_store, eval_store)
-    train_blocks = pack(args, train_tokens, train_offsets, tokenizer)
-    eval_blocks = pack(args, *eval_docs, tokenizer, stride=args.eval_stride) if eval_docs else None
+    stores = open_or_prepare(args, rank)
+    check_tokenizers(stores)
+    tokenizer = AutoTokenizer.from_pretrained(stores.tokenizer_dir)
+    train_blocks, eval_sets = plan(args, stores, tokenizer)  # a Mixture of the training sources
     masker = make_masker(args, tokenizer) if args.task == "mlm" else None
-    if eval_blocks is not None and len(eval_blocks) == 0:
-        raise ConfigError(f"the evaluation set is shorter than one block of {args.block_size} tokens")
 
     per_rank = len(train_blocks) // (args.per_device_train_batch_size * world_size)
     steps_per_epoch = per_rank // args.gradient_accumulation_steps
@@ -231,7 +229,7 @@ def _run(args, explicit):
     total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
 
     ckpt_dir = out / "checkpoints"
-    layout = _data_layout(args, world_size=world_size, train_blocks=train_blocks, train_store=train_store)
+    layout = _data_layout(args, world_size=world_size, train_blocks=train_blocks)
     settings = resume_settings(args)
     resume_tag, universal = None, False
     if args.resume:  # checked before the model is built: another model shape would fail inside DeepSpeed
@@ -242,6 +240,7 @@ def _run(args, explicit):
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
     model, zero3_context = build_model(args, tokenizer, ds_config)
+    check_token_ids(stores, model.get_input_embeddings().num_embeddings)
     token_flops = flops_per_token(model, args.block_size)
     schedule = None
     if "scheduler" not in ds_config:
@@ -250,14 +249,17 @@ def _run(args, explicit):
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, args.weight_decay),
                                       config=ds_config, lr_scheduler=schedule)
     del model
+    n_sources = len(train_blocks.sources)
     state = {"step": 0, "epoch": 0, "sample": 0, "tokens_seen": 0, "train_loss_sum": 0.0,
-             "train_loss_count": 0, "window": [0.0, 0, 0]}
+             "train_loss_count": 0, "window": [0.0, 0, 0],
+             # per training source: [NLL, targets, tokens, blocks] since the last log line; [tokens, blocks] in all
+             "source_window": [[0.0] * 4 for _ in range(n_sources)], "source_trained": [[0, 0] for _ in range(n_sources)]}
     if args.resume:
         _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=resume_tag)
         if universal:  # a one-off bridge between rank counts; the run's own checkpoints are ordinary ones
             torch.distributed.barrier()  # every rank has read it
             rank0_then_others(lambda: shutil.rmtree(ckpt_dir / resume_tag), rank=rank, what="remove the converted checkpoint")
-        state.update({k: client_state[k] for k in state})
+        state.update({k: client_state[k] for k in state if k in client_state})
         _set_rng_state(client_state["rng"])
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
@@ -267,11 +269,11 @@ def _run(args, explicit):
         tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
         os.replace(tmp, metrics_path)
 
-    seen, stats = _train(engine, args, train_blocks, eval_blocks, masker, state, total_steps=total_steps,
+    seen, stats = _train(engine, args, train_blocks, eval_sets, masker, state, total_steps=total_steps,
                          rank=rank, world_size=world_size, device_type=device_type, metrics_path=metrics_path,
                          ckpt_dir=ckpt_dir, flops_per_token=token_flops, layout=layout, settings=settings)
 
-    final_eval = evaluate(engine, eval_blocks, args=args, rank=rank, world_size=world_size, masker=masker) if eval_blocks else {}
+    final_eval = evaluate_sets(engine, eval_sets, args=args, rank=rank, world_size=world_size, masker=masker)
     ranks = _rank_report(seen, final_eval.get("eval_loss"), world_size=world_size, device=engine.device)
     _save_model(engine, tokenizer, out / "model", rank)
     results = None
@@ -283,15 +285,24 @@ def _run(args, explicit):
             "task": args.task, "steps": state["step"], "epochs": state["step"] / steps_per_epoch,
             "train_loss": state["train_loss_sum"] / max(state["train_loss_count"], 1),
             **final_eval, "tokens_seen": state["tokens_seen"], "train_blocks": len(train_blocks),
-            "eval_blocks": len(eval_blocks) if eval_blocks else 0, "world_size": world_size,
+            "eval_blocks": len(eval_sets[0].blocks) if eval_sets else 0, "world_size": world_size,
             "precision": args.precision, "zero_stage": args.zero_stage, **stats, "ranks": ranks,
             "wall_time_s": time.time() - start_time,
         }
+        if n_sources > 1:
+            results["train_sources"] = {
+                source.name: {"weight": float(weight), "blocks": len(source.blocks), "blocks_trained": blocks,
+                              "tokens_trained": tokens}
+                for source, weight, (tokens, blocks) in zip(train_blocks.sources, train_blocks.weights,
+                                                            state["source_trained"])}
         _write_json(out / "results.json", results)
         _plot_losses(_read_metrics(metrics_path), out / "loss.png")
-        if final_eval:
-            print(f"[fastlm] eval loss {final_eval['eval_loss']:.4f}  perplexity {final_eval['perplexity']:.2f} "
-                  f"over {final_eval['eval_tokens']} tokens; outputs in {out}", flush=True)
+        for eval_set in eval_sets:
+            result = {key: final_eval.get(f"eval_{eval_set.name}_{key}") for key in ("loss", "perplexity", "tokens", "bits_per_byte")}
+            bpb = f"  bits per byte {result['bits_per_byte']:.4f}" if result["bits_per_byte"] is not None else ""
+            print(f"[fastlm] {eval_set.name}: eval loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}{bpb} "
+                  f"over {result['tokens']} tokens", flush=True)
+        print(f"[fastlm] outputs in {out}", flush=True)
     del zero3_context
     _shutdown(world_size)
     return results
@@ -344,11 +355,10 @@ def _save_checkpoint(engine, ckpt_dir, tag, state, *, layout, settings, rank):
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**state, "rng": _rng_state()})
 
 
-def _data_layout(args, *, world_size, train_blocks, train_store):
+def _data_layout(args, *, world_size, train_blocks):
     """What a checkpoint's data position (epoch, sample position) counts in: the blocks (by content and
-    number) and how each optimizer step splits its global batch."""
-    content = hashlib.sha256(json.dumps(train_store.meta.get("checksums"), sort_keys=True).encode()).hexdigest()
-    return {"train_data": content, "train_blocks": len(train_blocks),
+    number, and each mixture source's weight) and how each optimizer step splits its global batch."""
+    return {**train_blocks.identity(),
             "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
             "per_device_train_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": world_size}
@@ -367,6 +377,11 @@ def _check_resumable(saved, settings, layout, *, rank):
         raise ConfigError("--resume: the checkpoint does not record its data layout and settings (it was "
                           "saved by an older fastlm), so its data position cannot be trusted; start a new run")
     if (saved_layout["train_data"], saved_layout["train_blocks"]) != (layout["train_data"], layout["train_blocks"]):
+        was, now = saved_layout.get("sources", []), layout["sources"]
+        if len(was) > 1 or len(now) > 1:
+            raise ConfigError(f"--resume: the checkpoint was trained on the mixture {describe_sources(was)}; now "
+                              f"{describe_sources(now)}. Its data position counts samples of that mixture: resume "
+                              "with the same sources and weights, or start a new run")
         raise ConfigError(f"--resume: the checkpoint was trained on other data ({saved_layout['train_blocks']} "
                           f"blocks, content {saved_layout['train_data'][:12]}; now {layout['train_blocks']} blocks, "
                           f"content {layout['train_data'][:12]}); resume on the same data or start a new run")
@@ -394,7 +409,7 @@ def _check_resumable(saved, settings, layout, *, rank):
               f"of {layout['global_batch']}, so the same samples in the same order as the uninterrupted run", flush=True)
 
 
-def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_steps, rank, world_size,
+def _train(engine, args, train_blocks, eval_sets, masker, state, *, total_steps, rank, world_size,
            device_type, metrics_path, ckpt_dir, flops_per_token, layout, settings):
     """The loop; advances `state` (the resumable position) and returns this run's throughput."""
     import torch
@@ -406,9 +421,10 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
     bar = tqdm(total=total_steps, initial=state["step"], disable=rank != 0 or args.disable_tqdm,
                desc=f"{args.task} train", dynamic_ncols=True)
     log = _Logger(engine, args, state, rank=rank, world_size=world_size, metrics_path=metrics_path, bar=bar,
-                  flops_per_token=flops_per_token, device_type=device_type)
+                  flops_per_token=flops_per_token, device_type=device_type, source_names=train_blocks.names)
     first_step, data_time, step_time, startup_time, tokens = state["step"], 0.0, 0.0, 0.0, 0
-    # Which blocks this rank trained on in its first epoch: summed over ranks it shows the shares are disjoint.
+    # Which sample positions this rank trained on in its first epoch: summed over ranks it shows the shares
+    # are disjoint (positions, not blocks: a mixture may draw a block twice in an epoch).
     first_epoch, seen = state["epoch"], np.zeros(len(train_blocks), dtype=np.int32)
     config, dtype = engine.module.config, engine.module.dtype
     engine.train()
@@ -436,9 +452,17 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
                 startup_time += t0 - fetch_start
             else:
                 data_time += t0 - fetch_start
+            sources = batch.pop("source", None)  # a mixture's row sources
             n_tokens = int(batch["attention_mask"].sum())
+            if sources is not None:
+                log.add_source_rows(sources, batch["attention_mask"].sum(1))
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
-            loss = engine(**model_inputs(batch, config, task=args.task, dtype=dtype)).loss
+            output = engine(**model_inputs(batch, config, task=args.task, dtype=dtype))
+            loss = output.loss
+            if sources is not None:
+                log.add_source_nll(*nll_by_source(output.logits.detach(), batch["labels"], sources.to(engine.device),
+                                                  len(train_blocks.sources), shift=args.task == "clm"))
+            del output
             engine.backward(loss)
             if (j + 1) % accum == 0 and log.due(state["step"] + 1, total_steps) and _unscaled_plain_grads(engine):
                 log.grad_norm = _grad_norm(engine.module)  # DeepSpeed reports none on this path
@@ -446,16 +470,19 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
             log.add(loss.detach(), n_tokens)
             tokens += n_tokens
             if dataset.epoch == first_epoch:
-                seen[dataset.indices(j)] = 1
+                seen[dataset.positions(j)] = 1
             j += 1
             if j % accum == 0:
                 state["step"] += 1
                 state["epoch"], state["sample"] = ((state["epoch"] + 1, 0) if j == len(dataset)
                                                    else (state["epoch"], dataset.end_position(j - 1)))
                 log.step_done(total_steps)
-                if eval_blocks is not None and args.eval_steps and state["step"] % args.eval_steps == 0 \
+                for name, source_epoch in dataset.new_source_epochs(j - 1) if rank == 0 else ():
+                    print(f"[fastlm] step {state['step']}: training source {name} ran out of blocks and starts its "
+                          f"epoch {source_epoch} (reshuffled; the other sources go on)", flush=True)
+                if eval_sets and args.eval_steps and state["step"] % args.eval_steps == 0 \
                         and state["step"] != total_steps:
-                    log.write(evaluate(engine, eval_blocks, args=args, rank=rank, world_size=world_size, masker=masker))
+                    log.write(evaluate_sets(engine, eval_sets, args=args, rank=rank, world_size=world_size, masker=masker))
                 if args.save_steps and state["step"] % args.save_steps == 0:
                     _save_checkpoint(engine, ckpt_dir, f"step{state['step']}", state, layout=layout,
                                      settings=settings, rank=rank)
@@ -514,9 +541,11 @@ def _grad_norm(module):
 class _Logger:
     """Sums micro-batch losses and tokens between log lines; every `logging_steps` optimizer steps it
     all-reduces them across ranks and rank 0 appends a line to metrics.jsonl. The running sums live in
-    `state`, so a checkpoint between two log lines resumes them too."""
+    `state`, so a checkpoint between two log lines resumes them too. A mixture's lines also give each
+    source's token-weighted loss and tokens (train_<name>_loss, train_<name>_tokens)."""
 
-    def __init__(self, engine, args, state, *, rank, world_size, metrics_path, bar, flops_per_token, device_type):
+    def __init__(self, engine, args, state, *, rank, world_size, metrics_path, bar, flops_per_token, device_type,
+                 source_names=("train",)):
         import torch
 
         self.engine, self.args, self.state, self.rank, self.world_size = engine, args, state, rank, world_size
@@ -528,6 +557,9 @@ class _Logger:
             self.peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
         self.since = time.perf_counter()
         self.grad_norm = None
+        self.source_names = list(source_names)
+        # [NLL, targets] of each source, on device like the loss
+        self.source_nll = torch.zeros((len(self.source_names), 2), dtype=torch.float64, device=engine.device)
 
     def due(self, step, total_steps):
         return step % self.args.logging_steps == 0 or step == total_steps
@@ -536,6 +568,16 @@ class _Logger:
         self.loss += loss.double()
         self.state["window"][1] += 1
         self.state["window"][2] += n_tokens
+
+    def add_source_rows(self, sources, row_tokens):
+        """A mixture micro batch: each row's source and tokens (CPU tensors)."""
+        for source, n_tokens in zip(sources.tolist(), row_tokens.tolist()):
+            self.state["source_window"][source][2] += n_tokens
+            self.state["source_window"][source][3] += 1
+
+    def add_source_nll(self, nll, targets):
+        self.source_nll[:, 0] += nll
+        self.source_nll[:, 1] += targets
 
     def step_done(self, total_steps):
         import torch
@@ -546,6 +588,12 @@ class _Logger:
         # One host sync per optimizer step (not per micro batch), so a checkpoint holds the window exactly.
         self.state["window"][0] += self.loss.item()
         self.loss.zero_()
+        mixture = len(self.source_names) > 1
+        if mixture:
+            for window, (nll, targets) in zip(self.state["source_window"], self.source_nll.tolist()):
+                window[0] += nll
+                window[1] += targets
+            self.source_nll.zero_()
         if not self.due(step, total_steps):
             return
         totals = _sum_over_ranks(self.state["window"], dtype=torch.float64, device=self.engine.device,
@@ -563,6 +611,16 @@ class _Logger:
             record["grad_norm"] = float(grad_norm)
         if self.peak:
             record["mfu"] = self.flops_per_token * tokens / seconds / (self.peak * self.world_size)
+        if mixture:
+            sums = _sum_over_ranks(self.state["source_window"], dtype=torch.float64, device=self.engine.device,
+                                   world_size=self.world_size).tolist()
+            for name, (nll, targets, n_tokens, blocks), trained in zip(self.source_names, sums,
+                                                                       self.state["source_trained"]):
+                record[f"train_{name}_loss"] = nll / targets if targets else math.nan
+                record[f"train_{name}_tokens"] = int(n_tokens)
+                trained[0] += int(n_tokens)
+                trained[1] += int(blocks)
+            self.state["source_window"] = [[0.0] * 4 for _ in self.source_names]
         self.write(record)
         if self.rank == 0:
             self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")

@@ -351,18 +351,6 @@ def _default_name(path):
     return re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "data"
 
 
-def _named(values, flag):
-    sources = []
-    for value in values:
-        name, path = _split_name(value, flag)
-        sources.append((name, path))
-    names = [name or _default_name(path) for name, path in sources]
-    for name in names:
-        if names.count(name) > 1:
-            raise ConfigError(f"{flag}: two sources are named {name!r}; name them apart as NAME=PATH")
-    return names, [path for _, path in sources]
-
-
 def _weight(path, flag):
     """(path, weight or None) of PATH[:WEIGHT]; a path that exists as given keeps any colon it has."""
     head, sep, tail = path.rpartition(":")
@@ -377,21 +365,32 @@ def _weight(path, flag):
     return head, weight
 
 
+def _sources(values, flag, *, weighted):
+    entries = []
+    for value in values:
+        name, path = _split_name(value, flag)
+        path, weight = _weight(path, flag) if weighted else (path, None)
+        entries.append(Source(name or _default_name(path), path, weight))
+    names = [source.name for source in entries]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"{flag}: two sources are named {name!r}; name them apart as NAME=PATH")
+    return entries
+
+
 def train_sources(values, flag="--train_store"):
     """--train_store / --train_file values ([NAME=]PATH[:WEIGHT] ...) as Sources; all weighted or none."""
-    names, paths = _named(values, flag)
-    weighted = [_weight(path, flag) for path in paths]
-    given = [w is not None for _, w in weighted]
+    sources = _sources(values, flag, weighted=True)
+    given = [source.weight is not None for source in sources]
     if any(given) and not all(given):
         raise ConfigError(f"{flag}: give a weight to every source or to none (none: in proportion to their "
                           f"blocks), got {' '.join(values)}")
-    return [Source(name, path, weight) for name, (path, weight) in zip(names, weighted)]
+    return sources
 
 
 def eval_sources(values, flag="--eval_store"):
     """--eval_store / --validation_file values ([NAME=]PATH ...) as Sources."""
-    names, paths = _named(values, flag)
-    return [Source(name, path) for name, path in zip(names, paths)]
+    return _sources(values, flag, weighted=False)
 
 
 def check_args(args):

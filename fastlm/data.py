@@ -397,8 +397,26 @@ def open_or_prepare(args, rank):
     train_dirs, eval_dirs = _store_dirs(cache, "train", len(train)), _store_dirs(cache, "validation", len(evals))
     once_per_filesystem(lambda: _prepare_into(args, train, evals, train_dirs, eval_dirs), cache, rank=rank,
                         what="prepare the data")
-    return Stores([(s, TokenStore.open(d)) for s, d in zip(train, train_dirs)],
-                  [(s, TokenStore.open(d)) for s, d in zip(evals, eval_dirs) if d.is_dir()])
+    stores = Stores([(s, TokenStore.open(d)) for s, d in zip(train, train_dirs)],
+                    [(s, TokenStore.open(d)) for s, d in zip(evals, eval_dirs) if d.is_dir()])
+    _check_same_on_every_rank(stores)
+    return stores
+
+
+def _check_same_on_every_rank(stores):
+    """Nodes that prepared their own copies must hold the same stores: ids that differ between ranks
+    would train one model on two numberings without any error."""
+    import torch.distributed as dist
+
+    if dist.get_world_size() == 1:
+        return
+    mine = [_content(store) for _, store in stores.train + stores.eval]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for rank, theirs in enumerate(everyone):
+        if theirs != everyone[0]:
+            raise ConfigError(f"rank {rank} prepared other stores than rank 0 (their nodes do not share the cache "
+                              "and preparing gave different tokens); give --cache_dir a directory every node shares")
 
 
 def rank0_then_others(work, *, rank, what):

@@ -19,7 +19,7 @@ import numpy as np
 from fastlm.config import ConfigError, Source, eval_sources, train_sources
 from fastlm.tokenizer import padding_id, special_ids
 
-# Blocks of the store memmaps are read in chunks of this many items (bounded memory on any corpus).
+# Per-document byte counts are summed in chunks of this many (bounded memory on any corpus).
 _CHUNK_ITEMS = 1 << 24
 
 
@@ -52,15 +52,6 @@ def document_bytes(store):
     """Each document's UTF-8 byte count (int64, one per document) as the store records it, or None for a
     store written before fastlm recorded them (TokenStore.doc_bytes, beside the offsets)."""
     return getattr(store, "doc_bytes", None)
-
-
-def max_token_id(store):
-    """The store's largest token id (None when it holds no tokens): TokenStore.max_token_id where the
-    store records it in meta.json, else one pass over the token memmap in bounded chunks."""
-    if hasattr(type(store), "max_token_id"):
-        return store.max_token_id
-    tokens = store.tokens
-    return max((int(tokens[i:i + _CHUNK_ITEMS].max()) for i in range(0, len(tokens), _CHUNK_ITEMS)), default=None)
 
 
 def split_documents(documents, eval_fraction):
@@ -592,7 +583,7 @@ def check_token_ids(stores, vocab_size):
     """Every id in every store must be below the model's vocabulary (its embedding rows): a larger one
     would fail deep inside torch at whichever step first draws it."""
     for what, store in _described(stores):
-        top = max_token_id(store)
+        top = store.max_token_id  # recorded in meta.json; one pass over the tokens for older stores
         if top is not None and top >= vocab_size:
             raise ConfigError(
                 f"the {what} holds token id {top}, but the model's vocabulary has {vocab_size} ids (its "

@@ -141,13 +141,3 @@ def test_token_ids_beyond_the_models_vocabulary_are_named_before_training(stores
     assert f"the training store {tmp_path / 'bad'} holds token id 700, but the model's vocabulary has 512 ids" in err
     assert "Traceback" not in err
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
-
-
-def test_the_largest_id_is_computed_in_bounded_chunks_for_stores_that_do_not_record_it(monkeypatch):
-    class Unrecorded:
-        tokens = np.array([3, 9, 1, 4], dtype=np.uint16)
-
-    monkeypatch.setattr(data, "_CHUNK_ITEMS", 3)
-    assert data.max_token_id(Unrecorded()) == 9
-    Unrecorded.tokens = np.empty(0, np.uint16)
-    assert data.max_token_id(Unrecorded()) is None

@@ -9,9 +9,7 @@ import pytest
 from fastlm import data, evaluation, run
 from fastlm.data import EvalSet
 from tests.data import wikitext_lines
-from tests.test_run import _PlainEngine, _args, _tiny_gpt
-
-TINY = ["--dataloader_num_workers", "0", "--disable_tqdm", "--logging_steps", "1", "--seed", "3"]
+from tests.test_run import TINY, _PlainEngine, _args, _tiny_gpt
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,4 @@
 """Weighted data mixtures: the flags, the blended sample order (fastlm.data.Mixture) and a mixture run."""
-import json
-import shutil
-
 import numpy as np
 import pytest
 
@@ -9,8 +6,7 @@ from fastlm import config, pack_blocks, run
 from fastlm.blending import blending_index
 from fastlm.data import Mixture, TrainBatches, TrainSource, epoch_order
 from tests.data import wikitext_lines
-
-TINY = ["--dataloader_num_workers", "0", "--disable_tqdm", "--logging_steps", "1", "--seed", "3"]
+from tests.test_run import TINY, _metrics, _resume_from
 
 
 def source_blocks(source, n_blocks, block_size=4):
@@ -177,10 +173,6 @@ def _mixture_argv(root, out, *extra, weights=("0.6", "0.4"), micro=8, accum=1):
             "--learning_rate", "3e-3", "--max_steps", "8", "--save_steps", "4", "--output_dir", str(out), *TINY, *extra]
 
 
-def _metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def mixture_run(mixture_stores, tmp_path_factory):
     import contextlib
@@ -212,11 +204,6 @@ def test_a_mixture_run_logs_each_source_and_reports_its_blocks(mixture_run):
         mixed = sum(rows[name] * record[f"train_{name}_loss"] for name in rows) / 8
         assert record["loss"] == pytest.approx(mixed, rel=1e-5)
     assert "training source small ran out of blocks and starts its epoch 1" in log
-
-
-def _resume_from(full, step, out):
-    shutil.copytree(full / "checkpoints" / f"step{step}", out / "checkpoints" / f"step{step}")
-    (out / "checkpoints" / "latest").write_text(f"step{step}")
 
 
 def test_a_mixture_resumes_on_another_split_with_the_same_losses(mixture_run, mixture_stores, tmp_path):

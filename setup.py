@@ -23,7 +23,9 @@ extensions = [
         [pyx],
         # numpy's headers only for random/bitgen.h; no numpy C-API is used.
         include_dirs=["csrc", np.get_include()],
-        extra_compile_args=["-O0" if debug else "-O3"],
+        # No fused multiply-add contraction (GCC's default where FMA exists, e.g. on ARM): the blending
+        # kernel must round `w * x - c` as two operations, exactly as Megatron's order and the reference do.
+        extra_compile_args=["-O0" if debug else "-O3", "-ffp-contract=off"],
     )
     for pyx in sorted(glob.glob("csrc/*.pyx"))
 ]

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +47,16 @@ class Args:
     )
     tokenizer_name: str = dataclasses.field(default=None, **_help("tokenizer for --train_file/--dataset_name"))
     # data
-    train_store: str = dataclasses.field(default=None, **_help("token store made by `fastlm prepare`"))
-    eval_store: str = dataclasses.field(default=None, **_help("evaluation token store"))
-    train_file: str = dataclasses.field(default=None, **_help("text/json/csv file, prepared into --cache_dir"))
-    validation_file: str = dataclasses.field(default=None, **_help("evaluation text/json/csv file"))
+    # The four source flags take lists (nargs="+"): their type is that of each item.
+    train_store: str = dataclasses.field(default=None, **_help(
+        "token store made by `fastlm prepare`; several blend into a mixture: [NAME=]PATH[:WEIGHT] ... "
+        "(e.g. web:0.7 books:0.3; no weights: in proportion to their blocks)", nargs="+", metavar="STORE"))
+    eval_store: str = dataclasses.field(default=None, **_help(
+        "evaluation token store(s), each evaluated on its own: [NAME=]PATH ...", nargs="+", metavar="STORE"))
+    train_file: str = dataclasses.field(default=None, **_help(
+        "text/json/csv file(s), prepared into --cache_dir; a mixture as for --train_store", nargs="+", metavar="FILE"))
+    validation_file: str = dataclasses.field(default=None, **_help(
+        "evaluation text/json/csv file(s), each its own set: [NAME=]PATH ...", nargs="+", metavar="FILE"))
     dataset_name: str = dataclasses.field(default=None, **_help("a `datasets` dataset (needs network once)"))
     dataset_config_name: str = dataclasses.field(default=None, **_help("its configuration, e.g. wikitext-2-raw-v1"))
     cache_dir: str = dataclasses.field(default=None, **_help("where prepared stores go (default <output_dir>/data)"))
@@ -317,6 +324,77 @@ def _validate(config, *, world_size, device_type):
         raise ConfigError(f"learning rate must be > 0, got {lr!r}")
 
 
+# --- training and evaluation sources -------------------------------------------------------------------
+
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One training source or evaluation set of the command line. weight None: in proportion to its size."""
+    name: str
+    path: str
+    weight: float = None
+
+
+def _split_name(value, flag):
+    name, sep, path = value.partition("=")
+    if sep and SOURCE_NAME.fullmatch(name) and path:
+        return name, path
+    if sep and not path:
+        raise ConfigError(f"{flag} {value}: no path after {name}=")
+    return None, value
+
+
+def _default_name(path):
+    """A source's name from its path: a store's directory name, a file's name without its suffix."""
+    base = Path(path.rstrip("/")).name
+    base = base.split(".", 1)[0] if "." in base.lstrip(".") else base
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "data"
+
+
+def _weight(path, flag):
+    """(path, weight or None) of PATH[:WEIGHT]; a path that exists as given keeps any colon it has."""
+    head, sep, tail = path.rpartition(":")
+    if not sep or Path(path).exists():
+        return path, None
+    try:
+        weight = float(tail)
+    except ValueError:
+        return path, None
+    if not (math.isfinite(weight) and weight > 0):
+        raise ConfigError(f"{flag} {path}: the weight must be a finite number > 0, got {tail}")
+    return head, weight
+
+
+def _sources(values, flag, *, weighted):
+    entries = []
+    for value in values:
+        name, path = _split_name(value, flag)
+        path, weight = _weight(path, flag) if weighted else (path, None)
+        entries.append(Source(name or _default_name(path), path, weight))
+    names = [source.name for source in entries]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"{flag}: two sources are named {name!r}; name them apart as NAME=PATH")
+    return entries
+
+
+def train_sources(values, flag="--train_store"):
+    """--train_store / --train_file values ([NAME=]PATH[:WEIGHT] ...) as Sources; all weighted or none."""
+    sources = _sources(values, flag, weighted=True)
+    given = [source.weight is not None for source in sources]
+    if any(given) and not all(given):
+        raise ConfigError(f"{flag}: give a weight to every source or to none (none: in proportion to their "
+                          f"blocks), got {' '.join(values)}")
+    return sources
+
+
+def eval_sources(values, flag="--eval_store"):
+    """--eval_store / --validation_file values ([NAME=]PATH ...) as Sources."""
+    return _sources(values, flag, weighted=False)
+
+
 def check_args(args):
     """Contradictions among the flags themselves; raises ConfigError."""
     stores = bool(args.train_store)
@@ -331,6 +409,12 @@ def check_args(args):
                           "with --train_store use --eval_store")
     if files and args.eval_store:
         raise ConfigError("--eval_store goes with --train_store; use --validation_file with --train_file")
+    for flag in ("train_store", "train_file"):
+        if getattr(args, flag):
+            train_sources(getattr(args, flag), f"--{flag}")
+    for flag in ("eval_store", "validation_file"):
+        if getattr(args, flag):
+            eval_sources(getattr(args, flag), f"--{flag}")
     if files and not (args.train_tokenizer or args.tokenizer_name or args.model_name_or_path):
         raise ConfigError("preparing text needs a tokenizer: --tokenizer_name, --model_name_or_path "
                           "or --train_tokenizer")

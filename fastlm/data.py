@@ -1,26 +1,59 @@
-"""The runner's data plan: training and evaluation sources (stores, prepared from text on first use),
-their packing into blocks, and the order batches take them in (epoch-seeded shuffling, disjoint shares
-per rank, MLM masks).
+"""The runner's data plan: training sources (one store, or several blended into a weighted mixture) and
+evaluation sets; their stores (prepared from text on first use, once per node when the nodes do not
+share the cache) and the checks between them and the model; their packing into blocks; and the order
+batches take them in (epoch-seeded shuffling, disjoint shares per rank, MLM masks).
 
 Batches are numpy; the DataLoader turns the arrays into tensors. Batches are keyed by global ids
-(epoch, micro-batch number, rank) so a run is reproducible whatever the DataLoader worker count, and a
-resumed run can restart at any micro-batch without replaying the ones before it.
+(epoch, sample position, rank) so a run is reproducible whatever the DataLoader worker count, and a
+resumed run can restart at any step without replaying the ones before it.
 """
 import hashlib
 import json
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 
-from fastlm.config import ConfigError
+from fastlm.config import ConfigError, Source, eval_sources, train_sources
 from fastlm.tokenizer import padding_id, special_ids
 
-def split_documents(tokens, offsets, eval_fraction):
-    """Hold out the last `eval_fraction` of the documents: ((tokens, offsets), (tokens, offsets)).
+# Per-document byte counts are summed in chunks of this many (bounded memory on any corpus).
+_CHUNK_ITEMS = 1 << 24
+
+
+# --- documents ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Documents:
+    """Documents as packing takes them: tokens[offsets[i]:offsets[i + 1]] is document i (offsets may
+    start above 0), with each document's UTF-8 byte count, or None when the store does not record it."""
+    tokens: np.ndarray
+    offsets: np.ndarray
+    doc_bytes: np.ndarray = None
+
+    @classmethod
+    def of(cls, store):
+        return cls(store.tokens, store.offsets, store.doc_bytes)
+
+    @property
+    def n_tokens(self):
+        return int(self.offsets[-1] - self.offsets[0])
+
+    @property
+    def n_bytes(self):
+        if self.doc_bytes is None:
+            return None
+        return sum(int(self.doc_bytes[i:i + _CHUNK_ITEMS].sum()) for i in range(0, len(self.doc_bytes), _CHUNK_ITEMS))
+
+
+def split_documents(documents, eval_fraction):
+    """Hold out the last `eval_fraction` of the documents: (train Documents, eval Documents).
 
     Token arrays are views (a memmap stays a memmap, nothing is copied); offsets are rebased copies.
     """
-    n_docs = len(offsets) - 1
+    n_docs = len(documents.offsets) - 1
     n_eval = int(round(n_docs * eval_fraction))
     if not 0 < eval_fraction < 1:
         raise ValueError(f"validation fraction must be in (0, 1), got {eval_fraction}")
@@ -31,44 +64,186 @@ def split_documents(tokens, offsets, eval_fraction):
             "give an evaluation set or change the fraction"
         )
     cut = n_docs - n_eval
-    return _doc_range(tokens, offsets, 0, cut), _doc_range(tokens, offsets, cut, n_docs)
+    return _doc_range(documents, 0, cut), _doc_range(documents, cut, n_docs)
 
 
-def _doc_range(tokens, offsets, first, last):
+def _doc_range(documents, first, last):
+    tokens, offsets = documents.tokens, documents.offsets
     start, stop = int(offsets[first]), int(offsets[last])
-    return tokens[start:stop], np.asarray(offsets[first : last + 1], dtype=np.int64) - start
+    doc_bytes = None if documents.doc_bytes is None else documents.doc_bytes[first:last]
+    return Documents(tokens[start:stop], np.asarray(offsets[first : last + 1], dtype=np.int64) - start, doc_bytes)
 
 
-def epoch_order(n_samples, *, seed, epoch):
-    """The order of an epoch's samples: sample position s of `epoch` is block epoch_order(...)[s].
+def epoch_order(n_samples, *, seed, epoch, source=0):
+    """The order of a source's epoch: its sample s of `epoch` is block epoch_order(...)[s].
 
-    A function of (seed, epoch) only, so the sample at a global position is the same whatever the
-    micro batch, accumulation or rank count (MosaicML Streaming's "elastic determinism").
+    A function of (seed, epoch, source) only, so the sample at a global position is the same whatever
+    the micro batch, accumulation or rank count (MosaicML Streaming's "elastic determinism"). Sources
+    of a mixture shuffle independently; source 0 keeps the single-corpus stream, so a one-source run's
+    order (and its checkpoints) is the same as before mixtures existed.
     """
-    return np.random.Generator(np.random.PCG64([epoch, seed])).permutation(n_samples)
+    key = [epoch, seed] if source == 0 else [epoch, seed, source]
+    return np.random.Generator(np.random.PCG64(key)).permutation(n_samples)
+
+
+@dataclass(frozen=True)
+class TrainSource:
+    """One training source: its packed blocks, its weight in the mixture (None: in proportion to its
+    blocks) and the sha256 of its store's checksums (what a checkpoint compares)."""
+    name: str
+    blocks: object
+    weight: float = None
+    content: str = ""
+
+
+class Mixture:
+    """Training sources blended into one stream of samples (Megatron's BlendedDataset order).
+
+    Global sample position g goes to source blend[g] as that source's sample k (fastlm.blending), which
+    is block epoch_order(n, seed, e, source)[k % n] of its epoch e = k // n: each source is shuffled on
+    its own, and one that runs out starts its next epoch while the others go on. An epoch of the mixture
+    is as many samples as the sources hold together (sum of their blocks); position p of mixture epoch E
+    is g = E * len(mixture) + p. So the sample at a position depends on (seed, weights, position) only.
+    The blend is computed in chunks of CHUNK positions from the counts at each chunk's start, which are
+    kept, so a resumed run computes the blend up to its position once and nothing is held per sample.
+    """
+
+    CHUNK = 1 << 16
+
+    def __init__(self, sources):
+        from fastlm.blending import normalized_weights
+
+        if not sources:
+            raise ValueError("a mixture needs at least one source")
+        self.sources = list(sources)
+        self.sizes = np.array([len(s.blocks) for s in self.sources], dtype=np.int64)
+        if np.any(self.sizes == 0):
+            empty = [s.name for s in self.sources if len(s.blocks) == 0]
+            raise ConfigError(f"training source {empty[0]} is shorter than one block")
+        given = [s.weight for s in self.sources]
+        self.weights = normalized_weights(self.sizes if given[0] is None else given)
+        # Global block ids: the sources' blocks numbered one after another.
+        self.first_block = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
+        self._chunk_counts = [np.zeros(len(self.sources), dtype=np.int64)]
+        self._chunk = (-1, None, None)
+        self._orders = {}
+
+    @classmethod
+    def single(cls, blocks, name="train"):
+        return cls([TrainSource(name, blocks, 1.0)])
+
+    def __len__(self):
+        return int(self.sizes.sum())
+
+    @property
+    def names(self):
+        return [s.name for s in self.sources]
+
+    def identity(self):
+        """What a checkpoint's data position counts in: the sources' content, weights and blocks."""
+        if len(self.sources) == 1:
+            content = self.sources[0].content
+        else:
+            parts = [[s.content, float(w)] for s, w in zip(self.sources, self.weights)]
+            content = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+        return {"train_data": content, "train_blocks": len(self),
+                "sources": [{"name": s.name, "weight": float(w), "blocks": int(n)}
+                            for s, w, n in zip(self.sources, self.weights, self.sizes)]}
+
+    def locate(self, epoch, positions, *, seed):
+        """(source, block within the source, sample number within the source) of an epoch's positions."""
+        positions = np.asarray(positions, dtype=np.int64)
+        g = epoch * len(self) + positions
+        if len(self.sources) == 1:
+            source, sample = np.zeros(len(g), dtype=np.int16), g
+        else:
+            source, sample = self._blend(g)
+        n = self.sizes[source]
+        source_epoch, within = np.divmod(sample, n)
+        block = np.empty(len(g), dtype=np.int64)
+        for s, e in sorted(set(zip(source.tolist(), source_epoch.tolist()))):
+            rows = (source == s) & (source_epoch == e)
+            block[rows] = self._order(s, e, seed)[within[rows]]
+        return source, block, sample
+
+    def global_blocks(self, epoch, positions, *, seed):
+        """Block ids across all sources (source s's block b is first_block[s] + b)."""
+        source, block, _ = self.locate(epoch, positions, seed=seed)
+        return self.first_block[source] + block
+
+    def gather(self, epoch, positions, *, seed):
+        """(batch, positions of its rows): rows grouped by source and in block order within each, so the
+        memmaps are read forward; mixtures add a "source" row (the source's index)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        source, block, _ = self.locate(epoch, positions, seed=seed)
+        rows = np.lexsort((block, source))
+        source, block, positions = source[rows], block[rows], positions[rows]
+        parts = [self.sources[s].blocks.gather(block[source == s]) for s in np.unique(source)]
+        batch = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        if len(self.sources) > 1:
+            batch["source"] = source.astype(np.int64)
+        return batch, positions
+
+    def new_source_epochs(self, epoch, positions, *, seed):
+        """[(source name, its epoch)] for each source whose next epoch starts among these positions."""
+        if len(self.sources) == 1:
+            return []
+        source, _, sample = self.locate(epoch, positions, seed=seed)
+        starts = (sample % self.sizes[source] == 0) & (sample > 0)
+        return sorted({(self.sources[s].name, int(k // self.sizes[s])) for s, k in zip(source[starts], sample[starts])})
+
+    def _order(self, source, epoch, seed):
+        key = (source, epoch, seed)
+        if key not in self._orders:
+            # Keep a source's current and previous epoch only: a step may straddle the two.
+            for old in [k for k in self._orders if k[0] == source and k[1] < epoch - 1]:
+                del self._orders[old]
+            self._orders[key] = epoch_order(int(self.sizes[source]), seed=seed, epoch=epoch, source=source)
+        return self._orders[key]
+
+    def _blend(self, g):
+        from fastlm.blending import blending_index
+
+        source = np.empty(len(g), dtype=np.int16)
+        sample = np.empty(len(g), dtype=np.int64)
+        chunk_of = g // self.CHUNK
+        for c in np.unique(chunk_of):
+            while len(self._chunk_counts) <= c:  # the counts at each chunk start, computed once in order
+                k = len(self._chunk_counts) - 1
+                _, _, after = blending_index(self.weights, self.CHUNK, start=k * self.CHUNK, counts=self._chunk_counts[k])
+                self._chunk_counts.append(after)
+            if self._chunk[0] != c:
+                chunk_source, chunk_sample, _ = blending_index(self.weights, self.CHUNK, start=int(c) * self.CHUNK,
+                                                               counts=self._chunk_counts[c])
+                self._chunk = (c, chunk_source, chunk_sample)
+            rows = chunk_of == c
+            source[rows] = self._chunk[1][g[rows] - c * self.CHUNK]
+            sample[rows] = self._chunk[2][g[rows] - c * self.CHUNK]
+        return source, sample
 
 
 class TrainBatches:
     """Map-style dataset: item j is this rank's j-th micro batch of `epoch`, from sample position `start`.
 
-    An optimizer step takes the next global_batch = micro_batch x accumulation x world_size sample
-    positions of the epoch order; within the step, micro batch m of rank r takes the micro_batch positions
-    starting at (m * world_size + r) * micro_batch. So a step trains on the same samples whatever the
-    split of its global batch, ranks see disjoint blocks, and a checkpoint's data position is one number:
-    the epoch's sample position at a step boundary. An epoch ends when fewer than a global batch of
-    positions remain (the tail is dropped, like DistributedSampler(drop_last=True)), so gradient
-    accumulation never straddles two epochs. MLM masks are keyed by (seed, epoch, sample position): a
-    sample gets the same mask in any layout.
+    `data` is a Mixture (or one source's packed blocks). An optimizer step takes the next
+    global_batch = micro_batch x accumulation x world_size sample positions of the epoch; within the
+    step, micro batch m of rank r takes the micro_batch positions starting at
+    (m * world_size + r) * micro_batch. So a step trains on the same samples whatever the split of its
+    global batch, ranks see disjoint samples, and a checkpoint's data position is one number: the epoch's
+    sample position at a step boundary. An epoch ends when fewer than a global batch of positions remain
+    (the tail is dropped, like DistributedSampler(drop_last=True)), so gradient accumulation never
+    straddles two epochs. MLM masks are keyed by (seed, epoch, sample position): a sample gets the same
+    mask in any layout.
     """
 
-    def __init__(self, blocks, *, micro_batch, accumulation, rank, world_size, epoch, seed, start=0,
+    def __init__(self, data, *, micro_batch, accumulation, rank, world_size, epoch, seed, start=0,
                  masker=None, position_offset=0):
-        self.blocks, self.micro_batch, self.accumulation, self.position_offset = blocks, micro_batch, accumulation, position_offset
-        self.rank, self.world_size, self.epoch, self.start = rank, world_size, epoch, start
+        self.data = data if isinstance(data, Mixture) else Mixture.single(data)
+        self.micro_batch, self.accumulation, self.position_offset = micro_batch, accumulation, position_offset
+        self.rank, self.world_size, self.epoch, self.seed, self.start = rank, world_size, epoch, seed, start
         self.masker = masker
         self.global_batch = micro_batch * accumulation * world_size
-        self.steps = max(0, (len(blocks) - start) // self.global_batch)
-        self.order = epoch_order(len(blocks), seed=seed, epoch=epoch)
+        self.steps = max(0, (len(self.data) - start) // self.global_batch)
 
     def __len__(self):
         return self.steps * self.accumulation
@@ -83,17 +258,19 @@ class TrainBatches:
         return np.arange(first, first + self.micro_batch)
 
     def indices(self, j):
-        return self.order[self.positions(j)]
+        """The blocks of micro batch j (global ids over the mixture's sources)."""
+        return self.data.global_blocks(self.epoch, self.positions(j), seed=self.seed)
+
+    def new_source_epochs(self, j):
+        """Sources that start their next epoch in the step that micro batch j ends."""
+        end = self.end_position(j)
+        return self.data.new_source_epochs(self.epoch, np.arange(end - self.global_batch, end), seed=self.seed)
 
     def __getitem__(self, j):
         if not 0 <= j < len(self):
             raise IndexError(j)
-        positions = self.positions(j)
-        # Rows in block order read the memmap forward; the masks follow each row's own position.
-        rows = np.argsort(self.order[positions], kind="stable")
-        positions = positions[rows]
-        batch = self.blocks.gather(self.order[positions])
-        if self.masker is not None:
+        batch, positions = self.data.gather(self.epoch, self.positions(j), seed=self.seed)
+        if self.masker is not None:  # each row's mask follows its own position
             masked = [self.masker(batch["input_ids"][i:i + 1], batch["attention_mask"][i:i + 1], epoch=self.epoch,
                                   batch_index=int(p)) for i, p in enumerate(positions)]
             batch["input_ids"] = np.concatenate([ids for ids, _ in masked])
@@ -135,30 +312,99 @@ def eval_batches(blocks, *, batch_size, rank, world_size, masker=None, position_
 
 # --- sources: stores, prepared on first use -------------------------------------------------------
 
+@dataclass(frozen=True)
+class EvalSet:
+    """An evaluation set: its packed blocks, and the tokens and UTF-8 bytes (None: not recorded) of the
+    documents they hold, which turn a mean token loss into bits per byte."""
+    name: str
+    blocks: object
+    n_tokens: int
+    n_bytes: int = None
+
+
+@dataclass(frozen=True)
+class Stores:
+    """The opened stores, [(Source, TokenStore)] for training and for evaluation."""
+    train: list
+    eval: list
+
+    def load_tokenizer(self):
+        """The tokenizer every store was made with (check_tokenizers compares them), checked against it."""
+        try:
+            return (self.train or self.eval)[0][1].load_tokenizer()
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+
+def _file_identity(name, flag):
+    try:
+        st = Path(name).stat()
+    except OSError as error:
+        raise ConfigError(f"{flag} {name}: {error.strerror}") from None
+    return [str(Path(name).resolve()), st.st_size, st.st_mtime_ns]
+
+
 def _cache_key(args):
     """Prepared stores are reused while the sources and preparation settings are unchanged."""
-    sources = []
-    for name in (args.train_file, args.validation_file):
-        if name:
-            st = Path(name).stat()
-            sources.append([str(Path(name).resolve()), st.st_size, st.st_mtime_ns])
+    files = [_file_identity(s.path, "--train_file") for s in train_sources(args.train_file or [], "--train_file")]
+    files += [_file_identity(s.path, "--validation_file")
+              for s in eval_sources(args.validation_file or [], "--validation_file")]
     tokenizer = args.tokenizer_name or args.model_name_or_path
-    key = [sources, args.dataset_name, args.dataset_config_name, tokenizer, args.train_tokenizer,
-           args.vocab_size if args.train_tokenizer else None, args.doc_boundary]
+    key = [files, args.dataset_name, args.dataset_config_name, tokenizer,
+           args.train_tokenizer, args.vocab_size if args.train_tokenizer else None, args.doc_boundary]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
+def _store_dirs(cache, kind, n):
+    return [cache / kind] if n == 1 else [cache / f"{kind}-{i}" for i in range(n)]
+
+
+def _open_given(source, flag):
+    from fastlm.store import StoreError, TokenStore
+
+    try:
+        return TokenStore.open(source.path)
+    except StoreError as error:
+        raise ConfigError(f"{flag} {source.path}: {error}") from None
+
+
 def open_or_prepare(args, rank):
-    """(train store, eval store or None). With text sources, rank 0 prepares them into the cache while
-    the other ranks wait at a barrier, then everyone opens the same stores."""
+    """The training and evaluation stores. Text sources are prepared into the cache first: once per
+    filesystem that holds the cache (by rank 0 where every node shares it, else by one rank on each
+    node) while the other ranks wait; then every rank opens the stores it sees."""
     from fastlm.store import TokenStore
 
     if args.train_store:
-        return TokenStore.open(args.train_store), (TokenStore.open(args.eval_store) if args.eval_store else None)
+        return Stores([(s, _open_given(s, "--train_store")) for s in train_sources(args.train_store, "--train_store")],
+                      [(s, _open_given(s, "--eval_store")) for s in eval_sources(args.eval_store or [], "--eval_store")])
     cache = Path(args.cache_dir or Path(args.output_dir) / "data") / _cache_key(args)
-    train_dir, eval_dir = cache / "train", cache / "validation"
-    rank0_then_others(lambda: _prepare_into(args, train_dir, eval_dir), rank=rank, what="prepare the data")
-    return TokenStore.open(train_dir), (TokenStore.open(eval_dir) if eval_dir.is_dir() else None)
+    train = (train_sources(args.train_file, "--train_file") if args.train_file
+             else [Source("train", args.dataset_name)])
+    evals = (eval_sources(args.validation_file, "--validation_file") if args.validation_file
+             else [Source("validation", args.dataset_name)])  # a dataset's validation split, if it has one
+    train_dirs, eval_dirs = _store_dirs(cache, "train", len(train)), _store_dirs(cache, "validation", len(evals))
+    once_per_filesystem(lambda: _prepare_into(args, train, evals, train_dirs, eval_dirs), cache, rank=rank,
+                        what="prepare the data")
+    stores = Stores([(s, TokenStore.open(d)) for s, d in zip(train, train_dirs)],
+                    [(s, TokenStore.open(d)) for s, d in zip(evals, eval_dirs) if d.is_dir()])
+    _check_same_on_every_rank(stores)
+    return stores
+
+
+def _check_same_on_every_rank(stores):
+    """Nodes that prepared their own copies must hold the same stores: ids that differ between ranks
+    would train one model on two numberings without any error."""
+    import torch.distributed as dist
+
+    if dist.get_world_size() == 1:
+        return
+    mine = [_content(store) for _, store in stores.train + stores.eval]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for rank, theirs in enumerate(everyone):
+        if theirs != everyone[0]:
+            raise ConfigError(f"rank {rank} prepared other stores than rank 0 (their nodes do not share the cache "
+                              "and preparing gave different tokens); give --cache_dir a directory every node shares")
 
 
 def rank0_then_others(work, *, rank, what):
@@ -182,7 +428,61 @@ def rank0_then_others(work, *, rank, what):
         raise RuntimeError(f"rank 0 could not {what}: {failure[0]}")
 
 
-def _prepare_into(args, train_dir, eval_dir):
+_MARKER = ".fastlm-who-shares-{token}-rank{rank}"
+
+
+def once_per_filesystem(work, directory, *, rank, what):
+    """Run work() (which writes under `directory`) once for every filesystem that holds `directory`, on
+    the lowest rank that sees it, while the other ranks wait; a failure anywhere stops every rank.
+
+    Nodes with node-local disks do not see each other's `directory` (Megatron-LM #907, #1355), so each
+    node prepares its own copy; where they share it, rank 0 alone writes. Found without user flags:
+    the first rank of each node (LOCAL_RANK 0) leaves a marker file named with a token of this run in
+    `directory`, and after a barrier every rank's preparer is the lowest rank whose marker it sees.
+    The wait for the preparers goes through the rendezvous store, not a collective: preparing a large
+    corpus may outlast any collective timeout.
+    """
+    import os
+
+    import torch.distributed as dist
+
+    world_size = dist.get_world_size()
+    if world_size == 1:
+        work()
+        return
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    token = token[0]
+    marker = Path(directory) / _MARKER.format(token=token, rank=rank)
+    if int(os.environ.get("LOCAL_RANK", rank)) == 0:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    dist.barrier()
+    seen = [int(p.name.rsplit("rank", 1)[1]) for p in Path(directory).glob(_MARKER.format(token=token, rank="*"))]
+    preparer = min(seen, default=rank)
+    preparers = [None] * world_size
+    dist.all_gather_object(preparers, preparer)  # also a barrier: every rank has looked
+    marker.unlink(missing_ok=True)
+    store = dist.distributed_c10d._get_default_store()
+    if rank == preparer:
+        if rank != 0:
+            print(f"[fastlm] rank {rank}: {directory} is not shared with rank 0 (a node-local disk); "
+                  f"this node prepares its own copy", flush=True)
+        try:
+            work()
+        except Exception as error:
+            store.set(f"fastlm/{token}/{rank}", f"{type(error).__name__}: {error}")
+            raise
+        store.set(f"fastlm/{token}/{rank}", "")
+    for other in sorted(set(preparers)):
+        key = f"fastlm/{token}/{other}"
+        store.wait([key], timedelta(days=7))
+        failure = store.get(key).decode()
+        if failure:
+            raise RuntimeError(f"rank {other} could not {what}: {failure}")
+
+
+def _prepare_into(args, train, evals, train_dirs, eval_dirs):
     from fastlm.prepare import prepare
     from fastlm.store import TokenStore
 
@@ -198,37 +498,96 @@ def _prepare_into(args, train_dir, eval_dir):
     common = dict(doc_boundary=args.doc_boundary, add_special_tokens=True, progress=True, overwrite=True)
     if args.dataset_name:
         common.update(dataset_name=args.dataset_name, dataset_config=args.dataset_config_name)
-    if not ready(train_dir):
-        tokenizer = None if args.train_tokenizer else (args.tokenizer_name or args.model_name_or_path)
-        sources = [args.train_file] if args.train_file else []
-        print(f"[fastlm] preparing {sources or args.dataset_name} -> {train_dir}", flush=True)
-        prepare(sources, train_dir, tokenizer=tokenizer, train_tokenizer=args.train_tokenizer,
-                vocab_size=args.vocab_size if args.train_tokenizer else None,
+    tokenizer = None if args.train_tokenizer else (args.tokenizer_name or args.model_name_or_path)
+    for i, (source, path) in enumerate(zip(train, train_dirs)):
+        if i:  # every source in the first one's tokenizer (the trained one, with --train_tokenizer)
+            tokenizer = str(TokenStore.open(train_dirs[0]).tokenizer_dir)
+        if ready(path):
+            continue
+        files = [] if args.dataset_name else [source.path]
+        print(f"[fastlm] preparing {files or args.dataset_name} -> {path}", flush=True)
+        trains = args.train_tokenizer and i == 0
+        prepare(files, path, tokenizer=None if trains else tokenizer, train_tokenizer=trains,
+                vocab_size=args.vocab_size if trains else None,
                 **common, **({"split": "train"} if args.dataset_name else {}))
-    if ready(eval_dir):
-        return
-    # The evaluation text uses the training store's tokenizer (the trained one, with --train_tokenizer).
-    tokenizer = str(TokenStore.open(train_dir).tokenizer_dir)
-    if args.validation_file:
-        prepare([args.validation_file], eval_dir, tokenizer=tokenizer, **common)
-    elif args.dataset_name:
-        try:
-            prepare([], eval_dir, tokenizer=tokenizer, split="validation", **common)
-        except (ValueError, KeyError):
-            pass  # no validation split: --validation_split_percentage holds out train documents
+    tokenizer = str(TokenStore.open(train_dirs[0]).tokenizer_dir)
+    for source, path in zip(evals, eval_dirs):
+        if ready(path):
+            continue
+        if args.validation_file:
+            prepare([source.path], path, tokenizer=tokenizer, **common)
+        elif args.dataset_name:
+            try:
+                prepare([], path, tokenizer=tokenizer, split="validation", **common)
+            except (ValueError, KeyError):
+                pass  # no validation split: --validation_split_percentage holds out train documents
 
 
-def train_eval_documents(args, train_store, eval_store):
-    """((train tokens, offsets), (eval tokens, offsets) or None)."""
-    train = (train_store.tokens, train_store.offsets)
-    if eval_store is not None:
-        return train, (eval_store.tokens, eval_store.offsets)
-    if args.validation_split_percentage == 0:
-        return train, None
-    try:
-        return split_documents(*train, args.validation_split_percentage / 100)
-    except ValueError as error:
-        raise ConfigError(f"--validation_split_percentage {args.validation_split_percentage}: {error}") from None
+def _content(store):
+    return hashlib.sha256(json.dumps(store.meta.get("checksums"), sort_keys=True).encode()).hexdigest()
+
+
+def plan(args, stores, tokenizer):
+    """(training Mixture, [EvalSet]): every store packed into blocks. Without an evaluation set,
+    --validation_split_percentage holds out the last documents of each training source as a set of its
+    own (named "validation" for a single source, else after the source)."""
+    train = [(source, _content(store), Documents.of(store)) for source, store in stores.train]
+    evals = [(source.name, Documents.of(store)) for source, store in stores.eval]
+    percent = args.validation_split_percentage
+    if not evals and percent:
+        kept = []
+        for source, content, docs in train:
+            try:
+                docs, held_out = split_documents(docs, percent / 100)
+            except ValueError as error:
+                where = f" (training source {source.name})" if len(train) > 1 else ""
+                raise ConfigError(f"--validation_split_percentage {percent}{where}: {error}") from None
+            kept.append((source, content, docs))
+            evals.append((source.name if len(train) > 1 else "validation", held_out))
+        train = kept
+    mixture = Mixture([TrainSource(source.name, pack(args, docs.tokens, docs.offsets, tokenizer), source.weight, content)
+                       for source, content, docs in train])
+    eval_sets = []
+    for name, docs in evals:
+        blocks = pack(args, docs.tokens, docs.offsets, tokenizer, stride=args.eval_stride)
+        if len(blocks) == 0:
+            raise ConfigError(f"the evaluation set {name} is shorter than one block of {args.block_size} tokens")
+        eval_sets.append(EvalSet(name, blocks, docs.n_tokens, docs.n_bytes))
+    return mixture, eval_sets
+
+
+# --- checks between the stores and the model ----------------------------------------------------------
+
+def _described(stores):
+    return [(f"training store {s.path}", store) for s, store in stores.train] + \
+           [(f"evaluation store {s.path}", store) for s, store in stores.eval]
+
+
+def check_tokenizers(stores):
+    """Every store must hold ids of the same tokenizer (the vocabulary fingerprint each store records):
+    ids of another tokenizer would train or score the wrong tokens without any error."""
+    described = _described(stores)
+    first, reference = described[0]
+    want = reference.meta.get("tokenizer_fingerprint")
+    for what, store in described[1:]:
+        got = store.meta.get("tokenizer_fingerprint")
+        if want and got and got != want:
+            raise ConfigError(
+                f"the {what} was made with another tokenizer than the {first} (vocabulary fingerprints "
+                f"{got[:12]} and {want[:12]}): its ids stand for other tokens. Prepare it with that tokenizer "
+                f"(fastlm prepare ... --tokenizer {reference.tokenizer_dir})")
+
+
+def check_token_ids(stores, vocab_size):
+    """Every id in every store must be below the model's vocabulary (its embedding rows): a larger one
+    would fail deep inside torch at whichever step first draws it."""
+    for what, store in _described(stores):
+        top = store.max_token_id  # recorded in meta.json; one pass over the tokens for older stores
+        if top is not None and top >= vocab_size:
+            raise ConfigError(
+                f"the {what} holds token id {top}, but the model's vocabulary has {vocab_size} ids (its "
+                "embedding matrix): prepare the store with the model's tokenizer, or train a model whose "
+                "vocabulary covers it")
 
 
 def pack(args, tokens, offsets, tokenizer, *, stride=None):
@@ -252,3 +611,8 @@ def make_masker(args, tokenizer):
     if tokenizer.mask_token_id is None:
         raise ConfigError("--task mlm needs a tokenizer with a mask token")
     return Masker.from_tokenizer(tokenizer, mlm_probability=args.mlm_probability, seed=args.seed)
+
+
+def describe_sources(sources):
+    """A mixture's sources (Mixture.identity()["sources"]) as the command line weighs them, with blocks."""
+    return " ".join(f"{s['name']}:{s['weight']:.4g} ({s['blocks']} blocks)" for s in sources) or "(not recorded)"

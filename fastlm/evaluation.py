@@ -1,7 +1,9 @@
-"""Evaluation: token-weighted loss and perplexity over all ranks.
+"""Evaluation: token-weighted loss, perplexity and bits per byte over all ranks, for every evaluation set.
 
 Perplexity is exp(sum of token NLL / number of target tokens), both summed over ranks and batches (not
-a mean of batch means, which is biased for MLM and ragged last batches).
+a mean of batch means, which is biased for MLM and ragged last batches). Bits per byte divides the same
+NLL, in bits, by the UTF-8 bytes of the text the scored tokens cover: a measure that does not depend on
+the tokenizer.
 """
 import math
 
@@ -19,8 +21,21 @@ def perplexity(nll_sum, n_targets):
         return math.inf
 
 
-def token_nll(logits, labels, *, shift):
-    """(sum of token negative log-likelihoods in float64, number of target tokens) of one batch.
+def bits_per_byte(nll_sum, n_targets, *, n_tokens, n_bytes):
+    """(sum of token NLL / ln 2) / (UTF-8 bytes of the text the scored tokens cover).
+
+    The set's documents hold n_tokens tokens and n_bytes bytes; the n_targets scored tokens are taken to
+    cover n_bytes * n_targets / n_tokens of them. Exact where every token is scored (strided evaluation,
+    whole-document packing); otherwise (blocks that drop a remainder, each block's unscored first token)
+    it is the scored tokens' mean NLL per byte of text, the usual definition (loss x tokens per byte).
+    """
+    if n_targets <= 0 or n_tokens <= 0 or n_bytes <= 0:
+        raise ValueError("bits per byte needs scored tokens and text with tokens and bytes")
+    return nll_sum / math.log(2) / (n_bytes * n_targets / n_tokens)
+
+
+def row_nll(logits, labels, *, shift):
+    """(each row's sum of token negative log-likelihoods in float64, each row's number of target tokens).
 
     CLM predicts token t+1 from position t (shift=True), as HF's models do with `labels`; MLM scores
     each masked position in place. Logits are upcast to float32 like HF's loss. The labels shift, not
@@ -31,8 +46,31 @@ def token_nll(logits, labels, *, shift):
     if shift:
         labels = F.pad(labels[:, 1:], (0, 1), value=-100)
     nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                          ignore_index=-100, reduction="sum")
-    return nll.double(), (labels != -100).sum()
+                          ignore_index=-100, reduction="none")
+    return nll.view(labels.shape).sum(1).double(), (labels != -100).sum(1)
+
+
+def token_nll(logits, labels, *, shift):
+    """(sum of token negative log-likelihoods in float64, number of target tokens) of one batch (row_nll)."""
+    nll, targets = row_nll(logits, labels, shift=shift)
+    return nll.sum(), targets.sum()
+
+
+def evaluate_sets(engine, eval_sets, *, args, rank, world_size, masker=None):
+    """Every evaluation set in turn: eval_<name>_loss, eval_<name>_perplexity, eval_<name>_tokens and, where
+    the set's store records its text's bytes, eval_<name>_bits_per_byte (Trainer's eval_<name>_ prefix for
+    several sets); the first set's values also as eval_loss, perplexity, eval_tokens, eval_bits_per_byte."""
+    results = {}
+    for i, eval_set in enumerate(eval_sets):
+        result = evaluate(engine, eval_set.blocks, args=args, rank=rank, world_size=world_size, masker=masker)
+        if eval_set.n_bytes and result["eval_tokens"]:
+            nll_sum = result["eval_loss"] * result["eval_tokens"]
+            result["eval_bits_per_byte"] = bits_per_byte(nll_sum, result["eval_tokens"], n_tokens=eval_set.n_tokens,
+                                                         n_bytes=eval_set.n_bytes)
+        if i == 0:
+            results.update(result)
+        results.update({f"eval_{eval_set.name}_{key.removeprefix('eval_')}": value for key, value in result.items()})
+    return results
 
 
 def evaluate(engine, blocks, *, args, rank, world_size, masker=None):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastlm._kernels import load
-from fastlm.packing import IGNORE_INDEX, TOKEN_DTYPES
+from fastlm.packing import TOKEN_DTYPES
 from fastlm.tokenizer import vocab_size as tokenizer_vocab_size
 
 _k = load("_masking")

@@ -57,8 +57,9 @@ import numpy as np
 
 from fastlm.config import (LENGTH_FLAGS, RESULT_FLAGS, ConfigError, build_ds_config, check_args, lr_schedule, parse,
                            resume_settings)
-from fastlm.data import TrainBatches, make_masker, open_or_prepare, pack, rank0_then_others, train_eval_documents
-from fastlm.evaluation import evaluate, token_nll
+from fastlm.data import (TrainBatches, check_token_ids, check_tokenizers, describe_sources, make_masker, open_or_prepare,
+                         plan, rank0_then_others)
+from fastlm.evaluation import evaluate_sets, row_nll
 from fastlm.model import build_model, flops_per_token, model_inputs, param_groups, position_offset
 
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -221,7 +222,6 @@ def _run(args, explicit):
     import deepspeed
     import torch
     from deepspeed.utils import logger as ds_logger
-    from transformers import AutoTokenizer
 
     ds_logger.setLevel("WARNING")
     if device_type == "cuda":
@@ -234,14 +234,11 @@ def _run(args, explicit):
     out = Path(args.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    train_store, eval_store = open_or_prepare(args, rank)
-    tokenizer = AutoTokenizer.from_pretrained(train_store.tokenizer_dir)
-    (train_tokens, train_offsets), eval_docs = train_eval_documents(args, train_store, eval_store)
-    train_blocks = pack(args, train_tokens, train_offsets, tokenizer)
-    eval_blocks = pack(args, *eval_docs, tokenizer, stride=args.eval_stride) if eval_docs else None
+    stores = open_or_prepare(args, rank)
+    check_tokenizers(stores)
+    tokenizer = stores.load_tokenizer()
+    train_blocks, eval_sets = plan(args, stores, tokenizer)  # a Mixture of the training sources
     masker = make_masker(args, tokenizer) if args.task == "mlm" else None
-    if eval_blocks is not None and len(eval_blocks) == 0:
-        raise ConfigError(f"the evaluation set is shorter than one block of {args.block_size} tokens")
 
     per_rank = len(train_blocks) // (args.per_device_train_batch_size * world_size)
     steps_per_epoch = per_rank // args.gradient_accumulation_steps
@@ -253,7 +250,7 @@ def _run(args, explicit):
     total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
 
     ckpt_dir = out / "checkpoints"
-    layout = _data_layout(args, world_size=world_size, train_blocks=train_blocks, train_store=train_store)
+    layout = _data_layout(args, world_size=world_size, train_blocks=train_blocks)
     settings = resume_settings(args)
     resume_tag, universal = None, False
     if args.resume:  # checked before the model is built: another model shape would fail inside DeepSpeed
@@ -266,6 +263,7 @@ def _run(args, explicit):
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
     model, zero3_context = build_model(args, tokenizer, ds_config)
+    check_token_ids(stores, model.get_input_embeddings().num_embeddings)
     token_flops = flops_per_token(model, args.block_size)
     schedule = None
     if "scheduler" not in ds_config:
@@ -278,14 +276,17 @@ def _run(args, explicit):
         # Nothing to all-reduce, yet DeepSpeed's ZeRO-0 path would still copy every gradient into a flat
         # bucket, "reduce" it and copy it back, every step.
         engine.enable_backward_allreduce = False
+    n_sources = len(train_blocks.sources)
     state = {"step": 0, "epoch": 0, "sample": 0, "tokens_seen": 0, "train_loss_sum": 0.0,
-             "train_loss_count": 0, "window": [0.0, 0, 0]}
+             "train_loss_count": 0, "window": [0.0, 0, 0],
+             # per training source: [NLL, targets, tokens, blocks] since the last log line; [tokens, blocks] in all
+             "source_window": [[0.0] * 4 for _ in range(n_sources)], "source_trained": [[0, 0] for _ in range(n_sources)]}
     if args.resume:
         _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=resume_tag)
         if universal:  # a one-off bridge between rank counts; the run's own checkpoints are ordinary ones
             torch.distributed.barrier()  # every rank has read it
             rank0_then_others(lambda: shutil.rmtree(ckpt_dir / resume_tag), rank=rank, what="remove the converted checkpoint")
-        state.update({k: client_state[k] for k in state})
+        state.update({k: client_state[k] for k in state if k in client_state})
         _set_rng_state(client_state["rng"])
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
@@ -296,7 +297,7 @@ def _run(args, explicit):
         os.replace(tmp, metrics_path)
 
     try:
-        seen, stats = _train(engine, args, train_blocks, eval_blocks, masker, state, total_steps=total_steps,
+        seen, stats = _train(engine, args, train_blocks, eval_sets, masker, state, total_steps=total_steps,
                              rank=rank, world_size=world_size, device_type=device_type, metrics_path=metrics_path,
                              ckpt_dir=ckpt_dir, flops_per_token=token_flops, layout=layout, settings=settings,
                              clip=clip, start_time=start_time)
@@ -312,7 +313,7 @@ def _run(args, explicit):
             print(f"fastlm train: error: {message}", file=sys.stderr, flush=True)
         _shutdown(world_size, status=1)
 
-    final_eval = evaluate(engine, eval_blocks, args=args, rank=rank, world_size=world_size, masker=masker) if eval_blocks else {}
+    final_eval = evaluate_sets(engine, eval_sets, args=args, rank=rank, world_size=world_size, masker=masker)
     ranks = _rank_report(seen, final_eval.get("eval_loss"), world_size=world_size, device=engine.device)
     _save_model(engine, tokenizer, out / "model", rank)
     results = None
@@ -325,15 +326,24 @@ def _run(args, explicit):
             # Token-weighted, as every logged loss: summed token NLL / target tokens over the whole run.
             "train_loss": state["train_loss_sum"] / max(state["train_loss_count"], 1),
             **final_eval, "tokens_seen": state["tokens_seen"], "train_blocks": len(train_blocks),
-            "eval_blocks": len(eval_blocks) if eval_blocks else 0, "world_size": world_size,
+            "eval_blocks": len(eval_sets[0].blocks) if eval_sets else 0, "world_size": world_size,
             "precision": args.precision, "zero_stage": args.zero_stage, **stats, "ranks": ranks,
             "wall_time_s": time.time() - start_time,
         }
+        if n_sources > 1:
+            results["train_sources"] = {
+                source.name: {"weight": float(weight), "blocks": len(source.blocks), "blocks_trained": blocks,
+                              "tokens_trained": tokens}
+                for source, weight, (tokens, blocks) in zip(train_blocks.sources, train_blocks.weights,
+                                                            state["source_trained"])}
         _write_json(out / "results.json", results)
         _plot_losses(_read_metrics(metrics_path), out / "loss.png")
-        if final_eval:
-            print(f"[fastlm] eval loss {final_eval['eval_loss']:.4f}  perplexity {final_eval['perplexity']:.2f} "
-                  f"over {final_eval['eval_tokens']} tokens; outputs in {out}", flush=True)
+        for eval_set in eval_sets:
+            result = {key: final_eval.get(f"eval_{eval_set.name}_{key}") for key in ("loss", "perplexity", "tokens", "bits_per_byte")}
+            bpb = f"  bits per byte {result['bits_per_byte']:.4f}" if result["bits_per_byte"] is not None else ""
+            print(f"[fastlm] {eval_set.name}: eval loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}{bpb} "
+                  f"over {result['tokens']} tokens", flush=True)
+        print(f"[fastlm] outputs in {out}", flush=True)
     del zero3_context
     _shutdown(world_size)
     return results
@@ -440,11 +450,10 @@ def _verify_checkpoint(directory, files):
                               f"recorded when it was saved); {advice}")
 
 
-def _data_layout(args, *, world_size, train_blocks, train_store):
+def _data_layout(args, *, world_size, train_blocks):
     """What a checkpoint's data position (epoch, sample position) counts in: the blocks (by content and
-    number) and how each optimizer step splits its global batch."""
-    content = hashlib.sha256(json.dumps(train_store.meta.get("checksums"), sort_keys=True).encode()).hexdigest()
-    return {"train_data": content, "train_blocks": len(train_blocks),
+    number, and each mixture source's weight) and how each optimizer step splits its global batch."""
+    return {**train_blocks.identity(),
             "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
             "per_device_train_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": world_size}
@@ -463,6 +472,11 @@ def _check_resumable(saved, settings, layout, *, rank):
         raise ConfigError("--resume: the checkpoint does not record its data layout and settings (it was "
                           "saved by an older fastlm), so its data position cannot be trusted; start a new run")
     if (saved_layout["train_data"], saved_layout["train_blocks"]) != (layout["train_data"], layout["train_blocks"]):
+        was, now = saved_layout.get("sources", []), layout["sources"]
+        if len(was) > 1 or len(now) > 1:
+            raise ConfigError(f"--resume: the checkpoint was trained on the mixture {describe_sources(was)}; now "
+                              f"{describe_sources(now)}. Its data position counts samples of that mixture: resume "
+                              "with the same sources and weights, or start a new run")
         raise ConfigError(f"--resume: the checkpoint was trained on other data ({saved_layout['train_blocks']} "
                           f"blocks, content {saved_layout['train_data'][:12]}; now {layout['train_blocks']} blocks, "
                           f"content {layout['train_data'][:12]}); resume on the same data or start a new run")
@@ -490,7 +504,7 @@ def _check_resumable(saved, settings, layout, *, rank):
               f"of {layout['global_batch']}, so the same samples in the same order as the uninterrupted run", flush=True)
 
 
-def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_steps, rank, world_size,
+def _train(engine, args, train_blocks, eval_sets, masker, state, *, total_steps, rank, world_size,
            device_type, metrics_path, ckpt_dir, flops_per_token, layout, settings, clip, start_time):
     """The loop; advances `state` (the resumable position) and returns this run's throughput.
 
@@ -510,10 +524,11 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
     bar = tqdm(total=total_steps, initial=state["step"], disable=rank != 0 or args.disable_tqdm,
                desc=f"{args.task} train", dynamic_ncols=True)
     log = _Logger(engine, args, state, rank=rank, world_size=world_size, metrics_path=metrics_path, bar=bar,
-                  flops_per_token=flops_per_token, device_type=device_type)
+                  flops_per_token=flops_per_token, device_type=device_type, source_names=train_blocks.names)
     first_step, data_time, step_time, startup_time, tokens = state["step"], 0.0, 0.0, 0.0, 0
     first_step_s = None  # from the start of the run (set-up, data, model, engine) to the first step done
-    # Which blocks this rank trained on in its first epoch: summed over ranks it shows the shares are disjoint.
+    # Which sample positions this rank trained on in its first epoch: summed over ranks it shows the shares
+    # are disjoint (positions, not blocks: a mixture may draw a block twice in an epoch).
     first_epoch, seen = state["epoch"], np.zeros(len(train_blocks), dtype=np.int32)
     config, dtype = engine.module.config, engine.module.dtype
     engine.train()
@@ -545,18 +560,23 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
             loss_scale = accum * world_size / _sum_targets(targets, device=engine.device, world_size=world_size)
             step_nll, step_tokens, grad_norm = 0.0, 0, None
             for j, batch in enumerate(batches, start=first):
+                sources = batch.pop("source", None)  # a mixture's row sources
                 step_tokens += int(batch["attention_mask"].sum())
                 batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
                 labels = batch.pop("labels")  # the model computes no loss of its own: ours is summed
                 logits = engine(**model_inputs(batch, config, task=args.task, dtype=dtype)).logits
-                nll, _ = token_nll(logits, labels, shift=shift)
+                rows_nll, rows_targets = row_nll(logits, labels, shift=shift)
+                nll = rows_nll.sum()
+                if sources is not None:
+                    log.add_source_rows(sources.to(engine.device), rows_nll.detach(), rows_targets,
+                                        batch["attention_mask"].sum(1))
                 engine.backward(nll * loss_scale)
                 if clip is not None and j == first + accum - 1:  # gradients reduced over ranks: clip them
                     grad_norm = _clip_gradients(engine.module, clip)
                 engine.step()
                 step_nll += nll.detach()
                 if dataset.epoch == first_epoch:
-                    seen[dataset.indices(j)] = 1
+                    seen[dataset.positions(j)] = 1
             # DeepSpeed skips the update of a step whose gradients are not finite, and reports its norm as inf.
             # With fp16's dynamic loss scaling that is routine (the scale drops); in bf16 or fp32 it is divergence.
             if clip is None and not (args.precision == "fp16" and not engine.was_step_applied()):
@@ -570,9 +590,11 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
             log.step_done(step_nll, targets=targets, tokens=step_tokens, grad_norm=grad_norm)
             if log.due(state["step"], total_steps):
                 log.write_window()
-            if eval_blocks is not None and args.eval_steps and state["step"] % args.eval_steps == 0 \
-                    and state["step"] != total_steps:
-                log.write(evaluate(engine, eval_blocks, args=args, rank=rank, world_size=world_size, masker=masker))
+            for name, source_epoch in dataset.new_source_epochs(first + accum - 1) if rank == 0 else ():
+                print(f"[fastlm] step {state['step']}: training source {name} ran out of blocks and starts its "
+                      f"epoch {source_epoch} (reshuffled; the other sources go on)", flush=True)
+            if eval_sets and args.eval_steps and state["step"] % args.eval_steps == 0 and state["step"] != total_steps:
+                log.write(evaluate_sets(engine, eval_sets, args=args, rank=rank, world_size=world_size, masker=masker))
             if args.save_steps and state["step"] % args.save_steps == 0:
                 log.flush()  # checks the steps since the last log line: no checkpoint of a diverged model
                 _save_checkpoint(engine, ckpt_dir, f"step{state['step']}", state, layout=layout,
@@ -669,7 +691,8 @@ class _Logger:
     NLL / target tokens) to metrics.jsonl. The window holds global sums, so a checkpoint between two
     log lines resumes it on any rank count."""
 
-    def __init__(self, engine, args, state, *, rank, world_size, metrics_path, bar, flops_per_token, device_type):
+    def __init__(self, engine, args, state, *, rank, world_size, metrics_path, bar, flops_per_token, device_type,
+                 source_names=("train",)):
         import torch
 
         self.engine, self.args, self.state, self.rank, self.world_size = engine, args, state, rank, world_size
@@ -681,9 +704,19 @@ class _Logger:
             self.peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
         self.since = time.perf_counter()
         self.grad_norm = None
+        self.source_names = list(source_names)
+        # A mixture's [NLL, targets, tokens, blocks] of each source since the last flush, on this rank's device
+        self.source_pending = torch.zeros((len(self.source_names), 4), dtype=torch.float64, device=engine.device)
 
     def due(self, step, total_steps):
         return step % self.args.logging_steps == 0 or step == total_steps
+
+    def add_source_rows(self, sources, nll, targets, tokens):
+        """A mixture micro batch: each row's source, summed NLL, targets and tokens (device tensors)."""
+        import torch
+
+        rows = torch.stack([nll, targets.double(), tokens.double(), torch.ones_like(nll)], dim=1)
+        self.source_pending.index_add_(0, sources, rows)
 
     def step_done(self, nll, *, targets, tokens, grad_norm):
         self.pending.append((self.state["step"], nll, targets, tokens, grad_norm))
@@ -713,6 +746,12 @@ class _Logger:
         window = self.state["window"]
         window[0], window[1], window[2] = window[0] + sum(nll), window[1] + int(sum(targets)), window[2] + int(sum(tokens))
         self.grad_norm = norms[-1]
+        if len(self.source_names) > 1:  # global sums too, so a checkpoint resumes them on any rank count
+            if self.world_size > 1:
+                torch.distributed.all_reduce(self.source_pending)
+            for window, sums in zip(self.state["source_window"], self.source_pending.tolist()):
+                window[:] = [a + b for a, b in zip(window, sums)]
+            self.source_pending.zero_()
 
     def write_window(self):
         self.flush()
@@ -727,6 +766,14 @@ class _Logger:
             record["grad_norm"] = self.grad_norm
         if self.peak:
             record["mfu"] = self.flops_per_token * tokens / seconds / (self.peak * self.world_size)
+        if len(self.source_names) > 1:
+            for name, (source_nll, source_targets, n_tokens, blocks), trained in zip(
+                    self.source_names, self.state["source_window"], self.state["source_trained"]):
+                record[f"train_{name}_loss"] = source_nll / source_targets if source_targets else math.nan
+                record[f"train_{name}_tokens"] = int(n_tokens)
+                trained[0] += int(n_tokens)
+                trained[1] += int(blocks)
+            self.state["source_window"] = [[0.0] * 4 for _ in self.source_names]
         self.write(record)
         if self.rank == 0 and targets:
             self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")

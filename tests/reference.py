@@ -305,3 +305,20 @@ def ref_paragraph_documents(text):
     if current:
         docs.append("".join(current))
     return docs
+
+
+# --- mixtures (fastlm.blending) -----------------------------------------------------------------------
+
+def ref_blending_index(weights, n_samples, start=0, counts=None):
+    """Megatron-LM's build_blending_indices for normalised `weights`: position i goes to the source with
+    the largest weights[s] * max(i, 1) - counts[s], the first one on ties. Returns (sources, samples,
+    counts after)."""
+    counts = list(counts) if counts is not None else [0] * len(weights)
+    sources, samples = [], []
+    for i in range(start, start + n_samples):
+        errors = [w * float(max(i, 1)) - float(c) for w, c in zip(weights, counts)]
+        best = errors.index(max(errors))
+        sources.append(best)
+        samples.append(counts[best])
+        counts[best] += 1
+    return sources, samples, counts

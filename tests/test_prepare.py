@@ -611,7 +611,7 @@ def test_broken_tokenizer_json_names_the_file(tmp_path, gpt2_tok, content, detai
         prepare([path], tmp_path / "s", tokenizer=str(tmp_path / "tokenizer.json"), progress=False)
     gpt2_tok.save_pretrained(tmp_path / "saved")
     (tmp_path / "saved" / "tokenizer.json").write_text(content)
-    with pytest.raises(ValueError, match=re.escape(f"saved: not a readable tokenizer (")):
+    with pytest.raises(ValueError, match=re.escape("saved: not a readable tokenizer (")):
         prepare([path], tmp_path / "s", tokenizer=str(tmp_path / "saved"), progress=False)
     assert not (tmp_path / "s").exists()
 

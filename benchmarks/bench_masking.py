@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fastlm import DataCollatorForMLM, Masker
-from fastlm.masking import IGNORE_INDEX
+from fastlm.packing import IGNORE_INDEX
 from tests.data import wikitext_lines
 
 torch = pytest.importorskip("torch")

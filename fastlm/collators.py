@@ -17,7 +17,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from fastlm._kernels import load
-from fastlm.masking import IGNORE_INDEX, Masker, word_scheme
+from fastlm.masking import Masker, word_scheme
+from fastlm.packing import IGNORE_INDEX
 
 _lists = load("_lists")
 

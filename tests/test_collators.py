@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 
 import fastlm  # noqa: E402
 from fastlm import DataCollatorForCLM, DataCollatorForMLM  # noqa: E402
-from fastlm.masking import IGNORE_INDEX  # noqa: E402
+from fastlm.packing import IGNORE_INDEX  # noqa: E402
 from tests.data import wikitext_lines  # noqa: E402
 
 

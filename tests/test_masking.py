@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastlm.masking import IGNORE_INDEX, Masker, Span, mask_tokens
+from fastlm.masking import Masker, Span, mask_tokens
+from fastlm.packing import IGNORE_INDEX
 from tests.data import wikitext_lines
 from tests.reference import RefBits, ref_mask, ref_units
 

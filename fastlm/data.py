@@ -6,8 +6,12 @@ Batches are numpy; the DataLoader turns the arrays into tensors. Batches are key
 (epoch, micro-batch number, rank) so a run is reproducible whatever the DataLoader worker count, and a
 resumed run can restart at any micro-batch without replaying the ones before it.
 """
+import contextlib
+import dataclasses
+import datetime
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -135,49 +139,107 @@ def eval_batches(blocks, *, batch_size, rank, world_size, masker=None, position_
 
 # --- sources: stores, prepared on first use -------------------------------------------------------
 
+# Bump when what a cached store holds for the same key changes (its readers or encoding).
+_CACHE_FORMAT = 2
+
+
+def cache_root(args):
+    """Where prepared stores live: --cache_dir, else one user cache shared by every run (like datasets'
+    cache), so a second run with a new --output_dir does not tokenize the same text again."""
+    if args.cache_dir:
+        return Path(args.cache_dir)
+    base = os.environ.get("FASTLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastlm"
+    return Path(base) / "stores"
+
+
+def _path_identity(name):
+    """A local file as (resolved path, size, mtime); anything else as given."""
+    path = Path(name)
+    if not path.is_file():
+        return str(name)
+    return [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns]
+
+
+def _tokenizer_identity(spec):
+    """What the tokenizer computes (its whole serialised pipeline), wherever it is loaded from: a run that
+    evaluates a fine-tuned output_dir reuses the stores its training run made from the original model."""
+    from fastlm.tokenizer import load_tokenizer
+
+    try:
+        backend = load_tokenizer(spec).backend_tokenizer.to_str()
+    except (OSError, ValueError, TypeError):
+        return _path_identity(spec)  # not loadable: prepare will say why
+    return hashlib.sha256(backend.encode()).hexdigest()
+
+
 def _cache_key(args):
-    """Prepared stores are reused while the sources and preparation settings are unchanged."""
-    sources = []
-    for name in (args.train_file, args.validation_file):
-        if name:
-            st = Path(name).stat()
-            sources.append([str(Path(name).resolve()), st.st_size, st.st_mtime_ns])
-    tokenizer = args.tokenizer_name or args.model_name_or_path
-    key = [sources, args.dataset_name, args.dataset_config_name, tokenizer, args.train_tokenizer,
-           args.vocab_size if args.train_tokenizer else None, args.doc_boundary]
+    """Prepared stores are reused while the sources, the tokenizer and the preparation settings are
+    unchanged."""
+    sources = [_path_identity(name) for name in (args.train_file, args.validation_file) if name]
+    tokenizer = None if args.train_tokenizer else args.tokenizer_name or args.model_name_or_path
+    key = [_CACHE_FORMAT, sources, args.dataset_name, args.dataset_config_name,
+           _tokenizer_identity(tokenizer) if tokenizer else None, args.train_tokenizer,
+           args.vocab_size if args.train_tokenizer else None, args.doc_boundary, _keep_blank(args),
+           args.keep_linebreaks]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
+def _keep_blank(args):
+    # run_clm/run_mlm tokenize whitespace-only rows like any other; run_mlm --line_by_line drops them.
+    return not (args.skip_blank_lines or args.line_by_line)
+
+
 def open_or_prepare(args, rank):
-    """(train store, eval store or None). With text sources, rank 0 prepares them into the cache while
-    the other ranks wait at a barrier, then everyone opens the same stores."""
+    """(train store or None, eval store or None). With text sources, rank 0 prepares them into the cache
+    while the other ranks wait, then everyone opens the same stores."""
     from fastlm.store import TokenStore
 
-    if args.train_store:
-        return TokenStore.open(args.train_store), (TokenStore.open(args.eval_store) if args.eval_store else None)
-    cache = Path(args.cache_dir or Path(args.output_dir) / "data") / _cache_key(args)
+    if args.train_store or args.eval_store:
+        return tuple(TokenStore.open(path) if path else None for path in (args.train_store, args.eval_store))
+    cache = cache_root(args) / _cache_key(args)
     train_dir, eval_dir = cache / "train", cache / "validation"
-    rank0_then_others(lambda: _prepare_into(args, train_dir, eval_dir), rank=rank, what="prepare the data")
-    return TokenStore.open(train_dir), (TokenStore.open(eval_dir) if eval_dir.is_dir() else None)
+    def prepare_locked():
+        with _locked(cache):
+            _prepare_into(args, train_dir, eval_dir)
+
+    rank0_then_others(prepare_locked, rank=rank, what="prepare the data")
+    return tuple(TokenStore.open(path) if path.is_dir() else None for path in (train_dir, eval_dir))
+
+
+@contextlib.contextmanager
+def _locked(cache):
+    """One preparer per cache entry at a time, across runs: a second run waits, then finds the stores ready."""
+    import fcntl
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache.with_name(cache.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def rank0_then_others(work, *, rank, what):
-    """Run work() on rank 0 while the other ranks wait; a failure there stops every rank, naming it."""
+    """Run work() on rank 0 while the other ranks wait; a failure there stops every rank, naming it.
+
+    The others wait in the rendezvous store, not in a collective: preparing a large corpus may take far
+    longer than --ddp_timeout lets a collective wait, and that wait must not fail."""
     import torch.distributed as dist
 
-    failure = [None]
+    if dist.get_world_size() == 1:
+        work()
+        return
+    store, key = dist.distributed_c10d._get_default_store(), f"fastlm/rank0/{what}"
     if rank == 0:
         try:
             work()
         except Exception as error:
-            failure = [f"{type(error).__name__}: {error}"]
-            if dist.get_world_size() > 1:
-                dist.broadcast_object_list(failure, src=0)
+            store.set(key, f"{type(error).__name__}: {error}")
             raise
-    if dist.get_world_size() > 1:  # the others wait here: a barrier that also tells them when rank 0 failed
-        dist.broadcast_object_list(failure, src=0)
-    if failure[0]:
-        raise RuntimeError(f"rank 0 could not {what}: {failure[0]}")
+        store.set(key, "")
+        return
+    store.wait([key], datetime.timedelta(days=7))
+    failure = store.get(key).decode()
+    if failure:
+        raise RuntimeError(f"rank 0 could not {what}: {failure}")
 
 
 def _prepare_into(args, train_dir, eval_dir):
@@ -185,6 +247,8 @@ def _prepare_into(args, train_dir, eval_dir):
     from fastlm.store import TokenStore
 
     def ready(path):
+        if args.overwrite_cache:
+            return False
         try:
             TokenStore.open(path)
             return True
@@ -192,12 +256,14 @@ def _prepare_into(args, train_dir, eval_dir):
             return False
 
     # Special tokens as the tutorial's tokenizer(...) call adds them (<s> ... </s> per RoBERTa document).
-    # overwrite: only a store that failed to open is rebuilt (say a run killed while preparing).
-    common = dict(doc_boundary=args.doc_boundary, add_special_tokens=True, progress=True, overwrite=True)
+    # overwrite: only a store that failed to open (say a run killed while preparing) or --overwrite_cache.
+    common = dict(doc_boundary=args.doc_boundary, add_special_tokens=True, progress=True, overwrite=True,
+                  keep_blank=_keep_blank(args), keep_linebreaks=args.keep_linebreaks,
+                  num_proc=args.preprocessing_num_workers or 1)
     if args.dataset_name:
         common.update(dataset_name=args.dataset_name, dataset_config=args.dataset_config_name)
-    if not ready(train_dir):
-        tokenizer = None if args.train_tokenizer else (args.tokenizer_name or args.model_name_or_path)
+    tokenizer = None if args.train_tokenizer else (args.tokenizer_name or args.model_name_or_path)
+    if (args.train_file or args.dataset_name) and not ready(train_dir):
         sources = [args.train_file] if args.train_file else []
         print(f"[fastlm] preparing {sources or args.dataset_name} -> {train_dir}", flush=True)
         prepare(sources, train_dir, tokenizer=tokenizer, train_tokenizer=args.train_tokenizer,
@@ -206,7 +272,8 @@ def _prepare_into(args, train_dir, eval_dir):
     if ready(eval_dir):
         return
     # The evaluation text uses the training store's tokenizer (the trained one, with --train_tokenizer).
-    tokenizer = str(TokenStore.open(train_dir).tokenizer_dir)
+    if train_dir.is_dir():
+        tokenizer = str(TokenStore.open(train_dir).tokenizer_dir)
     if args.validation_file:
         prepare([args.validation_file], eval_dir, tokenizer=tokenizer, **common)
     elif args.dataset_name:
@@ -217,11 +284,11 @@ def _prepare_into(args, train_dir, eval_dir):
 
 
 def train_eval_documents(args, train_store, eval_store):
-    """((train tokens, offsets), (eval tokens, offsets) or None)."""
-    train = (train_store.tokens, train_store.offsets)
+    """((train tokens, offsets) or None, (eval tokens, offsets) or None)."""
+    train = (train_store.tokens, train_store.offsets) if train_store is not None else None
     if eval_store is not None:
         return train, (eval_store.tokens, eval_store.offsets)
-    if args.validation_split_percentage == 0:
+    if train is None or args.validation_split_percentage == 0:
         return train, None
     try:
         return split_documents(*train, args.validation_split_percentage / 100)
@@ -233,6 +300,8 @@ def pack(args, tokens, offsets, tokenizer, *, stride=None):
     from fastlm import pack_blocks, pack_documents
 
     pad_id = padding_id(special_ids(tokenizer))
+    if args.line_by_line:
+        return _one_document_per_block(tokens, offsets, args.block_size, pad_id)
     if args.packing == "documents" and not stride:
         return pack_documents(tokens, offsets, args.block_size, pad_id=pad_id)
     separator = tokenizer.eos_token_id if args.separator == "eos" else None
@@ -242,6 +311,37 @@ def pack(args, tokens, offsets, tokenizer, *, stride=None):
     remainder = "pad" if stride else "drop"
     return pack_blocks(tokens, offsets, args.block_size, separator=separator, stride=stride,
                        remainder=remainder, pad_id=pad_id)
+
+
+def _one_document_per_block(tokens, offsets, block_size, pad_id):
+    """run_mlm.py's --line_by_line: each non-empty document alone in a block, truncated to block_size and
+    padded. Laid out as whole-document packing with one segment per block, so batches get the same
+    position ids and per-document attention."""
+    from fastlm.packing import PackedDocuments
+
+    offsets = np.asarray(offsets, dtype=np.int64)
+    lengths = np.diff(offsets)
+    keep = lengths > 0
+    kept = np.minimum(lengths[keep], block_size)
+    return PackedDocuments(tokens=tokens, block_size=block_size,
+                           block_offsets=np.arange(kept.shape[0] + 1, dtype=np.int64),
+                           seg_starts=np.ascontiguousarray(offsets[:-1][keep]), seg_lengths=kept,
+                           pad_id=pad_id, n_dropped=int(lengths[keep].sum() - kept.sum()))
+
+
+def first_blocks(blocks, n):
+    """The first n blocks, in packing order: run_clm.py's --max_train_samples / --max_eval_samples select
+    them this way, before any shuffling."""
+    from fastlm.packing import BlockIndex
+
+    if n is None or n >= len(blocks):
+        return blocks
+    if isinstance(blocks, BlockIndex):
+        return dataclasses.replace(blocks, starts=blocks.starts[:n], lengths=blocks.lengths[:n],
+                                   context=blocks.context[:n])
+    cut = int(blocks.block_offsets[n])
+    return dataclasses.replace(blocks, block_offsets=blocks.block_offsets[:n + 1], seg_starts=blocks.seg_starts[:cut],
+                               seg_lengths=blocks.seg_lengths[:cut])
 
 
 def make_masker(args, tokenizer):

@@ -8,9 +8,10 @@ Inputs are read in ~1 MB batches of documents and tokenised with batched fast-to
 Each batch comes back as one flat numpy array plus document lengths and is appended to the store,
 so memory stays flat however large the corpus is.
 
-Documents with no non-whitespace text are skipped in every format (a WikiText blank row tokenises
-to nothing in the tutorial pipeline too). In "line" mode a document keeps its line ending, so a
-WikiText-style raw file gives the same token stream as tokenizing its rows one by one.
+Documents with no non-whitespace text are skipped in every format unless keep_blank=True (the
+runner's default, as Hugging Face's text loader keeps WikiText's " " rows and run_clm tokenises them).
+In "line" mode a document keeps its line ending (unless keep_linebreaks=False), so a WikiText-style
+raw file gives the same token stream as tokenizing its rows one by one.
 """
 import bz2
 import gzip
@@ -60,6 +61,8 @@ def prepare(
     errors="strict",
     overwrite=False,
     progress=True,
+    keep_blank=False,
+    keep_linebreaks=True,
 ):
     """Tokenise ``sources`` into a new token store at ``output``; returns the opened TokenStore.
 
@@ -76,6 +79,8 @@ def prepare(
     num_proc: batches tokenised at once (threads). With TOKENIZERS_PARALLELISM unset the Rust
         tokenizer also spreads each batch over the cores by itself.
     errors: "strict" raises on invalid UTF-8 naming file and line; "replace" substitutes U+FFFD.
+    keep_blank: keep whitespace-only lines and empty rows as documents (HF's loaders do).
+    keep_linebreaks: a "line" document keeps its "\n" (HF's text loader option of the same name).
     """
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     _check_arguments(sources, tokenizer, train_tokenizer, vocab_size, doc_boundary, errors, num_proc, dataset_name)
@@ -89,9 +94,9 @@ def prepare(
 
     def read_batches():
         if dataset_name is not None:
-            return _dataset_batches(dataset_name, dataset_config, split, sources, text_column)
+            return _dataset_batches(dataset_name, dataset_config, split, sources, text_column, keep_blank)
         return itertools.chain.from_iterable(
-            _file_batches(source, doc_boundary, text_column, errors) for source in sources
+            _file_batches(source, doc_boundary, text_column, errors, keep_blank, keep_linebreaks) for source in sources
         )
 
     from fastlm import tokenizer as tokenizer_lib
@@ -126,6 +131,8 @@ def prepare(
             "train_tokenizer": train_tokenizer,
             "requested_vocab_size": vocab_size,
             "num_proc": num_proc,
+            "keep_blank": keep_blank,
+            "keep_linebreaks": keep_linebreaks,
         },
     }
     from tqdm.auto import tqdm
@@ -211,16 +218,19 @@ def _read_blocks(path):
             yield block
 
 
-def _file_batches(path, doc_boundary, text_column, errors):
+def _file_batches(path, doc_boundary, text_column, errors, keep_blank=False, keep_linebreaks=True):
     kind = _STRUCTURED.get(path.suffix.lower())
     if kind is None and path.suffix.lower() in _COMPRESSED:
         kind = _STRUCTURED.get(Path(path.stem).suffix.lower())
     if kind is None:
         chunks = _text_chunks(path, errors)
-        return {"line": _lines, "paragraph": _paragraphs, "file": _whole_file}[doc_boundary](chunks)
-    return _skip_blank({"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}[kind](
+        if doc_boundary == "line":
+            return _lines(chunks, keep_blank, keep_linebreaks)
+        return {"paragraph": _paragraphs, "file": _whole_file}[doc_boundary](chunks)
+    rows = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}[kind](
         path, text_column, errors
-    ))
+    )
+    return rows if keep_blank else _skip_blank(rows)
 
 
 def _text_chunks(path, errors):
@@ -264,9 +274,12 @@ def _split_lines(text):
     return lines
 
 
-def _lines(chunks):
+def _lines(chunks, keep_blank=False, keep_linebreaks=True):
     for text in chunks:
-        yield [line for line in _split_lines(text) if not line.isspace()]
+        lines = _split_lines(text)
+        if not keep_linebreaks:
+            lines = [line[:-1] if line.endswith("\n") else line for line in lines]
+        yield lines if keep_blank else [line for line in lines if line and not line.isspace()]
 
 
 def _paragraphs(chunks):
@@ -443,7 +456,7 @@ def _parquet_rows(path, text_column, errors):
         raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
 
 
-def _dataset_batches(name, config, split, data_files, text_column):
+def _dataset_batches(name, config, split, data_files, text_column, keep_blank=False):
     import datasets
 
     local = Path(name)
@@ -466,7 +479,7 @@ def _dataset_batches(name, config, split, data_files, text_column):
     for table in column.iter(batch_size=_BATCH_ROWS):
         texts = _text_column_values(table.column(0).combine_chunks(), f"dataset {name}", text_column, row)
         row += table.num_rows
-        yield [text for text in texts if text and not text.isspace()]
+        yield texts if keep_blank else [text for text in texts if text and not text.isspace()]
 
 
 # ---------------------------------------------------------------------------------------------

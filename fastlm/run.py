@@ -38,6 +38,7 @@ if __package__ in (None, ""):
     # there instead, so `import fastlm` works even without `pip install -e .`.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import datetime
 import hashlib
 import json
 import os
@@ -48,11 +49,14 @@ import time
 
 import numpy as np
 
-from fastlm.config import (LENGTH_FLAGS, RESULT_FLAGS, ConfigError, build_ds_config, check_args, lr_schedule, parse,
-                           resume_settings)
-from fastlm.data import TrainBatches, make_masker, open_or_prepare, pack, rank0_then_others, train_eval_documents
+from fastlm import outputs
+from fastlm.config import (LENGTH_FLAGS, RESULT_FLAGS, ConfigError, Intervals, build_ds_config, check_args,
+                           check_lr_schedule, lr_schedule, parse, resume_point, resume_settings)
+from fastlm.data import (TrainBatches, first_blocks, make_masker, open_or_prepare, pack, rank0_then_others,
+                         train_eval_documents)
 from fastlm.evaluation import evaluate
 from fastlm.model import build_model, flops_per_token, model_inputs, param_groups, position_offset
+from fastlm.watchdog import RankWatchdog
 
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
@@ -85,13 +89,19 @@ def _device_type():
     return "cpu"
 
 
+def _skip_deepspeed_shm_op():
+    """DeepSpeed's CPU backend JIT-compiles its shared-memory all-reduce op (25-45 s, more when another
+    venv's build sits in the shared torch_extensions cache) in every init_distributed, but only
+    inference_all_reduce uses it: training reduces through torch.distributed. Skip building it, and keep
+    any op that does get compiled (a DeepSpeed JSON optimizer) in a cache of this venv's own."""
+    import deepspeed  # noqa: F401  (loads deepspeed.comm.torch)
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    if sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
 # --- outputs ------------------------------------------------------------------------------------------
-
-def _write_json(path, obj):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
 
 def _read_json(path):
     """A JSON file's content, or {} when there is none."""
@@ -127,20 +137,18 @@ def _plot_losses(metrics, path):
 
 
 def _save_model(engine, tokenizer, directory, rank):
-    """save_pretrained into directory, atomically; ZeRO-3 first gathers the partitioned weights (every
-    rank takes part)."""
-    from fastlm.store import _replace_directory
-
+    """save_pretrained into directory (the output_dir, where run_clm.py leaves the model), staged in a
+    temporary directory first; ZeRO-3 first gathers the partitioned weights (every rank takes part)."""
     state_dict = None
     if engine.zero_optimization_partition_weights():
         state_dict = engine._zero3_consolidated_16bit_state_dict()
     if rank != 0:
         return
-    tmp = directory.with_name(directory.name + ".tmp")
+    tmp = directory / ".tmp-model"
     shutil.rmtree(tmp, ignore_errors=True)
     engine.module.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
-    _replace_directory(tmp, directory, overwrite=True)  # the old model goes only once the new one is in place
+    outputs.publish_model(tmp, directory)
 
 
 def _rng_state():
@@ -180,15 +188,16 @@ def train(argv=None):
               f"(about 2 minutes on 2 CPU cores; outputs in {DEMO_DIR}). `--help` lists the runner's flags.",
               flush=True)
         argv = demo_argv()
+    started = time.perf_counter()
     _device_type()  # sets DS_ACCELERATOR=cpu before deepspeed is first imported, when there is no GPU
     args, explicit, parser = parse(argv)
     try:
-        return _run(args, explicit)
+        return _run(args, explicit, started)
     except ConfigError as error:
         parser.error(str(error))
 
 
-def _run(args, explicit):
+def _run(args, explicit, started):
     check_args(args)
     rank, world_size, local_rank = _distributed_env()
     device_type = _device_type()
@@ -204,97 +213,152 @@ def _run(args, explicit):
     start_time = time.time()
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl")
+        if args.tf32 is not None:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    _skip_deepspeed_shm_op()
+    # The watchdog names a stopped rank after --ddp_timeout; the process group's own timeout is only the
+    # backstop behind it (gloo does not always honour it), so it comes later and says less.
+    deepspeed.init_distributed(dist_backend=args.ddp_backend or ("gloo" if device_type == "cpu" else "nccl"),
+                               timeout=datetime.timedelta(seconds=2 * args.ddp_timeout + 60))
+    watchdog = RankWatchdog.start(args.ddp_timeout, rank=rank, world_size=world_size)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
     out = Path(args.output_dir)
+    ckpt_dir = out / "checkpoints"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite_output_dir and args.do_train:
+            outputs.clear_checkpoints(ckpt_dir)
     train_store, eval_store = open_or_prepare(args, rank)
-    tokenizer = AutoTokenizer.from_pretrained(train_store.tokenizer_dir)
-    (train_tokens, train_offsets), eval_docs = train_eval_documents(args, train_store, eval_store)
-    train_blocks = pack(args, train_tokens, train_offsets, tokenizer)
-    eval_blocks = pack(args, *eval_docs, tokenizer, stride=args.eval_stride) if eval_docs else None
+    tokenizer = AutoTokenizer.from_pretrained((train_store or eval_store).tokenizer_dir)
+    train_docs, eval_docs = train_eval_documents(args, train_store, eval_store)
+    train_blocks = first_blocks(pack(args, *train_docs, tokenizer), args.max_train_samples) if args.do_train else None
+    eval_blocks = None
+    if eval_docs and args.do_eval:
+        eval_blocks = first_blocks(pack(args, *eval_docs, tokenizer, stride=args.eval_stride), args.max_eval_samples)
+    if args.do_eval and not args.do_train and eval_blocks is None:
+        raise ConfigError("--do_eval alone evaluates a model: give an evaluation set (--validation_file, "
+                          "--eval_store, or a training source with --validation_split_percentage)")
     masker = make_masker(args, tokenizer) if args.task == "mlm" else None
     if eval_blocks is not None and len(eval_blocks) == 0:
         raise ConfigError(f"the evaluation set is shorter than one block of {args.block_size} tokens")
 
-    per_rank = len(train_blocks) // (args.per_device_train_batch_size * world_size)
-    steps_per_epoch = per_rank // args.gradient_accumulation_steps
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"the training set has {len(train_blocks)} blocks of {args.block_size} tokens: fewer than one "
-            f"optimizer step ({args.per_device_train_batch_size} x {args.gradient_accumulation_steps} x "
-            f"{world_size} ranks); use a smaller batch or block size or more data")
-    total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
+    steps_per_epoch = total_steps = 0
+    if args.do_train:
+        per_rank = len(train_blocks) // (args.per_device_train_batch_size * world_size)
+        steps_per_epoch = per_rank // args.gradient_accumulation_steps
+        if steps_per_epoch == 0:
+            raise ConfigError(
+                f"the training set has {len(train_blocks)} blocks of {args.block_size} tokens: fewer than one "
+                f"optimizer step ({args.per_device_train_batch_size} x {args.gradient_accumulation_steps} x "
+                f"{world_size} ranks); use a smaller batch or block size or more data")
+        total_steps = args.max_steps or math.ceil(steps_per_epoch * args.num_train_epochs)
+    intervals = Intervals(args, total_steps)
 
-    ckpt_dir = out / "checkpoints"
-    layout = _data_layout(args, world_size=world_size, train_blocks=train_blocks, train_store=train_store)
+    layout = _data_layout(args, world_size=world_size, train_blocks=train_blocks,
+                          train_store=train_store) if args.do_train else None
     settings = resume_settings(args)
+    resume = args.resume and args.do_train
     resume_tag, universal = None, False
-    if args.resume:  # checked before the model is built: another model shape would fail inside DeepSpeed
-        resume_tag = (ckpt_dir / "latest").read_text().strip()
-        _check_resumable(_read_json(ckpt_dir / resume_tag / CHECKPOINT_SETTINGS), settings, layout, rank=rank)
-        resume_tag, universal = _universal_if_resharded(ckpt_dir, resume_tag, world_size=world_size, rank=rank)
+    if resume:  # checked before the model is built: another model shape would fail inside DeepSpeed
+        resume_dir, resume_tag = resume_point(args)
+        resume_tag = resume_tag or (resume_dir / "latest").read_text().strip()
+        _check_resumable(_read_json(resume_dir / resume_tag / CHECKPOINT_SETTINGS), settings, layout, rank=rank)
+        resume_tag, universal = _universal_if_resharded(resume_dir, resume_tag, world_size=world_size, rank=rank)
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    schedule = None
+    if "scheduler" not in ds_config:
+        check_lr_schedule(args, max(total_steps, 1))
+        schedule = lr_schedule(args, max(total_steps, 1))
 
     model, zero3_context = build_model(args, tokenizer, ds_config)
     token_flops = flops_per_token(model, args.block_size)
-    schedule = None
-    if "scheduler" not in ds_config:
-        factor = lr_schedule(args, total_steps)
-        schedule = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)  # noqa: E731
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, args.weight_decay),
                                       config=ds_config, lr_scheduler=schedule)
     del model
     state = {"step": 0, "epoch": 0, "sample": 0, "tokens_seen": 0, "train_loss_sum": 0.0,
              "train_loss_count": 0, "window": [0.0, 0, 0]}
-    if args.resume:
-        _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=resume_tag)
+    if resume:
+        _, client_state = engine.load_checkpoint(str(resume_dir), tag=resume_tag)
         if universal:  # a one-off bridge between rank counts; the run's own checkpoints are ordinary ones
             torch.distributed.barrier()  # every rank has read it
-            rank0_then_others(lambda: shutil.rmtree(ckpt_dir / resume_tag), rank=rank, what="remove the converted checkpoint")
+            rank0_then_others(lambda: shutil.rmtree(resume_dir / resume_tag), rank=rank,
+                              what="remove the converted checkpoint")
         state.update({k: client_state[k] for k in state})
         _set_rng_state(client_state["rng"])
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         # A resumed run rewrites history from its checkpoint on, so the file never holds two futures.
-        kept = [m for m in _read_metrics(metrics_path) if m["step"] <= state["step"]] if args.resume else []
+        kept = [m for m in _read_metrics(metrics_path) if m["step"] <= state["step"]] if resume else []
         tmp = Path(f"{metrics_path}.tmp")
         tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
         os.replace(tmp, metrics_path)
 
-    seen, stats = _train(engine, args, train_blocks, eval_blocks, masker, state, total_steps=total_steps,
-                         rank=rank, world_size=world_size, device_type=device_type, metrics_path=metrics_path,
-                         ckpt_dir=ckpt_dir, flops_per_token=token_flops, layout=layout, settings=settings)
+    board = outputs.open_tensorboard(args, out) if rank == 0 else None
+    seen, stats = np.zeros(0, dtype=np.int32), {}
+    if args.do_train:
+        seen, stats = _train(engine, args, train_blocks, eval_blocks, masker, state, total_steps=total_steps,
+                             rank=rank, world_size=world_size, device_type=device_type, metrics_path=metrics_path,
+                             ckpt_dir=ckpt_dir, flops_per_token=token_flops, layout=layout, settings=settings,
+                             intervals=intervals, started=started, board=board)
 
+    eval_start = time.perf_counter()
     final_eval = evaluate(engine, eval_blocks, args=args, rank=rank, world_size=world_size, masker=masker) if eval_blocks else {}
+    eval_runtime = time.perf_counter() - eval_start
     ranks = _rank_report(seen, final_eval.get("eval_loss"), world_size=world_size, device=engine.device)
-    _save_model(engine, tokenizer, out / "model", rank)
+    if args.do_train:
+        _save_model(engine, tokenizer, out, rank)
     results = None
     if rank == 0:
         if final_eval:
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"step": state["step"], **final_eval}) + "\n")
+            if board:
+                board.write({"step": state["step"], **final_eval})
+        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
         results = {
-            "task": args.task, "steps": state["step"], "epochs": state["step"] / steps_per_epoch,
+            "task": args.task, "steps": state["step"], "epochs": state["step"] / steps_per_epoch if steps_per_epoch else 0.0,
             "train_loss": state["train_loss_sum"] / max(state["train_loss_count"], 1),
-            **final_eval, "tokens_seen": state["tokens_seen"], "train_blocks": len(train_blocks),
+            **final_eval, "tokens_seen": state["tokens_seen"], "train_blocks": len(train_blocks) if train_blocks else 0,
             "eval_blocks": len(eval_blocks) if eval_blocks else 0, "world_size": world_size,
             "precision": args.precision, "zero_stage": args.zero_stage, **stats, "ranks": ranks,
-            "wall_time_s": time.time() - start_time,
+            "total_flos": float(token_flops * state["tokens_seen"]), "wall_time_s": time.time() - start_time,
         }
-        _write_json(out / "results.json", results)
-        _plot_losses(_read_metrics(metrics_path), out / "loss.png")
+        outputs.write_json(out / "results.json", results)
+        _write_hf_outputs(out, args, results, final_eval, intervals=intervals, eval_runtime=eval_runtime,
+                          steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=global_batch,
+                          metrics_path=metrics_path)
+        if board:
+            board.close()
         if final_eval:
             print(f"[fastlm] eval loss {final_eval['eval_loss']:.4f}  perplexity {final_eval['perplexity']:.2f} "
                   f"over {final_eval['eval_tokens']} tokens; outputs in {out}", flush=True)
     del zero3_context
+    if watchdog:
+        watchdog.stop()
     _shutdown(world_size)
     return results
+
+
+def _write_hf_outputs(out, args, results, final_eval, *, intervals, eval_runtime, steps_per_epoch, total_steps,
+                      global_batch, metrics_path):
+    """Trainer's result files and trainer_state.json, for users comparing with run_clm.py / run_mlm.py."""
+    train = evaluation = None
+    if args.do_train:
+        train = outputs.train_metrics(results, train_samples=results["train_blocks"], global_batch=global_batch)
+        metrics = _read_metrics(metrics_path)
+        outputs.write_trainer_state(out, outputs.trainer_state(
+            metrics, args=args, results=results, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+            intervals=intervals))
+        _plot_losses(metrics, out / "loss.png")
+    if final_eval:
+        n_batches = math.ceil(results["eval_blocks"] / args.per_device_eval_batch_size)
+        evaluation = outputs.eval_metrics(final_eval, epoch=results["epochs"], eval_samples=results["eval_blocks"],
+                                          runtime=eval_runtime, eval_steps=n_batches)
+    outputs.write_hf_results(out, train=train, evaluation=evaluation)
 
 
 def _universal_if_resharded(ckpt_dir, tag, *, world_size, rank):
@@ -340,7 +404,7 @@ def _save_checkpoint(engine, ckpt_dir, tag, state, *, layout, settings, rank):
     goes first: DeepSpeed's `latest` then never points at a checkpoint without one."""
     if rank == 0:
         (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-        _write_json(ckpt_dir / tag / CHECKPOINT_SETTINGS, {"layout": layout, "settings": settings})
+        outputs.write_json(ckpt_dir / tag / CHECKPOINT_SETTINGS, {"layout": layout, "settings": settings})
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**state, "rng": _rng_state()})
 
 
@@ -395,7 +459,7 @@ def _check_resumable(saved, settings, layout, *, rank):
 
 
 def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_steps, rank, world_size,
-           device_type, metrics_path, ckpt_dir, flops_per_token, layout, settings):
+           device_type, metrics_path, ckpt_dir, flops_per_token, layout, settings, intervals, started, board=None):
     """The loop; advances `state` (the resumable position) and returns this run's throughput."""
     import torch
     from torch.utils.data import DataLoader
@@ -406,7 +470,7 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
     bar = tqdm(total=total_steps, initial=state["step"], disable=rank != 0 or args.disable_tqdm,
                desc=f"{args.task} train", dynamic_ncols=True)
     log = _Logger(engine, args, state, rank=rank, world_size=world_size, metrics_path=metrics_path, bar=bar,
-                  flops_per_token=flops_per_token, device_type=device_type)
+                  flops_per_token=flops_per_token, device_type=device_type, intervals=intervals, board=board)
     first_step, data_time, step_time, startup_time, tokens = state["step"], 0.0, 0.0, 0.0, 0
     # Which blocks this rank trained on in its first epoch: summed over ranks it shows the shares are disjoint.
     first_epoch, seen = state["epoch"], np.zeros(len(train_blocks), dtype=np.int32)
@@ -440,7 +504,7 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
             loss = engine(**model_inputs(batch, config, task=args.task, dtype=dtype)).loss
             engine.backward(loss)
-            if (j + 1) % accum == 0 and log.due(state["step"] + 1, total_steps) and _unscaled_plain_grads(engine):
+            if (j + 1) % accum == 0 and log.due(state["step"] + 1, j + 1 == len(dataset)) and _unscaled_plain_grads(engine):
                 log.grad_norm = _grad_norm(engine.module)  # DeepSpeed reports none on this path
             engine.step()
             log.add(loss.detach(), n_tokens)
@@ -450,15 +514,17 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
             j += 1
             if j % accum == 0:
                 state["step"] += 1
-                state["epoch"], state["sample"] = ((state["epoch"] + 1, 0) if j == len(dataset)
+                epoch_end = j == len(dataset)
+                state["epoch"], state["sample"] = ((state["epoch"] + 1, 0) if epoch_end
                                                    else (state["epoch"], dataset.end_position(j - 1)))
-                log.step_done(total_steps)
-                if eval_blocks is not None and args.eval_steps and state["step"] % args.eval_steps == 0 \
-                        and state["step"] != total_steps:
+                log.step_done(epoch_end)
+                if eval_blocks is not None and intervals.evaluate(state["step"], epoch_end):
                     log.write(evaluate(engine, eval_blocks, args=args, rank=rank, world_size=world_size, masker=masker))
-                if args.save_steps and state["step"] % args.save_steps == 0:
+                if intervals.save(state["step"], epoch_end):
                     _save_checkpoint(engine, ckpt_dir, f"step{state['step']}", state, layout=layout,
                                      settings=settings, rank=rank)
+                    if rank == 0 and args.save_total_limit:
+                        outputs.prune_checkpoints(ckpt_dir, args.save_total_limit)
             step_time += time.perf_counter() - t0
             if state["step"] >= total_steps:
                 break
@@ -467,7 +533,8 @@ def _train(engine, args, train_blocks, eval_blocks, masker, state, *, total_step
     steps = state["step"] - first_step
     loop_time = data_time + step_time + startup_time
     return seen, {"data_time_fraction": data_time / (data_time + step_time) if steps else 0.0,
-                  "dataloader_startup_s": startup_time,
+                  "dataloader_startup_s": startup_time, "train_runtime_s": loop_time,
+                  "time_to_first_step_s": log.first_step_at - started if log.first_step_at else None,
                   "train_steps_per_s": steps / loop_time if steps else 0.0,
                   "train_tokens_per_s_per_rank": tokens / loop_time if steps else 0.0}
 
@@ -516,10 +583,12 @@ class _Logger:
     all-reduces them across ranks and rank 0 appends a line to metrics.jsonl. The running sums live in
     `state`, so a checkpoint between two log lines resumes them too."""
 
-    def __init__(self, engine, args, state, *, rank, world_size, metrics_path, bar, flops_per_token, device_type):
+    def __init__(self, engine, args, state, *, rank, world_size, metrics_path, bar, flops_per_token, device_type,
+                 intervals, board=None):
         import torch
 
         self.engine, self.args, self.state, self.rank, self.world_size = engine, args, state, rank, world_size
+        self.intervals, self.board, self.first_step_at = intervals, board, None
         self.metrics_path, self.bar, self.flops_per_token = metrics_path, bar, flops_per_token
         self.loss = torch.zeros((), dtype=torch.float64, device=engine.device)  # on device: no sync per micro batch
         self.peak = None
@@ -529,24 +598,26 @@ class _Logger:
         self.since = time.perf_counter()
         self.grad_norm = None
 
-    def due(self, step, total_steps):
-        return step % self.args.logging_steps == 0 or step == total_steps
+    def due(self, step, epoch_end=False):
+        return self.intervals.log(step, epoch_end)
 
     def add(self, loss, n_tokens):
         self.loss += loss.double()
         self.state["window"][1] += 1
         self.state["window"][2] += n_tokens
 
-    def step_done(self, total_steps):
+    def step_done(self, epoch_end=False):
         import torch
 
         step = self.state["step"]
+        if self.first_step_at is None:
+            self.first_step_at = time.perf_counter()
         if self.rank == 0:
             self.bar.update(1)
         # One host sync per optimizer step (not per micro batch), so a checkpoint holds the window exactly.
         self.state["window"][0] += self.loss.item()
         self.loss.zero_()
-        if not self.due(step, total_steps):
+        if not self.due(step, epoch_end):
             return
         totals = _sum_over_ranks(self.state["window"], dtype=torch.float64, device=self.engine.device,
                                  world_size=self.world_size)
@@ -571,8 +642,11 @@ class _Logger:
 
     def write(self, record):
         if self.rank == 0:
+            record = {"step": self.state["step"], **record}
             with self.metrics_path.open("a") as f:
-                f.write(json.dumps({"step": self.state["step"], **record}) + "\n")
+                f.write(json.dumps(record) + "\n")
+            if self.board:
+                self.board.write(record)
 
 
 def _shutdown(world_size):

@@ -20,7 +20,7 @@ Launch it any of these ways (the arguments are the same):
     deepspeed fastlm/run.py ... --deepspeed ds_config.json    # a DeepSpeed JSON merged with the flags
 
 The loop is the DeepSpeed one: engine(batch) -> engine.backward(loss) -> engine.step(). Rank 0 logs and
-writes <output_dir>/metrics.jsonl, results.json, loss.png, the final model and tokenizer (model/, loadable
+writes <output_dir>/metrics.jsonl, results.json, loss.png, the final model and tokenizer (at output_dir itself, loadable
 with from_pretrained) and DeepSpeed checkpoints (checkpoints/, with the data position and RNG state in
 client_state so --resume continues exactly). Perplexity is exp(sum of token NLL / number of target
 tokens), both summed over ranks and batches.

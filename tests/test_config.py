@@ -284,3 +284,21 @@ def test_unknown_top_level_deepspeed_keys_are_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not know the top-level key(s) zero_optimisation and ignores them" in err
     assert "wall_clock_breakdown" not in err and "activation_checkpointing" not in err
+
+
+def test_report_to_tensorboard_writes_events_or_says_it_cannot(tmp_path, capsys):
+    import importlib.util
+
+    from fastlm import outputs
+
+    args, _ = _args("--report_to", "tensorboard", "--logging_dir", str(tmp_path / "tb"))
+    board = outputs.open_tensorboard(args, tmp_path)
+    if importlib.util.find_spec("tensorboard") is None:
+        assert board is None
+        assert "the tensorboard package is not installed" in capsys.readouterr().err
+    else:
+        board.write({"step": 1, "loss": 2.5, "lr": 1e-3})
+        board.close()
+        assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+    args, _ = _args("--report_to", "none")
+    assert outputs.open_tensorboard(args, tmp_path) is None

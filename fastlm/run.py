@@ -41,6 +41,7 @@ if __package__ in (None, ""):
 import datetime
 import hashlib
 import json
+import math
 import os
 import random
 import shutil

@@ -9,6 +9,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_store_cache(tmp_path_factory):
+    """The runner prepares text into a user cache shared by all runs (~/.cache/fastlm): the tests' stores go
+    to a cache of their own (subprocesses inherit it)."""
+    os.environ["FASTLM_CACHE"] = str(tmp_path_factory.mktemp("fastlm_cache"))
+
+
 @pytest.fixture(scope="session")
 def gpt2_tok():
     from tests.data import gpt2_tokenizer

@@ -7,8 +7,12 @@ Batches are numpy; the DataLoader turns the arrays into tensors. Batches are key
 (epoch, sample position, rank) so a run is reproducible whatever the DataLoader worker count, and a
 resumed run can restart at any step without replaying the ones before it.
 """
+import contextlib
+import dataclasses
 import hashlib
+import itertools
 import json
+import os
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
@@ -324,7 +328,8 @@ class EvalSet:
 
 @dataclass(frozen=True)
 class Stores:
-    """The opened stores, [(Source, TokenStore)] for training and for evaluation."""
+    """The opened stores, [(Source, TokenStore)] for training and for evaluation (either may be empty:
+    an evaluate-only run has no training store)."""
     train: list
     eval: list
 
@@ -336,6 +341,19 @@ class Stores:
             raise ConfigError(str(error)) from None
 
 
+# Bump when what a cached store holds for the same key changes (its readers or encoding).
+_CACHE_FORMAT = 2
+
+
+def cache_root(args):
+    """Where prepared stores live: --cache_dir, else one user cache shared by every run (like datasets'
+    cache), so a second run with a new --output_dir does not tokenize the same text again."""
+    if args.cache_dir:
+        return Path(args.cache_dir)
+    base = os.environ.get("FASTLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastlm"
+    return Path(base) / "stores"
+
+
 def _file_identity(name, flag):
     try:
         st = Path(name).stat()
@@ -344,15 +362,35 @@ def _file_identity(name, flag):
     return [str(Path(name).resolve()), st.st_size, st.st_mtime_ns]
 
 
+def _tokenizer_identity(spec):
+    """What the tokenizer computes (its whole serialised pipeline), wherever it is loaded from: a run that
+    evaluates a fine-tuned output_dir reuses the stores its training run made from the original model."""
+    from fastlm.tokenizer import load_tokenizer
+
+    try:
+        backend = load_tokenizer(spec).backend_tokenizer.to_str()
+    except (OSError, ValueError, TypeError):
+        return str(spec)  # not loadable: prepare will say why
+    return hashlib.sha256(backend.encode()).hexdigest()
+
+
 def _cache_key(args):
-    """Prepared stores are reused while the sources and preparation settings are unchanged."""
+    """Prepared stores are reused while the sources, the tokenizer and the preparation settings are
+    unchanged."""
     files = [_file_identity(s.path, "--train_file") for s in train_sources(args.train_file or [], "--train_file")]
     files += [_file_identity(s.path, "--validation_file")
               for s in eval_sources(args.validation_file or [], "--validation_file")]
-    tokenizer = args.tokenizer_name or args.model_name_or_path
-    key = [files, args.dataset_name, args.dataset_config_name, tokenizer,
-           args.train_tokenizer, args.vocab_size if args.train_tokenizer else None, args.doc_boundary]
+    tokenizer = None if args.train_tokenizer else args.tokenizer_name or args.model_name_or_path
+    key = [_CACHE_FORMAT, files, args.dataset_name, args.dataset_config_name,
+           _tokenizer_identity(tokenizer) if tokenizer else None, args.train_tokenizer,
+           args.vocab_size if args.train_tokenizer else None, args.doc_boundary, _keep_blank(args),
+           args.keep_linebreaks]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def _keep_blank(args):
+    # run_clm/run_mlm tokenize whitespace-only rows like any other; run_mlm --line_by_line drops them.
+    return not (args.skip_blank_lines or args.line_by_line)
 
 
 def _store_dirs(cache, kind, n):
@@ -371,24 +409,41 @@ def _open_given(source, flag):
 def open_or_prepare(args, rank):
     """The training and evaluation stores. Text sources are prepared into the cache first: once per
     filesystem that holds the cache (by rank 0 where every node shares it, else by one rank on each
-    node) while the other ranks wait; then every rank opens the stores it sees."""
+    node; one run at a time per cache entry) while the other ranks wait; then every rank opens the
+    stores it sees."""
     from fastlm.store import TokenStore
 
-    if args.train_store:
-        return Stores([(s, _open_given(s, "--train_store")) for s in train_sources(args.train_store, "--train_store")],
-                      [(s, _open_given(s, "--eval_store")) for s in eval_sources(args.eval_store or [], "--eval_store")])
-    cache = Path(args.cache_dir or Path(args.output_dir) / "data") / _cache_key(args)
+    if args.train_store or args.eval_store:
+        return Stores(
+            [(s, _open_given(s, "--train_store")) for s in train_sources(args.train_store or [], "--train_store")],
+            [(s, _open_given(s, "--eval_store")) for s in eval_sources(args.eval_store or [], "--eval_store")])
+    cache = cache_root(args) / _cache_key(args)
     train = (train_sources(args.train_file, "--train_file") if args.train_file
-             else [Source("train", args.dataset_name)])
+             else [Source("train", args.dataset_name)] if args.dataset_name else [])
     evals = (eval_sources(args.validation_file, "--validation_file") if args.validation_file
-             else [Source("validation", args.dataset_name)])  # a dataset's validation split, if it has one
+             else [Source("validation", args.dataset_name)] if args.dataset_name else [])  # its validation split, if any
     train_dirs, eval_dirs = _store_dirs(cache, "train", len(train)), _store_dirs(cache, "validation", len(evals))
-    once_per_filesystem(lambda: _prepare_into(args, train, evals, train_dirs, eval_dirs), cache, rank=rank,
-                        what="prepare the data")
+
+    def prepare_locked():
+        with _locked(cache):
+            _prepare_into(args, train, evals, train_dirs, eval_dirs)
+
+    once_per_filesystem(prepare_locked, cache, rank=rank, what="prepare the data")
     stores = Stores([(s, TokenStore.open(d)) for s, d in zip(train, train_dirs)],
                     [(s, TokenStore.open(d)) for s, d in zip(evals, eval_dirs) if d.is_dir()])
     _check_same_on_every_rank(stores)
     return stores
+
+
+@contextlib.contextmanager
+def _locked(cache):
+    """One preparer per cache entry at a time, across runs: a second run waits, then finds the stores ready."""
+    import fcntl
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache.with_name(cache.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _check_same_on_every_rank(stores):
@@ -411,23 +466,14 @@ def rank0_then_others(work, *, rank, what):
     """Run work() on rank 0 while the other ranks wait; a failure there stops every rank, naming it."""
     import torch.distributed as dist
 
-    failure = [None]
-    if rank == 0:
-        try:
-            work()
-        except Exception as error:
-            failure = [error if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"]
-            if dist.get_world_size() > 1:
-                dist.broadcast_object_list(failure, src=0)
-            raise
-    if dist.get_world_size() > 1:  # the others wait here: a barrier that also tells them when rank 0 failed
-        dist.broadcast_object_list(failure, src=0)
-    if isinstance(failure[0], ConfigError):
-        raise failure[0]  # a configuration error reads the same on every rank: one line, exit status 2
-    if failure[0]:
-        raise RuntimeError(f"rank 0 could not {what}: {failure[0]}")
+    if dist.get_world_size() == 1:
+        work()
+        return
+    # Every rank makes the same calls in the same order, so the count names this one alike on all of them.
+    _run_then_wait(work, {0}, f"fastlm/rank0/{next(_RANK0_CALLS)}", rank=rank, what=what)
 
 
+_RANK0_CALLS = itertools.count()
 _MARKER = ".fastlm-who-shares-{token}-rank{rank}"
 
 
@@ -439,11 +485,7 @@ def once_per_filesystem(work, directory, *, rank, what):
     node prepares its own copy; where they share it, rank 0 alone writes. Found without user flags:
     the first rank of each node (LOCAL_RANK 0) leaves a marker file named with a token of this run in
     `directory`, and after a barrier every rank's preparer is the lowest rank whose marker it sees.
-    The wait for the preparers goes through the rendezvous store, not a collective: preparing a large
-    corpus may outlast any collective timeout.
     """
-    import os
-
     import torch.distributed as dist
 
     world_size = dist.get_world_size()
@@ -463,23 +505,38 @@ def once_per_filesystem(work, directory, *, rank, what):
     preparers = [None] * world_size
     dist.all_gather_object(preparers, preparer)  # also a barrier: every rank has looked
     marker.unlink(missing_ok=True)
+    if rank == preparer and rank != 0:
+        print(f"[fastlm] rank {rank}: {directory} is not shared with rank 0 (a node-local disk); "
+              f"this node prepares its own copy", flush=True)
+    _run_then_wait(work, set(preparers), f"fastlm/{token}", rank=rank, what=what)
+
+
+def _run_then_wait(work, workers, key, *, rank, what):
+    """work() on the ranks in `workers`; then every rank waits for each worker's outcome, and a failure on
+    any stops every rank, naming it (a ConfigError as the same ConfigError: one line and exit status 2
+    on every rank).
+
+    The wait goes through the rendezvous store, not a collective: preparing a large corpus may take far
+    longer than --ddp_timeout lets a collective wait.
+    """
+    import torch.distributed as dist
+
     store = dist.distributed_c10d._get_default_store()
-    if rank == preparer:
-        if rank != 0:
-            print(f"[fastlm] rank {rank}: {directory} is not shared with rank 0 (a node-local disk); "
-                  f"this node prepares its own copy", flush=True)
+    if rank in workers:
         try:
             work()
         except Exception as error:
-            store.set(f"fastlm/{token}/{rank}", f"{type(error).__name__}: {error}")
+            failure = str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"
+            store.set(f"{key}/{rank}", json.dumps([isinstance(error, ConfigError), failure]))
             raise
-        store.set(f"fastlm/{token}/{rank}", "")
-    for other in sorted(set(preparers)):
-        key = f"fastlm/{token}/{other}"
-        store.wait([key], timedelta(days=7))
-        failure = store.get(key).decode()
+        store.set(f"{key}/{rank}", json.dumps([False, ""]))
+    for worker in sorted(workers):
+        store.wait([f"{key}/{worker}"], timedelta(days=7))
+        config_error, failure = json.loads(store.get(f"{key}/{worker}"))
+        if config_error:
+            raise ConfigError(failure)  # reads the same on every rank
         if failure:
-            raise RuntimeError(f"rank {other} could not {what}: {failure}")
+            raise RuntimeError(f"rank {worker} could not {what}: {failure}")
 
 
 def _prepare_into(args, train, evals, train_dirs, eval_dirs):
@@ -487,6 +544,8 @@ def _prepare_into(args, train, evals, train_dirs, eval_dirs):
     from fastlm.store import TokenStore
 
     def ready(path):
+        if args.overwrite_cache:
+            return False
         try:
             TokenStore.open(path)
             return True
@@ -494,8 +553,10 @@ def _prepare_into(args, train, evals, train_dirs, eval_dirs):
             return False
 
     # Special tokens as the tutorial's tokenizer(...) call adds them (<s> ... </s> per RoBERTa document).
-    # overwrite: only a store that failed to open is rebuilt (say a run killed while preparing).
-    common = dict(doc_boundary=args.doc_boundary, add_special_tokens=True, progress=True, overwrite=True)
+    # overwrite: only a store that failed to open (say a run killed while preparing) or --overwrite_cache.
+    common = dict(doc_boundary=args.doc_boundary, add_special_tokens=True, progress=True, overwrite=True,
+                  keep_blank=_keep_blank(args), keep_linebreaks=args.keep_linebreaks,
+                  num_proc=args.preprocessing_num_workers or 1)
     if args.dataset_name:
         common.update(dataset_name=args.dataset_name, dataset_config=args.dataset_config_name)
     tokenizer = None if args.train_tokenizer else (args.tokenizer_name or args.model_name_or_path)
@@ -510,7 +571,8 @@ def _prepare_into(args, train, evals, train_dirs, eval_dirs):
         prepare(files, path, tokenizer=None if trains else tokenizer, train_tokenizer=trains,
                 vocab_size=args.vocab_size if trains else None,
                 **common, **({"split": "train"} if args.dataset_name else {}))
-    tokenizer = str(TokenStore.open(train_dirs[0]).tokenizer_dir)
+    if train_dirs:  # the evaluation text in the training stores' tokenizer
+        tokenizer = str(TokenStore.open(train_dirs[0]).tokenizer_dir)
     for source, path in zip(evals, eval_dirs):
         if ready(path):
             continue
@@ -528,9 +590,10 @@ def _content(store):
 
 
 def plan(args, stores, tokenizer):
-    """(training Mixture, [EvalSet]): every store packed into blocks. Without an evaluation set,
-    --validation_split_percentage holds out the last documents of each training source as a set of its
-    own (named "validation" for a single source, else after the source)."""
+    """(training Mixture, or None when the run does not train; [EvalSet], empty when it does not
+    evaluate): every store packed into blocks, --max_train_samples / --max_eval_samples blocks at most.
+    Without an evaluation set, --validation_split_percentage holds out the last documents of each
+    training source as a set of its own (named "validation" for a single source, else after the source)."""
     train = [(source, _content(store), Documents.of(store)) for source, store in stores.train]
     evals = [(source.name, Documents.of(store)) for source, store in stores.eval]
     percent = args.validation_split_percentage
@@ -545,14 +608,21 @@ def plan(args, stores, tokenizer):
             kept.append((source, content, docs))
             evals.append((source.name if len(train) > 1 else "validation", held_out))
         train = kept
-    mixture = Mixture([TrainSource(source.name, pack(args, docs.tokens, docs.offsets, tokenizer), source.weight, content)
-                       for source, content, docs in train])
+    mixture = None
+    if args.do_train:
+        mixture = Mixture([TrainSource(source.name, first_blocks(pack(args, docs.tokens, docs.offsets, tokenizer),
+                                                                 args.max_train_samples), source.weight, content)
+                           for source, content, docs in train])
     eval_sets = []
-    for name, docs in evals:
-        blocks = pack(args, docs.tokens, docs.offsets, tokenizer, stride=args.eval_stride)
+    for name, docs in evals if args.do_eval else ():
+        blocks = first_blocks(pack(args, docs.tokens, docs.offsets, tokenizer, stride=args.eval_stride),
+                              args.max_eval_samples)
         if len(blocks) == 0:
             raise ConfigError(f"the evaluation set {name} is shorter than one block of {args.block_size} tokens")
         eval_sets.append(EvalSet(name, blocks, docs.n_tokens, docs.n_bytes))
+    if args.do_eval and not args.do_train and not eval_sets:
+        raise ConfigError("--do_eval alone evaluates a model: give an evaluation set (--validation_file, "
+                          "--eval_store, or a training source with --validation_split_percentage)")
     return mixture, eval_sets
 
 
@@ -594,6 +664,8 @@ def pack(args, tokens, offsets, tokenizer, *, stride=None):
     from fastlm import pack_blocks, pack_documents
 
     pad_id = padding_id(special_ids(tokenizer))
+    if args.line_by_line:
+        return _one_document_per_block(tokens, offsets, args.block_size, pad_id)
     if args.packing == "documents" and not stride:
         return pack_documents(tokens, offsets, args.block_size, pad_id=pad_id)
     separator = tokenizer.eos_token_id if args.separator == "eos" else None
@@ -603,6 +675,37 @@ def pack(args, tokens, offsets, tokenizer, *, stride=None):
     remainder = "pad" if stride else "drop"
     return pack_blocks(tokens, offsets, args.block_size, separator=separator, stride=stride,
                        remainder=remainder, pad_id=pad_id)
+
+
+def _one_document_per_block(tokens, offsets, block_size, pad_id):
+    """run_mlm.py's --line_by_line: each non-empty document alone in a block, truncated to block_size and
+    padded. Laid out as whole-document packing with one segment per block, so batches get the same
+    position ids and per-document attention."""
+    from fastlm.packing import PackedDocuments
+
+    offsets = np.asarray(offsets, dtype=np.int64)
+    lengths = np.diff(offsets)
+    keep = lengths > 0
+    kept = np.minimum(lengths[keep], block_size)
+    return PackedDocuments(tokens=tokens, block_size=block_size,
+                           block_offsets=np.arange(kept.shape[0] + 1, dtype=np.int64),
+                           seg_starts=np.ascontiguousarray(offsets[:-1][keep]), seg_lengths=kept,
+                           pad_id=pad_id, n_dropped=int(lengths[keep].sum() - kept.sum()))
+
+
+def first_blocks(blocks, n):
+    """The first n blocks, in packing order: run_clm.py's --max_train_samples / --max_eval_samples select
+    them this way, before any shuffling."""
+    from fastlm.packing import BlockIndex
+
+    if n is None or n >= len(blocks):
+        return blocks
+    if isinstance(blocks, BlockIndex):
+        return dataclasses.replace(blocks, starts=blocks.starts[:n], lengths=blocks.lengths[:n],
+                                   context=blocks.context[:n])
+    cut = int(blocks.block_offsets[n])
+    return dataclasses.replace(blocks, block_offsets=blocks.block_offsets[:n + 1], seg_starts=blocks.seg_starts[:cut],
+                               seg_lengths=blocks.seg_lengths[:cut])
 
 
 def make_masker(args, tokenizer):

@@ -2,12 +2,14 @@
 
 transformers and torch are imported inside the functions: importing this module stays light.
 """
-from fastlm.config import PRESETS, ConfigError
+from fastlm.config import PRESETS, ConfigError, apply_config_overrides, load_config
 from fastlm.tokenizer import vocab_size as tokenizer_vocab_size
 
 
 def model_config(args, tokenizer):
-    from transformers import AutoConfig, CONFIG_MAPPING
+    """The config of a model trained from scratch: a preset shaped to the tokenizer, else what run_clm.py
+    builds (--config_name, or --model_type's defaults), with --config_overrides applied either way."""
+    from transformers import CONFIG_MAPPING
 
     if args.config_name in PRESETS:
         model_type, shape = PRESETS[args.config_name]
@@ -18,8 +20,10 @@ def model_config(args, tokenizer):
         else:  # RoBERTa's positions start after the padding index
             extra = dict(max_position_embeddings=args.block_size + 2, type_vocab_size=1 if model_type == "roberta" else 2)
         specials = {k: v for k, v in specials.items() if v is not None}
-        return CONFIG_MAPPING[model_type](vocab_size=tokenizer_vocab_size(tokenizer), **shape, **extra, **specials)
-    return AutoConfig.from_pretrained(args.config_name)
+        config = CONFIG_MAPPING[model_type](vocab_size=tokenizer_vocab_size(tokenizer), **shape, **extra, **specials)
+        apply_config_overrides(config, args.config_overrides)
+        return config
+    return load_config(args)
 
 
 def position_offset(config):
@@ -37,10 +41,11 @@ def max_positions(config):
 
 def build_model(args, tokenizer, ds_config):
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     auto = AutoModelForCausalLM if args.task == "clm" else AutoModelForMaskedLM
-    config = AutoConfig.from_pretrained(args.model_name_or_path) if args.model_name_or_path else model_config(args, tokenizer)
+    # With --model_name_or_path, --config_name (if any) is the config its weights load into, as in run_clm.py.
+    config = load_config(args) if args.model_name_or_path else model_config(args, tokenizer)
     limit = max_positions(config)
     if limit and args.block_size > limit:
         raise ConfigError(f"--block_size {args.block_size} exceeds the model's {limit} positions")
@@ -49,13 +54,16 @@ def build_model(args, tokenizer, ds_config):
     keep_alive = transformers.integrations.HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
     try:
         if args.model_name_or_path:
-            model = auto.from_pretrained(args.model_name_or_path)
+            model = auto.from_pretrained(args.model_name_or_path, config=config, revision=args.model_revision,
+                                         trust_remote_code=args.trust_remote_code)
         else:
-            model = auto.from_config(config)
+            model = auto.from_config(config, trust_remote_code=args.trust_remote_code)
     except ValueError as error:  # e.g. a GPT-2 config for --task mlm
         raise ConfigError(f"cannot build a {args.task} model from {args.model_name_or_path or args.config_name}: {error}") from None
     if tokenizer_vocab_size(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(tokenizer_vocab_size(tokenizer))
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or None)
     return model, keep_alive
 
 

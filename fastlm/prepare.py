@@ -8,9 +8,10 @@ BPE, else the Hugging Face tokenizer; num_proc batches at once in threads). Each
 flat numpy array plus document lengths and is appended to the store, so memory stays flat however large
 the corpus is; a document longer than a batch (a 200 MB line) is read and encoded in pieces.
 
-Documents with no non-whitespace text are skipped in every format (a WikiText blank row tokenises
-to nothing in the tutorial pipeline too). In "line" mode a document keeps its line ending, so a
-WikiText-style raw file gives the same token stream as tokenizing its rows one by one.
+Documents with no non-whitespace text are skipped in every format unless keep_blank=True (the
+runner's default: Hugging Face's text loader keeps WikiText's " " rows and run_clm tokenises them).
+In "line" mode a document keeps its line ending (unless keep_linebreaks=False), so a WikiText-style
+raw file gives the same token stream as tokenizing its rows one by one.
 """
 import bz2
 import gzip
@@ -65,6 +66,8 @@ def prepare(
     overwrite=False,
     progress=True,
     encoder="auto",
+    keep_blank=False,
+    keep_linebreaks=True,
 ):
     """Tokenise ``sources`` into a new token store at ``output``; returns the opened TokenStore.
 
@@ -85,6 +88,8 @@ def prepare(
     encoder: "auto" (tiktoken for a byte-level BPE when it reproduces the tokenizer's ids on a sample
         of the corpus, else the Hugging Face tokenizer, with a warning saying why), "tiktoken" (or a
         ValueError saying why not) or "hf". The ids are the tokenizer's either way.
+    keep_blank: keep whitespace-only documents (lines, rows, whole files) and empty rows (HF's loaders do).
+    keep_linebreaks: a "line" document keeps its "\n" (HF's text loader option of the same name).
 
     A document longer than ~1 MB is read and encoded in pieces cut where a byte-level BPE gives the
     whole document's ids; other tokenizers refuse documents over 8 Mi characters (_MAX_UNSPLIT_CHARS).
@@ -103,16 +108,17 @@ def prepare(
 
     def read_batches():
         if dataset_name is not None:
-            return _row_batches(_dataset_batches(dataset_name, dataset_config, split, sources, text_column), f"dataset {dataset_name}")
+            rows = _dataset_batches(dataset_name, dataset_config, split, sources, text_column)
+            return _row_batches(rows, f"dataset {dataset_name}", keep_blank)
         return itertools.chain.from_iterable(
-            _file_batches(source, doc_boundary, text_column, errors) for source in sources
+            _file_batches(source, doc_boundary, text_column, errors, keep_blank, keep_linebreaks) for source in sources
         )
 
     from fastlm import tokenizer as tokenizer_lib
 
     if train_tokenizer:
         # A trained tokenizer is a byte-level BPE with GPT-2's split: it learns from the same safe pieces.
-        texts = (batch.texts for batch in _safe_pieces(read_batches()))
+        texts = (batch.texts for batch in _safe_pieces(read_batches(), keep_blank))
         tok = tokenizer_lib.train_bpe_tokenizer(texts, vocab_size)
         tokenizer_name = f"byte-level BPE trained by fastlm prepare (vocab_size={vocab_size})"
     else:
@@ -143,12 +149,14 @@ def prepare(
             "requested_vocab_size": vocab_size,
             "num_proc": num_proc,
             "encoder": encoder,
+            "keep_blank": keep_blank,
+            "keep_linebreaks": keep_linebreaks,
         },
     }
     tokenizer_json = tok.backend_tokenizer.to_str()
     byte_level_problem = tokenizer_lib.byte_level_bpe_problem(tokenizer_json)
     # Long documents are encoded in pieces where that keeps their ids, else whole up to a limit.
-    batches = (_safe_pieces if byte_level_problem is None else _whole_documents)(read_batches())
+    batches = (_safe_pieces if byte_level_problem is None else _whole_documents)(read_batches(), keep_blank)
     with StoreWriter(output, vocab_size=total_vocab, overwrite=overwrite, record_bytes=True) as writer:
         tok.save_pretrained(writer.path / TOKENIZER_DIR)
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -261,16 +269,20 @@ def _read_blocks(path):
             yield block
 
 
-def _file_batches(path, doc_boundary, text_column, errors):
+def _file_batches(path, doc_boundary, text_column, errors, keep_blank=False, keep_linebreaks=True):
     kind = _STRUCTURED.get(path.suffix.lower())
     if kind is None and path.suffix.lower() in _COMPRESSED:
         kind = _STRUCTURED.get(Path(path.stem).suffix.lower())
     if kind is None:
         pieces = _text_pieces(path, errors)
-        return {"line": _lines, "paragraph": _paragraphs, "file": _whole_file}[doc_boundary](pieces, path)
+        if doc_boundary == "line":
+            return _lines(pieces, path, keep_blank, keep_linebreaks)
+        if doc_boundary == "file":
+            return _whole_file(pieces, path, keep_blank)
+        return _paragraphs(pieces, path)  # blank lines end paragraphs: none is blank
     return _row_batches({"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}[kind](
         path, text_column, errors
-    ), path)
+    ), path, keep_blank)
 
 
 def _text_chunks(path, errors):
@@ -347,15 +359,18 @@ def _split_lines(text):
     return lines
 
 
-def _lines(chunks, path):
+def _lines(chunks, path, keep_blank=False, keep_linebreaks=True):
     continues = False
     for text, line, line_open in chunks:
         lines = _split_lines(text) or [""]
+        if not keep_linebreaks:  # only complete lines end in "\n": the piece of an open one has none
+            lines = [line[:-1] if line.endswith("\n") else line for line in lines]
         # The first line may finish one begun in an earlier chunk and the last may go on in the next:
         # whether such a line is blank is for _safe_pieces / _whole_documents to tell.
         first = 1 if continues else 0
         last = max(len(lines) - 1 if line_open else len(lines), first)
-        docs = lines[:first] + [line for line in lines[first:last] if not line.isspace()] + lines[last:]
+        whole = lines[first:last] if keep_blank else [line for line in lines[first:last] if line and not line.isspace()]
+        docs = lines[:first] + whole + lines[last:]
         open_line = line + text.count("\n")
         yield Batch(docs, continues, line_open, f"{path}, line {open_line}" if line_open else "")
         continues = line_open
@@ -404,33 +419,33 @@ def _bounded_whitespace(text, path, line):
     return text
 
 
-def _whole_file(chunks, path):
+def _whole_file(chunks, path, keep_blank=False):
     previous = None
     for i, (text, _, _) in enumerate(chunks):
         if previous is not None:
             yield Batch([previous], i > 1, True, str(path))
         previous = text
     if previous is not None:
-        yield Batch([previous] if i or not previous.isspace() else [], i > 0)
+        yield Batch([previous] if i or keep_blank or not previous.isspace() else [], i > 0)
 
 
-def _row_batches(batches, where):
-    """Rows of a structured file or dataset as Batches: blank rows skipped, a row longer than
-    _BATCH_BYTES in pieces (it is in memory already; the pieces bound the tokenizer's memory)."""
+def _row_batches(batches, where, keep_blank=False):
+    """Rows of a structured file or dataset as Batches: blank rows skipped (unless keep_blank), a row
+    longer than _BATCH_BYTES in pieces (it is in memory already; the pieces bound the tokenizer's memory)."""
     row = 0
     for texts in batches:
         if texts and max(map(len, texts)) > _BATCH_BYTES:
-            yield from _long_rows(texts, row, where)
+            yield from _long_rows(texts, row, where, keep_blank)
         else:
-            yield Batch([text for text in texts if text and not text.isspace()])
+            yield Batch(list(texts) if keep_blank else [text for text in texts if text and not text.isspace()])
         row += len(texts)
 
 
-def _long_rows(texts, first_row, where):
+def _long_rows(texts, first_row, where, keep_blank):
     docs = []
     for row, text in enumerate(texts, first_row):
         if len(text) <= _BATCH_BYTES or text.isspace():
-            if text and not text.isspace():
+            if keep_blank or (text and not text.isspace()):
                 docs.append(text)
             continue
         if docs:
@@ -638,10 +653,11 @@ def _last_safe_cut(text):
     return match.start(1) if match else 0
 
 
-def _safe_pieces(batches):
+def _safe_pieces(batches, keep_blank=False):
     """Batches whose pieces of long documents end only at safe cuts (the rest of a piece is carried
     to the next one), so encoding the pieces gives exactly the whole documents' ids. A long document
-    goes out only once it has text, so one that turns out blank is dropped like any blank document."""
+    goes out only once it has text, so one that turns out blank is dropped like any blank document
+    (kept with keep_blank)."""
     carry = ""         # the open document's text after its last safe cut
     started = False    # some of the open document went out already
     for batch in batches:
@@ -652,7 +668,7 @@ def _safe_pieces(batches):
             texts[0] = carry + texts[0]
             carry = ""
             continues = started
-            if not started and not same_document and (texts[0].isspace() or not texts[0]):
+            if not (started or same_document or keep_blank) and (texts[0].isspace() or not texts[0]):
                 texts.pop(0)
         opened = False
         if batch.open:
@@ -674,7 +690,7 @@ def _safe_pieces(batches):
             yield Batch(texts, continues, opened, batch.where)
 
 
-def _whole_documents(batches):
+def _whole_documents(batches, keep_blank=False):
     """Batches of whole documents, the pieces of long ones joined; refuses one longer than
     _MAX_UNSPLIT_CHARS (this tokenizer cannot encode it in parts, and it needs ~100x its size in memory)."""
     pieces = []
@@ -687,7 +703,7 @@ def _whole_documents(batches):
             size += len(pieces[-1])
             if not same_document:
                 whole = "".join(pieces)
-                texts[0:0] = [whole] if whole and not whole.isspace() else []
+                texts[0:0] = [whole] if keep_blank or (whole and not whole.isspace()) else []
                 pieces, size = [], 0
         if batch.open and not same_document:
             pieces = [texts.pop()]

@@ -20,15 +20,20 @@ Launch it any of these ways (the arguments are the same; without any, each runs 
         # hostfile lines "worker-1 slots=8"; every node needs the same checkout and data paths
     torchrun --nproc_per_node 2 fastlm/run.py ...
     deepspeed fastlm/run.py ... --deepspeed ds_config.json    # a DeepSpeed JSON merged with the flags
+    deepspeed fastlm/run.py --model_name_or_path gpt2 --train_file train.txt --validation_file valid.txt \
+        --per_device_train_batch_size 8 --do_train --do_eval --output_dir out   # a run_clm.py command, unchanged
 
 The loop is the DeepSpeed one: engine(batch) -> engine.backward(loss) -> engine.step(), with token-weighted
 steps: each optimizer step's gradient is that of (sum of token NLL over its micro batches and ranks) /
-(its target tokens), whatever the micro batch, accumulation and rank count. Rank 0 logs and writes
-<output_dir>/metrics.jsonl, results.json, loss.png, the final model and tokenizer (model/, loadable with
-from_pretrained) and DeepSpeed checkpoints (checkpoints/, with the data position and RNG state in
-client_state so --resume continues exactly, and checksums that --resume verifies). A non-finite loss or
-gradient norm stops the run naming the step (exit status 1) before anything holds it. Perplexity is
-exp(sum of token NLL / number of target tokens), both summed over ranks and batches.
+(its target tokens), whatever the micro batch, accumulation and rank count. config.Intervals says when
+to log, evaluate and save (HF's *_strategy / *_steps flags). Rank 0 logs and writes
+<output_dir>/metrics.jsonl, results.json, loss.png, the final model and tokenizer (at output_dir itself,
+loadable with from_pretrained, as run_clm.py leaves them), HF's all/train/eval_results.json and
+trainer_state.json, and DeepSpeed checkpoints (checkpoints/, with the data position and RNG state in
+client_state so --resume continues exactly, and checksums that --resume verifies; --save_total_limit
+keeps the newest). --do_eval alone evaluates without training. A non-finite loss or gradient norm stops
+the run naming the step (exit status 1) before anything holds it. Perplexity is exp(sum of token NLL /
+number of target tokens), both summed over ranks and batches.
 
 This file is the launch and the loop. The flags, their checks and the DeepSpeed config are in
 fastlm/config.py; the data plan (sources, stores, packing, sample order) in fastlm/data.py; the model in
@@ -44,6 +49,7 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import contextlib
+import datetime
 import hashlib
 import json
 import math
@@ -55,12 +61,14 @@ import time
 
 import numpy as np
 
-from fastlm.config import (LENGTH_FLAGS, RESULT_FLAGS, ConfigError, build_ds_config, check_args, lr_schedule, parse,
-                           resume_settings)
+from fastlm import outputs
+from fastlm.config import (LENGTH_FLAGS, RESULT_FLAGS, ConfigError, Intervals, build_ds_config, check_args,
+                           check_lr_schedule, lr_schedule, parse, resume_point, resume_settings)
 from fastlm.data import (TrainBatches, check_token_ids, check_tokenizers, describe_sources, make_masker, open_or_prepare,
                          plan, rank0_then_others)
 from fastlm.evaluation import evaluate_sets, row_nll
 from fastlm.model import build_model, flops_per_token, model_inputs, param_groups, position_offset
+from fastlm.watchdog import RankWatchdog
 
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
@@ -93,17 +101,19 @@ def _device_type():
     return "cpu"
 
 
+def _skip_deepspeed_shm_op():
+    """DeepSpeed's CPU backend JIT-compiles its shared-memory all-reduce op (25-45 s, more when another
+    venv's build sits in the shared torch_extensions cache) in every init_distributed, but only
+    inference_all_reduce uses it: training reduces through torch.distributed. Skip building it, and keep
+    any op that does get compiled (a DeepSpeed JSON optimizer) in a cache of this venv's own."""
+    import deepspeed  # noqa: F401  (loads deepspeed.comm.torch)
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    if sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
 # --- outputs ------------------------------------------------------------------------------------------
-
-def _write_text(path, text):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _write_json(path, obj):
-    _write_text(path, json.dumps(obj, indent=2) + "\n")
-
 
 def _read_metrics(path):
     if not path.is_file():
@@ -134,20 +144,18 @@ def _plot_losses(metrics, path):
 
 
 def _save_model(engine, tokenizer, directory, rank):
-    """save_pretrained into directory, atomically; ZeRO-3 first gathers the partitioned weights (every
-    rank takes part)."""
-    from fastlm.store import _replace_directory
-
+    """save_pretrained into directory (the output_dir, where run_clm.py leaves the model), staged in a
+    temporary directory first; ZeRO-3 first gathers the partitioned weights (every rank takes part)."""
     state_dict = None
     if engine.zero_optimization_partition_weights():
         state_dict = engine._zero3_consolidated_16bit_state_dict()
     if rank != 0:
         return
-    tmp = directory.with_name(directory.name + ".tmp")
+    tmp = directory / ".tmp-model"
     shutil.rmtree(tmp, ignore_errors=True)
     engine.module.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
-    _replace_directory(tmp, directory, overwrite=True)  # the old model goes only once the new one is in place
+    outputs.publish_model(tmp, directory)
 
 
 def _rng_state():
@@ -193,10 +201,11 @@ def train(argv=None):
             print("[fastlm] no arguments: the offline demo. Training a tiny GPT on the stdlib's pydoc topics "
                   f"(about 2 minutes on 2 CPU cores; outputs in {DEMO_DIR.resolve()}). `--help` lists the "
                   "runner's flags.", flush=True)
+    start_time = time.time()  # of wall_time_s and time_to_first_step_s: parsing imports DeepSpeed already
     _device_type()  # sets DS_ACCELERATOR=cpu before deepspeed is first imported, when there is no GPU
     args, explicit, parser = parse(argv)
     try:
-        return _run(args, explicit)
+        return _run(args, explicit, start_time)
     except ConfigError as error:
         parser.error(str(error))
 
@@ -210,8 +219,7 @@ def _only_launcher_arguments(argv):
     return not rest
 
 
-def _run(args, explicit):
-    start_time = time.time()
+def _run(args, explicit, start_time):
     check_args(args)
     rank, world_size, local_rank = _distributed_env()
     device_type = _device_type()
@@ -226,49 +234,64 @@ def _run(args, explicit):
     ds_logger.setLevel("WARNING")
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl")
+        if args.tf32 is not None:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    _skip_deepspeed_shm_op()
+    # The watchdog names a stopped rank after --ddp_timeout; the process group's own timeout is only the
+    # backstop behind it (gloo does not always honour it), so it comes later and says less.
+    deepspeed.init_distributed(dist_backend=args.ddp_backend or ("gloo" if device_type == "cpu" else "nccl"),
+                               timeout=datetime.timedelta(seconds=2 * args.ddp_timeout + 60))
+    watchdog = RankWatchdog.start(args.ddp_timeout, rank=rank, world_size=world_size)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
     out = Path(args.output_dir)
+    ckpt_dir = out / "checkpoints"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite_output_dir and args.do_train:
+            outputs.clear_checkpoints(ckpt_dir)
     stores = open_or_prepare(args, rank)
     check_tokenizers(stores)
     tokenizer = stores.load_tokenizer()
-    train_blocks, eval_sets = plan(args, stores, tokenizer)  # a Mixture of the training sources
+    # A Mixture of the training sources (None when the run only evaluates) and the evaluation sets
+    train_blocks, eval_sets = plan(args, stores, tokenizer)
     masker = make_masker(args, tokenizer) if args.task == "mlm" else None
 
-    per_rank = len(train_blocks) // (args.per_device_train_batch_size * world_size)
-    steps_per_epoch = per_rank // args.gradient_accumulation_steps
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"the training set has {len(train_blocks)} blocks of {args.block_size} tokens: fewer than one "
-            f"optimizer step ({args.per_device_train_batch_size} x {args.gradient_accumulation_steps} x "
-            f"{world_size} ranks); use a smaller batch or block size or more data")
-    total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
+    steps_per_epoch = total_steps = 0
+    if args.do_train:
+        per_rank = len(train_blocks) // (args.per_device_train_batch_size * world_size)
+        steps_per_epoch = per_rank // args.gradient_accumulation_steps
+        if steps_per_epoch == 0:
+            raise ConfigError(
+                f"the training set has {len(train_blocks)} blocks of {args.block_size} tokens: fewer than one "
+                f"optimizer step ({args.per_device_train_batch_size} x {args.gradient_accumulation_steps} x "
+                f"{world_size} ranks); use a smaller batch or block size or more data")
+        total_steps = args.max_steps or math.ceil(steps_per_epoch * args.num_train_epochs)
+    intervals = Intervals(args, total_steps)
 
-    ckpt_dir = out / "checkpoints"
-    layout = _data_layout(args, world_size=world_size, train_blocks=train_blocks)
+    layout = _data_layout(args, world_size=world_size, train_blocks=train_blocks) if args.do_train else None
     settings = resume_settings(args)
+    resume = args.resume and args.do_train
     resume_tag, universal = None, False
-    if args.resume:  # checked before the model is built: another model shape would fail inside DeepSpeed
-        resume_tag, saved = _latest_checkpoint(ckpt_dir)
-        rank0_then_others(lambda: _verify_checkpoint(ckpt_dir / resume_tag, saved.get("files")), rank=rank,
+    if resume:  # checked before the model is built: another model shape would fail inside DeepSpeed
+        resume_dir, resume_tag = resume_point(args)
+        resume_tag, saved = _checkpoint_to_resume(resume_dir, resume_tag)
+        rank0_then_others(lambda: _verify_checkpoint(resume_dir / resume_tag, saved.get("files")), rank=rank,
                           what="verify the checkpoint")
         _check_resumable(saved, settings, layout, rank=rank)
-        resume_tag, universal = _universal_if_resharded(ckpt_dir, resume_tag, world_size=world_size, rank=rank)
+        resume_tag, universal = _universal_if_resharded(resume_dir, resume_tag, world_size=world_size, rank=rank)
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    schedule = None
+    if "scheduler" not in ds_config:
+        check_lr_schedule(args, max(total_steps, 1))
+        schedule = lr_schedule(args, max(total_steps, 1))
 
     model, zero3_context = build_model(args, tokenizer, ds_config)
     check_token_ids(stores, model.get_input_embeddings().num_embeddings)
     token_flops = flops_per_token(model, args.block_size)
-    schedule = None
-    if "scheduler" not in ds_config:
-        factor = lr_schedule(args, total_steps)
-        schedule = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)  # noqa: E731
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, args.weight_decay),
                                       config=ds_config, lr_scheduler=schedule)
     del model
@@ -276,59 +299,68 @@ def _run(args, explicit):
         # Nothing to all-reduce, yet DeepSpeed's ZeRO-0 path would still copy every gradient into a flat
         # bucket, "reduce" it and copy it back, every step.
         engine.enable_backward_allreduce = False
-    n_sources = len(train_blocks.sources)
+    n_sources = len(train_blocks.sources) if train_blocks is not None else 0
     state = {"step": 0, "epoch": 0, "sample": 0, "tokens_seen": 0, "train_loss_sum": 0.0,
              "train_loss_count": 0, "window": [0.0, 0, 0],
              # per training source: [NLL, targets, tokens, blocks] since the last log line; [tokens, blocks] in all
              "source_window": [[0.0] * 4 for _ in range(n_sources)], "source_trained": [[0, 0] for _ in range(n_sources)]}
-    if args.resume:
-        _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=resume_tag)
+    if resume:
+        _, client_state = engine.load_checkpoint(str(resume_dir), tag=resume_tag)
         if universal:  # a one-off bridge between rank counts; the run's own checkpoints are ordinary ones
             torch.distributed.barrier()  # every rank has read it
-            rank0_then_others(lambda: shutil.rmtree(ckpt_dir / resume_tag), rank=rank, what="remove the converted checkpoint")
+            rank0_then_others(lambda: shutil.rmtree(resume_dir / resume_tag), rank=rank,
+                              what="remove the converted checkpoint")
         state.update({k: client_state[k] for k in state if k in client_state})
         _set_rng_state(client_state["rng"])
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         # A resumed run rewrites history from its checkpoint on, so the file never holds two futures.
-        kept = [m for m in _read_metrics(metrics_path) if m["step"] <= state["step"]] if args.resume else []
-        tmp = Path(f"{metrics_path}.tmp")
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
-        os.replace(tmp, metrics_path)
+        kept = [m for m in _read_metrics(metrics_path) if m["step"] <= state["step"]] if resume else []
+        outputs.write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
 
-    try:
-        seen, stats = _train(engine, args, train_blocks, eval_sets, masker, state, total_steps=total_steps,
-                             rank=rank, world_size=world_size, device_type=device_type, metrics_path=metrics_path,
-                             ckpt_dir=ckpt_dir, flops_per_token=token_flops, layout=layout, settings=settings,
-                             clip=clip, start_time=start_time)
-    except Diverged as error:
-        latest = ckpt_dir / "latest"
-        kept = (f"{latest} still names {latest.read_text().strip()}, the last checkpoint before it"
-                if latest.is_file() else "no checkpoint was saved before it")
-        message = (f"{error}. Nothing from that step on was saved ({kept}; no model/ written). Lower "
-                   "--learning_rate (or raise --warmup_steps) and start a new run")
-        if world_size == 1:
-            raise Diverged(message) from None
-        if rank == 0:
-            print(f"fastlm train: error: {message}", file=sys.stderr, flush=True)
-        _shutdown(world_size, status=1)
+    board = outputs.open_tensorboard(args, out) if rank == 0 else None
+    seen, stats = np.zeros(0, dtype=np.int32), {}
+    if args.do_train:
+        try:
+            seen, stats = _train(engine, args, train_blocks, eval_sets, masker, state, total_steps=total_steps,
+                                 rank=rank, world_size=world_size, device_type=device_type, metrics_path=metrics_path,
+                                 ckpt_dir=ckpt_dir, flops_per_token=token_flops, layout=layout, settings=settings,
+                                 clip=clip, start_time=start_time, intervals=intervals, board=board)
+        except Diverged as error:
+            latest = ckpt_dir / "latest"
+            kept = (f"{latest} still names {latest.read_text().strip()}, the last checkpoint before it"
+                    if latest.is_file() else "no checkpoint was saved before it")
+            message = (f"{error}. Nothing from that step on was saved ({kept}; no model written). Lower "
+                       "--learning_rate (or raise --warmup_steps) and start a new run")
+            if world_size == 1:
+                raise Diverged(message) from None
+            if rank == 0:
+                print(f"fastlm train: error: {message}", file=sys.stderr, flush=True)
+            _shutdown(world_size, watchdog, status=1)
 
+    eval_start = time.perf_counter()
     final_eval = evaluate_sets(engine, eval_sets, args=args, rank=rank, world_size=world_size, masker=masker)
+    eval_runtime = time.perf_counter() - eval_start
     ranks = _rank_report(seen, final_eval.get("eval_loss"), world_size=world_size, device=engine.device)
-    _save_model(engine, tokenizer, out / "model", rank)
+    if args.do_train:
+        _save_model(engine, tokenizer, out, rank)
     results = None
     if rank == 0:
         if final_eval:
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"step": state["step"], **final_eval}) + "\n")
+            if board:
+                board.write({"step": state["step"], **final_eval})
         results = {
-            "task": args.task, "steps": state["step"], "epochs": state["step"] / steps_per_epoch,
+            "task": args.task, "steps": state["step"],
+            "epochs": state["step"] / steps_per_epoch if steps_per_epoch else 0.0,
             # Token-weighted, as every logged loss: summed token NLL / target tokens over the whole run.
             "train_loss": state["train_loss_sum"] / max(state["train_loss_count"], 1),
-            **final_eval, "tokens_seen": state["tokens_seen"], "train_blocks": len(train_blocks),
+            **final_eval, "tokens_seen": state["tokens_seen"],
+            "train_blocks": len(train_blocks) if train_blocks is not None else 0,
             "eval_blocks": len(eval_sets[0].blocks) if eval_sets else 0, "world_size": world_size,
             "precision": args.precision, "zero_stage": args.zero_stage, **stats, "ranks": ranks,
-            "wall_time_s": time.time() - start_time,
+            "total_flos": float(token_flops * state["tokens_seen"]), "wall_time_s": time.time() - start_time,
         }
         if n_sources > 1:
             results["train_sources"] = {
@@ -336,8 +368,12 @@ def _run(args, explicit):
                               "tokens_trained": tokens}
                 for source, weight, (tokens, blocks) in zip(train_blocks.sources, train_blocks.weights,
                                                             state["source_trained"])}
-        _write_json(out / "results.json", results)
-        _plot_losses(_read_metrics(metrics_path), out / "loss.png")
+        outputs.write_json(out / "results.json", results)
+        _write_hf_outputs(out, args, results, final_eval, eval_sets=eval_sets, intervals=intervals,
+                          eval_runtime=eval_runtime, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                          world_size=world_size, metrics_path=metrics_path)
+        if board:
+            board.close()
         for eval_set in eval_sets:
             result = {key: final_eval.get(f"eval_{eval_set.name}_{key}") for key in ("loss", "perplexity", "tokens", "bits_per_byte")}
             bpb = f"  bits per byte {result['bits_per_byte']:.4f}" if result["bits_per_byte"] is not None else ""
@@ -345,8 +381,28 @@ def _run(args, explicit):
                   f"over {result['tokens']} tokens", flush=True)
         print(f"[fastlm] outputs in {out}", flush=True)
     del zero3_context
-    _shutdown(world_size)
+    _shutdown(world_size, watchdog)
     return results
+
+
+def _write_hf_outputs(out, args, results, final_eval, *, eval_sets, intervals, eval_runtime, steps_per_epoch,
+                      total_steps, world_size, metrics_path):
+    """Trainer's result files and trainer_state.json, for users comparing with run_clm.py / run_mlm.py."""
+    train = evaluation = None
+    if args.do_train:
+        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+        train = outputs.train_metrics(results, train_samples=results["train_blocks"], global_batch=global_batch)
+        metrics = _read_metrics(metrics_path)
+        outputs.write_trainer_state(out, outputs.trainer_state(
+            metrics, args=args, results=results, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+            intervals=intervals))
+        _plot_losses(metrics, out / "loss.png")
+    if final_eval:
+        n_batches = sum(math.ceil(len(s.blocks) / args.per_device_eval_batch_size) for s in eval_sets)
+        evaluation = outputs.eval_metrics(final_eval, epoch=results["epochs"],
+                                          eval_samples=sum(len(s.blocks) for s in eval_sets),
+                                          runtime=eval_runtime, eval_steps=n_batches)
+    outputs.write_hf_results(out, train=train, evaluation=evaluation)
 
 
 def _universal_if_resharded(ckpt_dir, tag, *, world_size, rank):
@@ -401,8 +457,8 @@ def _save_checkpoint(engine, ckpt_dir, tag, state, *, layout, settings, rank):
     # save_checkpoint ends with a barrier: every rank's files are written.
     files = {str(path.relative_to(directory)): [path.stat().st_size, _sha256(path)]
              for path in sorted(directory.rglob("*")) if path.is_file() and path.name != CHECKPOINT_SETTINGS}
-    _write_json(directory / CHECKPOINT_SETTINGS, {"layout": layout, "settings": settings, "files": files})
-    _write_text(ckpt_dir / "latest", tag)
+    outputs.write_json(directory / CHECKPOINT_SETTINGS, {"layout": layout, "settings": settings, "files": files})
+    outputs.write_text(ckpt_dir / "latest", tag)
 
 
 def _sha256(path):
@@ -413,14 +469,15 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def _latest_checkpoint(ckpt_dir):
-    """(the tag `latest` names, its fastlm.json); one-line errors for a dangling `latest` or a missing or
-    unreadable fastlm.json."""
-    latest = ckpt_dir / "latest"
-    tag = latest.read_text().strip()
-    if not tag or not (ckpt_dir / tag).is_dir():
-        raise ConfigError(f"--resume: {latest} names checkpoint {tag!r}, which is not a directory in {ckpt_dir}; "
-                          "point it at one of the checkpoints there, or start a new run")
+def _checkpoint_to_resume(ckpt_dir, tag=None):
+    """(the tag to resume: `tag`, else the one `latest` names; its fastlm.json); one-line errors for a
+    dangling `latest` or a missing or unreadable fastlm.json."""
+    if tag is None:
+        latest = ckpt_dir / "latest"
+        tag = latest.read_text().strip()
+        if not tag or not (ckpt_dir / tag).is_dir():
+            raise ConfigError(f"--resume: {latest} names checkpoint {tag!r}, which is not a directory in "
+                              f"{ckpt_dir}; point it at one of the checkpoints there, or start a new run")
     path = ckpt_dir / tag / CHECKPOINT_SETTINGS
     try:
         return tag, json.loads(path.read_text())
@@ -505,7 +562,8 @@ def _check_resumable(saved, settings, layout, *, rank):
 
 
 def _train(engine, args, train_blocks, eval_sets, masker, state, *, total_steps, rank, world_size,
-           device_type, metrics_path, ckpt_dir, flops_per_token, layout, settings, clip, start_time):
+           device_type, metrics_path, ckpt_dir, flops_per_token, layout, settings, clip, start_time, intervals,
+           board=None):
     """The loop; advances `state` (the resumable position) and returns this run's throughput.
 
     Every optimizer step's gradient is that of (sum of token losses over all its micro batches and
@@ -514,7 +572,7 @@ def _train(engine, args, train_blocks, eval_sets, masker, state, *, total_steps,
     batch's loss is its summed token NLL x accumulation x ranks / that count, which undoes DeepSpeed's
     division by the accumulation steps (engine.backward) and its average over ranks (the gradient
     all-reduce, ZeRO 0-3). `clip` is the max gradient norm where the loop clips itself (None: DeepSpeed
-    clips and reports the norm).
+    clips and reports the norm). `intervals` (config.Intervals) says when to log, evaluate and save.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -523,8 +581,9 @@ def _train(engine, args, train_blocks, eval_sets, masker, state, *, total_steps,
     accum, shift = args.gradient_accumulation_steps, args.task == "clm"
     bar = tqdm(total=total_steps, initial=state["step"], disable=rank != 0 or args.disable_tqdm,
                desc=f"{args.task} train", dynamic_ncols=True)
-    log = _Logger(engine, args, state, rank=rank, world_size=world_size, metrics_path=metrics_path, bar=bar,
-                  flops_per_token=flops_per_token, device_type=device_type, source_names=train_blocks.names)
+    log = _Logger(engine, state, rank=rank, world_size=world_size, metrics_path=metrics_path, bar=bar,
+                  flops_per_token=flops_per_token, device_type=device_type, source_names=train_blocks.names,
+                  board=board)
     first_step, data_time, step_time, startup_time, tokens = state["step"], 0.0, 0.0, 0.0, 0
     first_step_s = None  # from the start of the run (set-up, data, model, engine) to the first step done
     # Which sample positions this rank trained on in its first epoch: summed over ranks it shows the shares
@@ -585,20 +644,23 @@ def _train(engine, args, train_blocks, eval_sets, masker, state, *, total_steps,
             state["step"] += 1
             if state["step"] == first_step + 1:
                 first_step_s = time.time() - start_time
-            state["epoch"], state["sample"] = ((state["epoch"] + 1, 0) if first + accum == len(dataset)
+            epoch_end = first + accum == len(dataset)
+            state["epoch"], state["sample"] = ((state["epoch"] + 1, 0) if epoch_end
                                                else (state["epoch"], dataset.end_position(first + accum - 1)))
             log.step_done(step_nll, targets=targets, tokens=step_tokens, grad_norm=grad_norm)
-            if log.due(state["step"], total_steps):
+            if intervals.log(state["step"], epoch_end):
                 log.write_window()
             for name, source_epoch in dataset.new_source_epochs(first + accum - 1) if rank == 0 else ():
                 print(f"[fastlm] step {state['step']}: training source {name} ran out of blocks and starts its "
                       f"epoch {source_epoch} (reshuffled; the other sources go on)", flush=True)
-            if eval_sets and args.eval_steps and state["step"] % args.eval_steps == 0 and state["step"] != total_steps:
+            if eval_sets and intervals.evaluate(state["step"], epoch_end):
                 log.write(evaluate_sets(engine, eval_sets, args=args, rank=rank, world_size=world_size, masker=masker))
-            if args.save_steps and state["step"] % args.save_steps == 0:
+            if intervals.save(state["step"], epoch_end):
                 log.flush()  # checks the steps since the last log line: no checkpoint of a diverged model
                 _save_checkpoint(engine, ckpt_dir, f"step{state['step']}", state, layout=layout,
                                  settings=settings, rank=rank)
+                if rank == 0 and args.save_total_limit:
+                    outputs.prune_checkpoints(ckpt_dir, args.save_total_limit)
             step_time += time.perf_counter() - t0
             if state["step"] >= total_steps:
                 break
@@ -607,6 +669,7 @@ def _train(engine, args, train_blocks, eval_sets, masker, state, *, total_steps,
     loop_time = data_time + step_time + startup_time
     return seen, {"data_time_fraction": data_time / (data_time + step_time) if steps else 0.0,
                   "dataloader_startup_s": startup_time, "time_to_first_step_s": first_step_s,
+                  "train_runtime_s": loop_time,
                   "train_steps_per_s": steps / loop_time if steps else 0.0,
                   "train_tokens_per_s_per_rank": tokens / loop_time if steps else 0.0}
 
@@ -687,15 +750,16 @@ class _Logger:
     checkpoint or the end needs it, so the loop makes no host sync of its own per step; then one
     all_reduce sums the pending steps over ranks, a step whose loss or gradient norm is not finite stops
     the run (Diverged, on every rank alike: the sums and norms are global), and the sums move into
-    state["window"]. Every `logging_steps` steps rank 0 appends the window's token-weighted loss (summed
-    NLL / target tokens) to metrics.jsonl. The window holds global sums, so a checkpoint between two
+    state["window"]. At each step config.Intervals.log names, rank 0 appends the window's token-weighted
+    loss (summed NLL / target tokens) to metrics.jsonl. The window holds global sums, so a checkpoint between two
     log lines resumes it on any rank count."""
 
-    def __init__(self, engine, args, state, *, rank, world_size, metrics_path, bar, flops_per_token, device_type,
-                 source_names=("train",)):
+    def __init__(self, engine, state, *, rank, world_size, metrics_path, bar, flops_per_token, device_type,
+                 source_names=("train",), board=None):
         import torch
 
-        self.engine, self.args, self.state, self.rank, self.world_size = engine, args, state, rank, world_size
+        self.engine, self.state, self.rank, self.world_size = engine, state, rank, world_size
+        self.board = board  # outputs.TensorBoard on rank 0 with --report_to tensorboard
         self.metrics_path, self.bar, self.flops_per_token = metrics_path, bar, flops_per_token
         self.pending = []  # (step, summed NLL on the device, targets, tokens, grad norm) since the last flush
         self.peak = None
@@ -707,9 +771,6 @@ class _Logger:
         self.source_names = list(source_names)
         # A mixture's [NLL, targets, tokens, blocks] of each source since the last flush, on this rank's device
         self.source_pending = torch.zeros((len(self.source_names), 4), dtype=torch.float64, device=engine.device)
-
-    def due(self, step, total_steps):
-        return step % self.args.logging_steps == 0 or step == total_steps
 
     def add_source_rows(self, sources, nll, targets, tokens):
         """A mixture micro batch: each row's source, summed NLL, targets and tokens (device tensors)."""
@@ -782,14 +843,19 @@ class _Logger:
 
     def write(self, record):
         if self.rank == 0:
+            record = {"step": self.state["step"], **record}
             with self.metrics_path.open("a") as f:
-                f.write(json.dumps({"step": self.state["step"], **record}) + "\n")
+                f.write(json.dumps(record) + "\n")
+            if self.board:
+                self.board.write(record)
 
 
-def _shutdown(world_size, status=0):
+def _shutdown(world_size, watchdog, status=0):
     """With several ranks, torch's gloo can abort at interpreter exit after a clean run (SIGABRT in
     1-4 of 10 runs): leave the process group in order and exit without running the interpreter's
-    teardown."""
+    teardown. The watchdog stops first: a rank that has finished must not be reported as stopped."""
+    if watchdog:
+        watchdog.stop()
     if world_size == 1:
         return
     import torch.distributed as dist

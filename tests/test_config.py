@@ -65,12 +65,12 @@ def test_json_contradicting_an_explicit_flag_is_rejected(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--config_name", "gpt2-tiny"], "give exactly one training source"),
     (["--train_store", "s", "--train_file", "t.txt", "--config_name", "gpt2-tiny"], "not both"),
-    (["--train_store", "s"], "give exactly one of --model_name_or_path"),
+    (["--train_store", "s"], "give a model: --model_name_or_path (fine-tune), or --config_name / --model_type"),
     (["--train_file", "t.txt", "--config_name", "gpt2-tiny"], "preparing text needs a tokenizer"),
     (["--train_store", "s", "--config_name", "x", "--task", "mlm", "--eval_stride", "8"], "--eval_stride is for CLM"),
     (["--train_store", "s", "--config_name", "x", "--eval_stride", "999"], "--eval_stride must be in [1, block_size=128]"),
-    (["--train_store", "s", "--config_name", "x", "--precision", "fp16"], "fp16 is not supported on CPU"),
-    (["--train_store", "s", "--config_name", "x", "--block_size", "1"], "--block_size must be >= 2 for clm"),
+    (["--train_store", "s", "--config_name", "gpt2-tiny", "--precision", "fp16"], "fp16 is not supported on CPU"),
+    (["--train_store", "s", "--config_name", "gpt2-tiny", "--block_size", "1"], "--block_size must be >= 2 for clm"),
     (["--train_file", "t.txt", "--train_tokenizer", "--vocab_size", "100", "--config_name", "gpt2-tiny"],
      "--vocab_size must be an integer in [257, 4194304]"),
     # The BPE trainer would abort the process (SIGABRT) reserving ~70 GB for this size.
@@ -91,10 +91,214 @@ def test_resume_without_checkpoint_is_rejected(tmp_path, capsys):
     assert "--resume: no checkpoint" in capsys.readouterr().err
 
 
+def _factors(args, total_steps, steps):
+    import torch
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    (factor,) = config.lr_schedule(args, total_steps)(optimizer).lr_lambdas
+    return [factor(s) for s in steps]
+
+
 def test_lr_schedule_warms_up_then_decays():
     args, _ = _args("--warmup_steps", "4", "--lr_scheduler_type", "linear")
-    linear = config.lr_schedule(args, 12)
-    assert [linear(s) for s in (0, 2, 4, 8, 12)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+    assert _factors(args, 12, (0, 2, 4, 8, 12)) == [0.0, 0.5, 1.0, 0.5, 0.0]
     args.lr_scheduler_type = "cosine"
-    cosine = config.lr_schedule(args, 12)
-    assert cosine(4) == 1.0 and cosine(8) == pytest.approx(0.5) and cosine(12) == pytest.approx(0.0)
+    cosine = _factors(args, 12, (4, 8, 12))
+    assert cosine[0] == 1.0 and cosine[1] == pytest.approx(0.5) and cosine[2] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("argv, steps, expected", [
+    # TrainingArguments' warmup below 1 is a fraction of the run: 0.25 of 12 steps = 3
+    (["--warmup_steps", "0.25"], (0, 3, 12), [0.0, 1.0, 0.0]),
+    (["--warmup_ratio", "0.25"], (0, 3, 12), [0.0, 1.0, 0.0]),
+    # HF's constant has no warmup even when one is given; constant_with_warmup has
+    (["--lr_scheduler_type", "constant", "--warmup_steps", "4"], (0, 12), [1.0, 1.0]),
+    (["--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "4"], (0, 2, 12), [0.0, 0.5, 1.0]),
+    (["--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs", '{"min_lr_rate": 0.1}'], (0, 12), [1.0, 0.1]),
+])
+def test_hf_scheduler_names_and_warmup_forms(argv, steps, expected):
+    args, _ = _args(*argv)
+    assert _factors(args, 12, steps) == pytest.approx(expected)
+
+
+def test_scheduler_arguments_are_checked_before_anything_starts():
+    args, _ = _args("--lr_scheduler_type", "cosine_with_min_lr")  # needs min_lr or min_lr_rate
+    with pytest.raises(config.ConfigError, match="--lr_scheduler_type cosine_with_min_lr with --lr_scheduler_kwargs {}"):
+        config.check_lr_schedule(args, 10)
+
+
+# --- Hugging Face flags ------------------------------------------------------------------------------------------------
+
+def test_every_training_arguments_flag_is_honoured_or_judged():
+    """A TrainingArguments flag is an Args field or has a verdict (no effect: warning; impossible: error), so
+    none falls through to argparse's bare "unrecognized arguments"."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from fastlm import hf_flags
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    assert fields - {f.name for f in dataclasses.fields(config.Args)} - set(hf_flags.FOREIGN) == set()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fsdp", "full_shard"], "--fsdp is not supported: the runner shards with DeepSpeed ZeRO"),
+    (["--streaming"], "--streaming is not supported: the runner reads a memory-mapped token store"),
+    (["--use_fast_tokenizer", "false"], "--use_fast_tokenizer is not supported"),
+    (["--optim", "adafactor"], "--optim adafactor is not supported: the runner trains with AdamW"),
+    (["--lr_scheduler_type", "reduce_lr_on_plateau"], "it steps on evaluation metrics"),
+    (["--save_strategy", "best"], "--save_strategy best is not supported"),
+    (["--label_smoothing_factor", "0.1"], "--label_smoothing_factor is not supported"),
+    (["--bf16", "--fp16"], "--bf16 and --fp16 are both set"),
+    (["--lr_scheduler_kwargs", "[1]"], "--lr_scheduler_kwargs must be a JSON object"),
+    (["--tpu_num_cores", "8"], "unrecognized arguments: --tpu_num_cores 8"),
+])
+def test_hf_flags_that_cannot_be_honoured_are_one_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _args(*argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_hf_flags_without_effect_warn_and_values_that_change_nothing_pass(capsys):
+    _args("--push_to_hub", "--hub_model_id", "me/model", "--report_to", "wandb", "--dataloader_drop_last",
+          "--use_fast_tokenizer", "--label_smoothing_factor", "0.0", "--push_to_hub", "false", "--log_level", "passive")
+    err = capsys.readouterr().err
+    assert "--hub_model_id has no effect here: fastlm never uploads" in err
+    assert "--report_to wandb has no effect here" in err
+    # the last --push_to_hub (false) wins; the others ask for what the runner does anyway
+    for quiet in ("push_to_hub", "dataloader_drop_last", "use_fast_tokenizer", "label_smoothing", "log_level"):
+        assert quiet not in err
+
+
+def test_hf_spellings_map_onto_the_runner():
+    args, _ = _args("--bf16", "--max_seq_length", "64", "--max_steps", "-1", "--num_train_epochs", "2.5",
+                    "--no_keep_linebreaks", "--do_train", "True", "--evaluation_strategy", "steps", "--logging_steps",
+                    "20", "--save_strategy", "steps", "--torch_dtype", "auto", "--report_to", "all")
+    assert args.precision == "bf16" and args.block_size == 64 and args.max_steps == 0
+    assert args.num_train_epochs == 2.5 and args.keep_linebreaks is False
+    # eval_strategy steps turns evaluation on, every logging_steps (TrainingArguments' rules)
+    assert args.do_train and args.do_eval and args.eval_steps == 20
+    assert args.save_steps == 500 and args.report_to == ["tensorboard"]
+    alone, _ = _args("--do_eval")
+    assert alone.do_eval and not alone.do_train
+    neither, _ = _args()
+    assert neither.do_train and neither.do_eval and neither.task == "clm"  # gpt2-tiny: resolved while parsing
+
+
+def test_a_run_clm_arguments_file(tmp_path):
+    """`run_clm.py args.json`: a single .json argument holds the flags."""
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"train_store": "s", "model_type": "gpt2", "do_train": True, "num_train_epochs": 2,
+                                "report_to": ["none"], "lr_scheduler_kwargs": {"num_cycles": 2}}))
+    args, _ = config.parse_args([str(path)])
+    assert args.model_type == "gpt2" and args.do_train and not args.do_eval and args.num_train_epochs == 2.0
+    assert args.lr_scheduler_kwargs == {"num_cycles": 2} and args.report_to == []
+
+
+@pytest.mark.parametrize("argv, task", [
+    (["--config_name", "gpt2-tiny"], "clm"), (["--config_name", "roberta-tiny"], "mlm"),
+    (["--model_type", "bert"], "mlm"), (["--model_type", "llama"], "clm"),
+    (["--model_type", "bert", "--task", "clm"], "clm"),
+])
+def test_task_follows_the_model_unless_given(argv, task):
+    args, _ = config.parse_args(["--train_store", "s", *argv])
+    assert config.resolve_task(args) == task
+
+
+def test_intervals_follow_hf_strategies():
+    args, _ = _args("--logging_steps", "0.25", "--eval_strategy", "epoch", "--save_steps", "3", "--logging_first_step")
+    every = config.Intervals(args, 12)
+    assert [s for s in range(1, 13) if every.log(s)] == [1, 3, 6, 9, 12]  # a quarter of the run, first and last
+    assert every.evaluate(4, epoch_end=True) and not every.evaluate(4) and not every.evaluate(12, epoch_end=True)
+    assert [s for s in range(1, 13) if every.save(s)] == [3, 6, 9, 12]
+    args, _ = _args("--logging_strategy", "no", "--save_steps", "2.5")
+    with pytest.raises(config.ConfigError, match="--save_steps must be a whole number"):
+        config.Intervals(args, 12)
+
+
+# --- output directory and checkpoints ------------------------------------------------------------------------------------
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "out").write_text("not a directory")
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["--train_store", "s", "--config_name", "gpt2-tiny", "--output_dir", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert f"--output_dir {tmp_path / 'out'} is a file" in capsys.readouterr().err
+
+
+def test_resume_from_checkpoint_forms(tmp_path):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "step4").mkdir(parents=True)
+    (checkpoints / "step4" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (checkpoints / "latest").write_text("step4")
+    for given, expected in [(None, (checkpoints, None)), (str(tmp_path / "run"), (checkpoints, None)),
+                            (str(checkpoints), (checkpoints, None)), (str(checkpoints / "step4"), (checkpoints, "step4"))]:
+        args, _ = _args("--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", *([given] if given else []))
+        assert args.resume and config.resume_point(args) == expected
+    args, _ = _args("--resume_from_checkpoint", str(tmp_path))
+    with pytest.raises(config.ConfigError, match="not a checkpoint"):
+        config.resume_point(args)
+    args, _ = _args("--output_dir", str(tmp_path / "run"), "--resume", "--overwrite_output_dir")
+    with pytest.raises(config.ConfigError, match="give one of them"):
+        config.check_args(args)
+
+
+def test_save_total_limit_never_deletes_the_latest(tmp_path):
+    from fastlm import outputs
+
+    for step in (2, 4, 6, 8):
+        (tmp_path / f"step{step}").mkdir()
+    (tmp_path / "latest").write_text("step4")  # e.g. a resumed run that saved again
+    outputs.prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step4", "step8"]
+
+
+# --- DeepSpeed JSON ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "a DeepSpeed config is a JSON object ({...}), this file holds a list"),
+    ('{"zero_optimization": {"stage": 1, "overlap_com": true}}', "DeepSpeedZeroConfig: overlap_com: Extra inputs are not permitted"),
+    ('{"bf16": {"enabled": "maybe"}}', "DeepSpeedBF16Config: enabled: Input should be a valid boolean"),
+])
+def test_a_bad_deepspeed_json_is_one_line_before_anything_starts(content, message, tmp_path, capsys):
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(content)
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["--train_store", "missing", "--config_name", "gpt2-tiny", "--deepspeed", str(cfg),
+                  "--output_dir", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_unknown_top_level_deepspeed_keys_are_named(tmp_path, capsys):
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"zero_optimisation": {"stage": 2}, "wall_clock_breakdown": False,
+                               "activation_checkpointing": {}, "train_micro_batch_size_per_gpu": "auto"}))
+    args, explicit = _args("--deepspeed", str(cfg))
+    config.build_ds_config(args, world_size=1, device_type="cpu", explicit=explicit)
+    err = capsys.readouterr().err
+    assert "does not know the top-level key(s) zero_optimisation and ignores them" in err
+    assert "wall_clock_breakdown" not in err and "activation_checkpointing" not in err
+
+
+def test_report_to_tensorboard_writes_events_or_says_it_cannot(tmp_path, capsys):
+    import importlib.util
+
+    from fastlm import outputs
+
+    args, _ = _args("--report_to", "tensorboard", "--logging_dir", str(tmp_path / "tb"))
+    board = outputs.open_tensorboard(args, tmp_path)
+    if importlib.util.find_spec("tensorboard") is None:
+        assert board is None
+        assert "the tensorboard package is not installed" in capsys.readouterr().err
+    else:
+        board.write({"step": 1, "loss": 2.5, "lr": 1e-3})
+        board.close()
+        assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+    args, _ = _args("--report_to", "none")
+    assert outputs.open_tensorboard(args, tmp_path) is None

@@ -78,7 +78,7 @@ def test_a_run_on_two_nodes_with_node_local_caches(tmp_path):
     logs = [proc.communicate(timeout=400)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert "not shared with rank 0 (a node-local disk); this node prepares its own copy" in logs[1]
-    copies = [next((tmp_path / f"cache{rank}").iterdir()) for rank in range(2)]
+    copies = [next(p for p in (tmp_path / f"cache{rank}").iterdir() if p.is_dir()) for rank in range(2)]  # not its .lock
     for name in ("train", "validation"):
         assert (copies[0] / name / "tokens.bin").read_bytes() == (copies[1] / name / "tokens.bin").read_bytes()
     results = json.loads((tmp_path / "out" / "results.json").read_text())

@@ -213,28 +213,38 @@ class _Killed(BaseException):
     pass
 
 
-def test_saving_the_model_replaces_the_old_one_only_once_the_new_one_is_in_place(gpt2_tok, tmp_path, monkeypatch):
-    """A kill at the moment the old model's files are first deleted must leave a whole model/ behind:
-    the new one, already moved in."""
-    from transformers import AutoModelForCausalLM
+def test_the_model_is_saved_at_the_output_dir_and_never_half_replaced(gpt2_tok, tmp_path, monkeypatch):
+    """The model and tokenizer land in output_dir itself (from_pretrained(output_dir), as after run_clm.py),
+    beside the run's other files. A kill while the new files move in leaves no config.json: from_pretrained
+    refuses the directory instead of loading old and new weights mixed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    (model_dir / "OLD").write_text("the previous model")
-    real_rmtree = shutil.rmtree
+    from fastlm import outputs
 
-    def rmtree(path, *args, **kwargs):
-        if any(p.name == "OLD" for p in Path(path).rglob("*")):
+    _tiny_gpt(len(gpt2_tok), seed=1).save_pretrained(tmp_path)  # an earlier run's model
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == outputs.MODEL_CONFIG:
             raise _Killed
-        real_rmtree(path, *args, **kwargs)
+        real_replace(src, dst)
 
-    monkeypatch.setattr(shutil, "rmtree", rmtree)
     engine = _PlainEngine(_tiny_gpt(len(gpt2_tok)))
     engine.zero_optimization_partition_weights = lambda: False
+    monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(_Killed):
-        run._save_model(engine, gpt2_tok, model_dir, rank=0)
-    assert not (model_dir / "OLD").exists()
-    assert AutoModelForCausalLM.from_pretrained(model_dir).config.n_embd == 64
+        run._save_model(engine, gpt2_tok, tmp_path, rank=0)
+    monkeypatch.undo()
+    assert not (tmp_path / "config.json").exists()
+    with pytest.raises((OSError, ValueError), match="config.json|model_type"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    run._save_model(engine, gpt2_tok, tmp_path, rank=0)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).get_vocab() == gpt2_tok.get_vocab()
+    for name, tensor in model.state_dict().items():
+        assert tensor.equal(engine.module.state_dict()[name]), name
+    assert (tmp_path / "metrics.jsonl").read_text() == "{}\n" and not (tmp_path / ".tmp-model").exists()
 
 
 def test_evaluation_weights_ragged_batches_by_tokens(clm_stores):
@@ -340,7 +350,7 @@ def test_saved_model_loads_and_matches_trainer_perplexity(clm_run, clm_stores, t
     from fastlm.store import TokenStore
 
     out, results = clm_run
-    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    model = AutoModelForCausalLM.from_pretrained(out)
     store = TokenStore.open(clm_stores[1])
     blocks = pack_blocks(store.tokens, store.offsets, 64)
     rows = blocks.gather(np.arange(len(blocks)))
@@ -500,7 +510,7 @@ def dropout_free_run(clm_stores, dropout_free, tmp_path_factory):
 def _weights(out):
     from safetensors.torch import load_file
 
-    return load_file(Path(out) / "model" / "model.safetensors")
+    return load_file(Path(out) / "model.safetensors")
 
 
 def _relative_distance(a, b):
@@ -629,7 +639,7 @@ def test_resume_is_exact_across_an_epoch_boundary_with_accumulation(clm_stores, 
 def test_fine_tunes_from_a_save_pretrained_directory(clm_run, clm_stores, tmp_path):
     out, results = clm_run
     args = _clm_args(clm_stores, tmp_path, "--max_steps", "3", "--learning_rate", "1e-4")
-    args[args.index("--config_name"):args.index("--config_name") + 2] = ["--model_name_or_path", str(out / "model")]
+    args[args.index("--config_name"):args.index("--config_name") + 2] = ["--model_name_or_path", str(out)]
     tuned = run.train(args)
     first = _train_losses(tmp_path)[1]
     assert first < _train_losses(out)[1] - 1.0  # it started from the trained weights, not from scratch
@@ -645,7 +655,7 @@ def test_embeddings_grow_to_the_tokenizer(clm_stores, tmp_path):
     from fastlm.cli import main as fastlm_command
 
     assert fastlm_command(["train", *args]) == 0  # `fastlm train ...` exits 0
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").get_input_embeddings().num_embeddings == 1024
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").get_input_embeddings().num_embeddings == 1024
 
 
 @pytest.mark.parametrize("stage, precision", [(1, "fp32"), (2, "bf16"), (3, "fp32")])
@@ -659,7 +669,7 @@ def test_zero_stages_train(stage, precision, clm_stores, tmp_path):
     assert results["zero_stage"] == stage and results["precision"] == precision
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert all(p.abs().sum() > 0 for p in model.parameters())  # ZeRO-3 gathered real weights
 
 
@@ -678,8 +688,8 @@ def test_mlm_run_learns_and_matches_trainer_with_the_same_fixed_masks(mlm_stores
     losses = _train_losses(tmp_path)
     assert np.mean([losses[s] for s in (10, 11, 12)]) < np.mean([losses[s] for s in (1, 2, 3)]) - 0.5
 
-    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "model")
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     store = TokenStore.open(mlm_stores[1])
     blocks = pack_blocks(store.tokens, store.offsets, 64)
     masker = data.make_masker(config.parse_args(["--task", "mlm", "--seed", "3"])[0], tokenizer)
@@ -763,9 +773,9 @@ def test_dataset_with_document_packing_and_strided_evaluation(text_files, tmp_pa
                 ).save_to_disk(tmp_path / "wiki")
     argv = ["--dataset_name", str(tmp_path / "wiki"), "--train_tokenizer", "--vocab_size", "512",
             "--config_name", "gpt2-tiny", "--block_size", "64", "--packing", "documents", "--eval_stride", "32",
-            "--max_steps", "2", "--output_dir", str(tmp_path / "out"), *TINY]
+            "--max_steps", "2", "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), *TINY]
     results = run.train(argv)
-    (cache,) = (tmp_path / "out" / "data").iterdir()
+    (cache,) = (p for p in (tmp_path / "cache").iterdir() if p.is_dir())
     eval_store = TokenStore.open(cache / "validation")
     assert results["eval_tokens"] == eval_store.tokens.shape[0] - 1
     assert results["steps"] == 2 and math.isfinite(results["perplexity"])
@@ -802,7 +812,7 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step1"
     run._verify_checkpoint(tmp_path / "checkpoints" / "step1",
                            json.loads((tmp_path / "checkpoints" / "step1" / run.CHECKPOINT_SETTINGS).read_text())["files"])
-    assert not (tmp_path / "model").exists() and not (tmp_path / "results.json").exists()
+    assert not (tmp_path / "config.json").exists() and not (tmp_path / "results.json").exists()
 
 
 @pytest.mark.parametrize("stage", [0, 2])
@@ -827,7 +837,7 @@ def test_a_non_finite_gradient_stops_the_run_at_its_own_step(stage, clm_stores, 
     with pytest.raises(run.Diverged, match=r"training diverged at step 3: loss \d.*gradient norm (nan|inf)"):
         run.train(argv)
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step2"
-    assert not (tmp_path / "checkpoints" / "step4").exists() and not (tmp_path / "model").exists()
+    assert not (tmp_path / "checkpoints" / "step4").exists() and not (tmp_path / "config.json").exists()
 
 
 def _flip_a_bit(path):

@@ -1,0 +1,130 @@
+"""Hugging Face flags the runner accepts without implementing them.
+
+A run_clm.py / run_mlm.py command line (or a TrainingArguments set) should run unchanged under
+`deepspeed fastlm/run.py`. The flags the runner honours are fields of fastlm.config.Args; the ones here
+are either without effect in this runner (a warning says why, the run goes on) or impossible to honour
+(one error that names the flag and says why, before anything starts). A value that asks for what the
+runner does anyway (`--push_to_hub false`, `--dataloader_drop_last`) passes silently. Any other
+TrainingArguments flag is refused by name.
+"""
+import dataclasses
+
+FALSY = frozenset({"false", "f", "no", "n", "0", "0.0", "none", ""})
+TRUTHY = frozenset({"true", "t", "yes", "y", "1"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Foreign:
+    fatal: bool  # True: the run cannot honour it; False: it has no effect here
+    reason: str
+    silent: frozenset = FALSY  # values (lower case) that ask for what the runner does anyway
+
+
+def _no_effect(reason, silent=FALSY):
+    return Foreign(False, reason, frozenset(silent))
+
+
+def _unsupported(reason, silent=FALSY):
+    return Foreign(True, reason, frozenset(silent))
+
+
+_HUB = _no_effect("fastlm never uploads; push --output_dir yourself (it holds the model and tokenizer)")
+_TRACKERS = _no_effect("it only names runs for trackers fastlm does not report to (--report_to tensorboard is supported)")
+_DDP = _no_effect("DeepSpeed, not DDP, reduces the gradients here; set its options in a --deepspeed JSON")
+_LOADER = _no_effect("the runner's DataLoader settings are fixed: batches are gathered from a memory map in "
+                     "microseconds, memory is pinned on GPUs")
+_EVAL_OUTPUTS = _no_effect("fastlm's evaluation computes loss, perplexity and token counts only")
+_COLUMNS = _no_effect("batches come from the token store, not from dataset columns")
+_BEST = _unsupported("fastlm keeps the final model and does not track a best checkpoint; pick one from "
+                     "metrics.jsonl and --resume_from_checkpoint it")
+_COMPILE = _unsupported("the runner does not torch.compile the DeepSpeed engine")
+_ACCELERATE = _unsupported("the runner drives DeepSpeed directly, not accelerate; use --deepspeed cfg.json")
+_LOGS = _no_effect("fastlm prints progress on rank 0 only and writes metrics.jsonl", {"passive", "warning", "info"})
+
+FOREIGN = {
+    # run_clm.py / run_mlm.py model and data arguments
+    "token": _no_effect("set HF_TOKEN in the environment for private hub files"),
+    "use_fast_tokenizer": _unsupported("fastlm tokenizes with the fast (Rust) tokenizer only", TRUTHY),
+    "low_cpu_mem_usage": _no_effect("transformers 5 always loads weights this way"),
+    "streaming": _unsupported("the runner reads a memory-mapped token store; `fastlm prepare` streams any corpus "
+                              "into one with flat memory, and the runner does so itself for --train_file"),
+    "pad_to_max_length": _no_effect("every block is padded to --block_size anyway (the loss is the same)", TRUTHY),
+    # TrainingArguments
+    "push_to_hub": _HUB, "hub_token": _HUB, "hub_private_repo": _HUB, "hub_model_id": _HUB, "hub_revision": _HUB,
+    "hub_strategy": _no_effect(_HUB.reason, {"every_save"}), "hub_always_push": _HUB,
+    "run_name": _TRACKERS, "project": _no_effect(_TRACKERS.reason, {"huggingface"}), "trackio_space_id": _TRACKERS,
+    "trackio_bucket_id": _TRACKERS, "trackio_static_space_id": _TRACKERS,
+    "log_level": _LOGS, "log_level_replica": _LOGS, "log_on_each_node": _no_effect(_LOGS.reason, TRUTHY),
+    "logging_nan_inf_filter": _no_effect("metrics.jsonl logs every loss as it is", TRUTHY),
+    "ddp_find_unused_parameters": _DDP, "ddp_bucket_cap_mb": _DDP, "ddp_broadcast_buffers": _DDP,
+    "ddp_static_graph": _DDP,
+    "dataloader_pin_memory": _no_effect(_LOADER.reason, TRUTHY), "dataloader_persistent_workers": _LOADER,
+    "dataloader_prefetch_factor": _LOADER, "dataloader_in_order": _no_effect(_LOADER.reason, TRUTHY),
+    "dataloader_multiprocessing_context": _LOADER,
+    "dataloader_drop_last": _no_effect("the runner always drops the tail that does not fill an optimizer step", TRUTHY),
+    "prediction_loss_only": _no_effect(_EVAL_OUTPUTS.reason, TRUTHY), "eval_accumulation_steps": _EVAL_OUTPUTS,
+    "eval_do_concat_batches": _no_effect(_EVAL_OUTPUTS.reason, TRUTHY), "eval_use_gather_object": _EVAL_OUTPUTS,
+    "batch_eval_metrics": _EVAL_OUTPUTS, "include_for_metrics": _EVAL_OUTPUTS, "skip_memory_metrics": _no_effect(
+        "fastlm reports no memory metrics", TRUTHY),
+    "include_num_input_tokens_seen": _no_effect("metrics.jsonl always logs tokens_seen", FALSY | TRUTHY | {"all", "non_padding"}),
+    "average_tokens_across_devices": _no_effect("the runner's losses are averaged as DeepSpeed averages them", TRUTHY),
+    "remove_unused_columns": _no_effect(_COLUMNS.reason, TRUTHY), "label_names": _COLUMNS,
+    "length_column_name": _no_effect(_COLUMNS.reason, {"length"}),
+    "do_predict": _no_effect("run_clm.py and run_mlm.py have no test split either"),
+    "debug": _no_effect("no debug modes here"),
+    "torch_empty_cache_steps": _no_effect("the runner never empties the CUDA cache"),
+    "save_on_each_node": _no_effect("rank 0 writes the model; every rank writes its own DeepSpeed checkpoint shards"),
+    "save_safetensors": _no_effect("the model is always saved as safetensors", TRUTHY),
+    "full_determinism": _no_effect("the data order and masks are already deterministic; kernels are torch's own"),
+    "restore_callback_states_from_checkpoint": _no_effect("the runner has no callbacks"),
+    "ignore_data_skip": _no_effect("resume restarts at the exact batch without replaying the ones before it"),
+    "use_cache": _no_effect("training never uses the KV cache"),
+    "use_cpu": _no_effect("the runner uses a GPU whenever one is visible; hide them with CUDA_VISIBLE_DEVICES= "
+                          "to train on the CPU"),
+    "overwrite_output_dir": None,  # an Args field; listed so no table claims it
+    "auto_find_batch_size": _unsupported("set --per_device_train_batch_size (and --gradient_accumulation_steps) yourself"),
+    "label_smoothing_factor": _unsupported("the runner trains on the model's own loss, without label smoothing",
+                                           FALSY | {"0.", ".0"}),
+    "load_best_model_at_end": _BEST, "metric_for_best_model": _BEST, "greater_is_better": _BEST,
+    "torch_compile": _COMPILE, "torch_compile_backend": _COMPILE, "torch_compile_mode": _COMPILE,
+    "fsdp": _unsupported("the runner shards with DeepSpeed ZeRO: use --zero_stage 3 (or a --deepspeed JSON)"),
+    "fsdp_config": _unsupported("the runner shards with DeepSpeed ZeRO: use --zero_stage 3 (or a --deepspeed JSON)"),
+    "accelerator_config": _ACCELERATE, "parallelism_config": _ACCELERATE,
+    "optim_args": _unsupported("the optimizer is AdamW, set by --adam_beta1/--adam_beta2/--adam_epsilon/--weight_decay"),
+    "optim_target_modules": _unsupported("the optimizer trains every parameter"),
+    "use_liger_kernel": _unsupported("Liger kernels are not wired into the runner"),
+    "liger_kernel_config": _unsupported("Liger kernels are not wired into the runner"),
+    "neftune_noise_alpha": _unsupported("NEFTune noise is not implemented"),
+    "save_only_model": _unsupported("DeepSpeed checkpoints always carry the optimizer state, so resume is exact"),
+    "data_seed": _unsupported("the sample order is keyed by --seed; set that instead"),
+    "eval_delay": _unsupported("evaluation follows --eval_strategy from the first step", FALSY | {"0."}),
+    "eval_on_start": _unsupported("there is no evaluation before the first step; run once with --do_eval alone"),
+    "bf16_full_eval": _unsupported("evaluation runs in the training precision"),
+    "fp16_full_eval": _unsupported("evaluation runs in the training precision"),
+    "activation_checkpointing": _unsupported("use --gradient_checkpointing"),
+    "activation_checkpointing_kwargs": _unsupported("use --gradient_checkpointing_kwargs"),
+    "enable_jit_checkpoint": _unsupported("DeepSpeed checkpoints are written every --save_steps"),
+    "train_sampling_strategy": _unsupported("blocks are sampled uniformly by an epoch-seeded shuffle", {"random"}),
+    "group_by_length": _unsupported("blocks all have --block_size tokens; there is nothing to group"),
+}
+FOREIGN = {name: rule for name, rule in FOREIGN.items() if rule is not None}
+
+
+def judge(name, value):
+    """(fatal, message) for a foreign flag given on the command line, or None when its value asks for what
+    the runner does anyway. `value` is the string given, or True for a bare flag."""
+    rule = FOREIGN[name]
+    text = "true" if value is True else str(value).strip().lower()
+    if text in rule.silent:
+        return None
+    if rule.fatal:
+        return True, f"--{name} is not supported: {rule.reason}"
+    return False, f"--{name} has no effect here: {rule.reason}"
+
+
+def is_hf_flag(name):
+    """Whether --name is one of TrainingArguments' flags (imported only when an unknown flag turns up)."""
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return name in fields or (name.startswith("no_") and name[3:] in fields)

@@ -1,0 +1,183 @@
+"""What a run leaves in --output_dir in Hugging Face's layout, beside fastlm's own metrics.jsonl, results.json
+and loss.png: the model and tokenizer at the top (`from_pretrained(output_dir)`, as after run_clm.py),
+all_results.json / train_results.json / eval_results.json with Trainer's keys, a trainer_state.json-like log
+history, tensorboard event files; and the upkeep of the checkpoints directory.
+
+Every file is written atomically (temporary name, then rename).
+"""
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from fastlm.config import warn
+
+# from_pretrained needs config.json: it goes last when a model is published and first when one is replaced.
+MODEL_CONFIG = "config.json"
+
+
+def write_text(path, text):
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj, **dump_args):
+    write_text(path, json.dumps(obj, indent=dump_args.pop("indent", 2), **dump_args) + "\n")
+
+
+def publish_model(staged, out):
+    """Move the files of a save_pretrained directory into `out`, which holds other files too. The old
+    config.json goes first and the new one comes last, so a kill in between leaves a directory that
+    from_pretrained refuses (no config) rather than one mixing old and new weights."""
+    (out / MODEL_CONFIG).unlink(missing_ok=True)
+    files = sorted(staged.iterdir(), key=lambda p: p.name == MODEL_CONFIG)
+    for path in files:
+        target = out / path.name
+        if path.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        os.replace(path, target)
+    staged.rmdir()
+
+
+# --- Trainer's result files ---------------------------------------------------------------------------
+
+def _hf_dump(path, obj):
+    write_json(path, obj, indent=4, sort_keys=True)  # as Trainer.save_metrics writes them
+
+
+def train_metrics(results, *, train_samples, global_batch):
+    """run_clm.py's train_results.json from results.json: Trainer's keys and units."""
+    runtime = results["train_runtime_s"]
+    steps = results["steps"]
+    return {"epoch": results["epochs"], "total_flos": results["total_flos"], "train_loss": results["train_loss"],
+            "train_runtime": round(runtime, 4), "train_samples": train_samples,
+            "train_samples_per_second": round(steps * global_batch / runtime, 3) if runtime else 0.0,
+            "train_steps_per_second": round(steps / runtime, 3) if runtime else 0.0}
+
+
+def eval_metrics(final_eval, *, epoch, eval_samples, runtime, eval_steps):
+    """run_clm.py's eval_results.json: Trainer's keys plus perplexity = exp(eval_loss) (see the README for
+    how fastlm's token-weighted eval_loss relates to Trainer's), and fastlm's own eval_* values (tokens,
+    bits per byte, each evaluation set's as eval_<name>_*). Samples and steps count every set."""
+    return {**{key: value for key, value in final_eval.items() if key.startswith("eval_")},
+            "epoch": epoch, "perplexity": final_eval["perplexity"],
+            "eval_runtime": round(runtime, 4), "eval_samples": eval_samples,
+            "eval_samples_per_second": round(eval_samples / runtime, 3) if runtime else 0.0,
+            "eval_steps_per_second": round(eval_steps / runtime, 3) if runtime else 0.0}
+
+
+def write_hf_results(out, *, train=None, evaluation=None):
+    """train_results.json, eval_results.json and all_results.json (the union), as run_clm.py leaves them."""
+    if train:
+        _hf_dump(out / "train_results.json", train)
+    if evaluation:
+        _hf_dump(out / "eval_results.json", evaluation)
+    _hf_dump(out / "all_results.json", {**(train or {}), **(evaluation or {})})
+
+
+def trainer_state(metrics, *, args, results, steps_per_epoch, total_steps, intervals):
+    """trainer_state.json's fields, its log_history rebuilt from metrics.jsonl (epochs as fractions,
+    `lr` as `learning_rate`, evaluations as `eval_loss`)."""
+    history = []
+    for record in metrics:
+        entry = {"step": record["step"], "epoch": round(record["step"] / steps_per_epoch, 4)}
+        if "loss" in record:
+            entry.update(loss=record["loss"], learning_rate=record["lr"], num_input_tokens_seen=record["tokens_seen"])
+            if "grad_norm" in record:
+                entry["grad_norm"] = record["grad_norm"]
+        elif "eval_loss" in record:
+            entry.update(eval_loss=record["eval_loss"], eval_perplexity=record["perplexity"])
+        else:
+            continue
+        history.append(entry)
+    history.append({"step": results["steps"], "epoch": results["epochs"], "total_flos": results["total_flos"],
+                    "train_loss": results["train_loss"], "train_runtime": results["train_runtime_s"]})
+    every = lambda value: value if isinstance(value, int) else 0  # noqa: E731  ("epoch"/"no" have no step count)
+    return {"best_global_step": None, "best_metric": None, "best_model_checkpoint": None,
+            "epoch": results["epochs"], "global_step": results["steps"], "max_steps": total_steps,
+            "num_train_epochs": math.ceil(total_steps / steps_per_epoch), "logging_steps": every(intervals.log_every),
+            "eval_steps": every(intervals.eval_every), "save_steps": every(intervals.save_every),
+            "train_batch_size": args.per_device_train_batch_size, "num_input_tokens_seen": results["tokens_seen"],
+            "total_flos": results["total_flos"], "log_history": history, "is_hyper_param_search": False,
+            "is_local_process_zero": True, "is_world_process_zero": True, "stateful_callbacks": {},
+            "trial_name": None, "trial_params": None}
+
+
+def write_trainer_state(out, state):
+    write_json(out / "trainer_state.json", state, sort_keys=True)
+
+
+# --- tensorboard --------------------------------------------------------------------------------------
+
+class TensorBoard:
+    """Event files under Trainer's tags (train/loss, train/learning_rate, eval/loss, ...)."""
+
+    _TAGS = {"lr": "train/learning_rate", "eval_loss": "eval/loss", "perplexity": "eval/perplexity",
+             "eval_tokens": "eval/tokens"}
+
+    def __init__(self, log_dir):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def write(self, record):
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(self._TAGS.get(key, f"train/{key}"), value, step)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+def open_tensorboard(args, out):
+    """A TensorBoard for --report_to tensorboard (in --logging_dir, default <output_dir>/runs/<time>_<host>
+    as Trainer names it), or None: not asked for, or the tensorboard package is not installed (a warning)."""
+    if "tensorboard" not in args.report_to:
+        return None
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it; the import error says nothing useful)
+    except ImportError:
+        warn("--report_to tensorboard: the tensorboard package is not installed (pip install tensorboard); "
+             "metrics go to metrics.jsonl only")
+        return None
+    log_dir = args.logging_dir or out / "runs" / f"{time.strftime('%b%d_%H-%M-%S')}_{socket.gethostname()}"
+    return TensorBoard(log_dir)
+
+
+# --- checkpoints --------------------------------------------------------------------------------------
+
+_STEP_TAG = re.compile(r"step(\d+)")
+
+
+def clear_checkpoints(directory):
+    """--overwrite_output_dir: one rename takes the whole directory out of reach (no later --resume can
+    find an old checkpoint even if the deletion below is interrupted), then it is deleted."""
+    if not directory.exists():
+        return
+    trash = directory.with_name(f".tmp-old-checkpoints-{os.getpid()}")
+    os.replace(directory, trash)
+    shutil.rmtree(trash)
+
+
+def prune_checkpoints(directory, keep):
+    """--save_total_limit: keep `keep` step checkpoints, the one `latest` names and the newest others."""
+    latest_file = directory / "latest"
+    latest = latest_file.read_text().strip() if latest_file.is_file() else None
+    steps = {p: _STEP_TAG.fullmatch(p.name) for p in directory.iterdir() if p.is_dir()}
+    tags = sorted((p for p, m in steps.items() if m), key=lambda p: int(steps[p].group(1)))
+    kept = {latest} & {p.name for p in tags}
+    for path in reversed(tags):
+        if len(kept) >= keep:
+            break
+        kept.add(path.name)
+    for path in (p for p in tags if p.name not in kept):
+        trash = path.with_name(f".tmp-deleted-{path.name}")
+        os.replace(path, trash)  # a half-deleted checkpoint never sits under a loadable name
+        shutil.rmtree(trash)

@@ -14,8 +14,8 @@ import itertools
 import json
 import os
 import secrets
+import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -511,13 +511,19 @@ def once_per_filesystem(work, directory, *, rank, what):
     _run_then_wait(work, set(preparers), f"fastlm/{token}", rank=rank, what=what)
 
 
+# How often a waiting rank asks the rendezvous store whether the work it waits for is done.
+_POLL_S = 0.25
+
+
 def _run_then_wait(work, workers, key, *, rank, what):
     """work() on the ranks in `workers`; then every rank waits for each worker's outcome, and a failure on
     any stops every rank, naming it (a ConfigError as the same ConfigError: one line and exit status 2
     on every rank).
 
     The wait goes through the rendezvous store, not a collective: preparing a large corpus may take far
-    longer than --ddp_timeout lets a collective wait.
+    longer than --ddp_timeout lets a collective wait. It polls: a blocking store.wait holds the store
+    client's lock all along, which would stall the rank watchdog's heartbeats through the same client
+    and get the waiting rank reported as stopped.
     """
     import torch.distributed as dist
 
@@ -531,7 +537,8 @@ def _run_then_wait(work, workers, key, *, rank, what):
             raise
         store.set(f"{key}/{rank}", json.dumps([False, ""]))
     for worker in sorted(workers):
-        store.wait([f"{key}/{worker}"], timedelta(days=7))
+        while not store.check([f"{key}/{worker}"]):
+            time.sleep(_POLL_S)
         config_error, failure = json.loads(store.get(f"{key}/{worker}"))
         if config_error:
             raise ConfigError(failure)  # reads the same on every rank

@@ -234,3 +234,36 @@ def test_a_stopped_rank_is_named_after_the_ddp_timeout(tmp_path):
     assert "rank 0: rank(s) 1 stopped responding (no sign of life for 4 s; --ddp_timeout 4 s)" in stderr
     assert "Traceback" not in stderr and waited < 60
     assert "shm_comm" not in stdout + stderr
+
+
+def _rank0_works_the_others_wait(rank, port, out):
+    import torch.distributed as dist
+
+    from fastlm import data
+    from fastlm.config import ConfigError
+    from fastlm.watchdog import RankWatchdog
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    watchdog = RankWatchdog.start(1, rank=rank, world_size=2)
+    data.rank0_then_others(lambda: time.sleep(4), rank=rank, what="prepare the data")
+
+    def refuse():
+        raise ConfigError("--resume: checkpoint file x is corrupt")
+
+    try:
+        data.rank0_then_others(refuse, rank=rank, what="verify the checkpoint")
+    except ConfigError as error:
+        (Path(out) / f"rank{rank}").write_text(str(error))
+    watchdog.stop()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ranks_wait_for_rank_0_without_being_reported_as_stopped_and_share_its_config_errors(tmp_path):
+    """Rank 1 waits 4 s for rank 0's preparation under a 1 s --ddp_timeout: its watchdog's heartbeats must
+    go on meanwhile (a blocking wait in the rendezvous store would hold the client they share). A
+    ConfigError on rank 0 is the same ConfigError on every rank (one line, exit status 2 each)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank0_works_the_others_wait, args=(run._free_port(), str(tmp_path)), nprocs=2)
+    assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == ["--resume: checkpoint file x is corrupt"] * 2

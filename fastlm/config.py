@@ -805,6 +805,9 @@ def check_args(args):
     for flag in ("train_store", "train_file"):
         if getattr(args, flag):
             train_sources(getattr(args, flag), f"--{flag}")
+    if args.max_train_samples and len(args.train_store or args.train_file or []) > 1:
+        raise ConfigError("--max_train_samples takes the first blocks of one training source; a mixture blends "
+                          "several (shorten the run with --max_steps)")
     for flag in ("eval_store", "validation_file"):
         if getattr(args, flag):
             eval_sources(getattr(args, flag), f"--{flag}")

@@ -45,6 +45,7 @@ def test_weighted_sources_parse_names_paths_and_weights(tmp_path):
     (["a:nan", "b:1"], "the weight must be a finite number > 0"),
     (["x/a:1", "y/a:2"], "two sources are named 'a'"),
     (["a=", "b"], "no path after a="),
+    (["a", "b", "--max_train_samples", "100"], "--max_train_samples takes the first blocks of one training source"),
 ])
 def test_bad_mixtures_are_refused_before_anything_starts(values, message, capsys):
     with pytest.raises(SystemExit) as exit_:

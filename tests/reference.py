@@ -288,9 +288,16 @@ def ref_lines(text):
     return [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
 
 
-def ref_line_documents(text):
-    """doc_boundary="line": every line with some non-whitespace text, as written."""
-    return [line for line in ref_lines(text) if line.strip()]
+def ref_line_documents(text, keep_blank=False, keep_linebreaks=True):
+    """doc_boundary="line": every line with some non-whitespace text (every line with keep_blank), as
+    written (without its "\n" when not keep_linebreaks)."""
+    lines = ref_lines(text) if keep_linebreaks else [line.removesuffix("\n") for line in ref_lines(text)]
+    return [line for line in lines if keep_blank or line.strip()]
+
+
+def ref_file_documents(text, keep_blank=False):
+    """doc_boundary="file": the whole text, unless it is empty or (without keep_blank) only whitespace."""
+    return [text] if text.strip() or (keep_blank and text) else []
 
 
 def ref_paragraph_documents(text):

@@ -90,6 +90,17 @@ def test_a_run_evaluates_each_set_with_bits_per_byte(stores, texts, tmp_path):
     assert all({"eval_wiki_loss", "eval_wiki_perplexity", "eval_wiki_bits_per_byte", "eval_more_loss",
                 "eval_more_perplexity", "eval_more_tokens"} <= set(m) for m in evals)
 
+    # --do_eval alone, with evaluation stores and no training store: the saved model on the same sets.
+    evaluated = run.train(["--model_name_or_path", str(tmp_path), "--eval_store", f"wiki={stores / 'wiki'}",
+                           f"more={stores / 'more'}", "--block_size", "64", "--eval_stride", "32", "--do_eval",
+                           "--output_dir", str(tmp_path / "eval"), *TINY])
+    assert evaluated["steps"] == 0 and evaluated["task"] == "clm"
+    for key in ("eval_wiki_loss", "eval_more_loss", "eval_more_bits_per_byte"):
+        assert evaluated[key] == pytest.approx(results[key], rel=1e-6)
+    hf = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert hf["eval_loss"] == evaluated["eval_wiki_loss"] and hf["eval_more_loss"] == evaluated["eval_more_loss"]
+    assert hf["perplexity"] == pytest.approx(math.exp(hf["eval_loss"]))
+
 
 def test_held_out_documents_keep_their_bytes(texts):
     docs = data.Documents(np.arange(10, dtype=np.uint16), np.array([0, 2, 5, 9, 10]), np.array([3, 4, 5, 6]))

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from fastlm.prepare import prepare
 from fastlm.store import StoreError, StoreWriter, TokenStore, merge_stores
 from tests.data import shared_path, wikitext_lines
-from tests.reference import ref_line_documents, ref_paragraph_documents
+from tests.reference import ref_file_documents, ref_line_documents, ref_paragraph_documents
 
 prepare_module = sys.modules["fastlm.prepare"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,21 +148,31 @@ def joined_pieces(batches):
     text=st.text(alphabet="ab \t\r\n\x0c\u2028\u00e9\u20ac\U0001f600", max_size=80),
     batch_bytes=st.integers(1, 40),
     boundary=st.sampled_from(["line", "paragraph", "file"]),
+    keep_blank=st.booleans(),
+    keep_linebreaks=st.booleans(),
 )
-def test_chunked_reader_splits_documents_like_the_reference(tmp_path_factory, text, batch_bytes, boundary):
+def test_chunked_reader_splits_documents_like_the_reference(tmp_path_factory, text, batch_bytes, boundary, keep_blank,
+                                                            keep_linebreaks):
     # Read batches cut anywhere after a newline, and inside lines longer than a batch (multi-byte
     # characters, "\r\n", blank runs): the documents must not depend on where the cuts fall, whether
-    # long documents are joined back whole or cut where GPT-2's split cuts.
+    # long documents are joined back whole or cut where GPT-2's split cuts, nor on keeping blank lines
+    # (the runner's default, as HF's text loader) or dropping line breaks.
     path = tmp_path_factory.mktemp("reader") / "c.txt"
     path.write_bytes(text.encode("utf-8"))
     old = prepare_module._BATCH_BYTES
     prepare_module._BATCH_BYTES = batch_bytes
+
+    def batches():
+        return prepare_module._file_batches(path, boundary, "text", "strict", keep_blank, keep_linebreaks)
+
     try:
-        whole = [doc for batch in prepare_module._whole_documents(prepare_module._file_batches(path, boundary, "text", "strict")) for doc in batch.texts]
-        pieces = list(prepare_module._safe_pieces(prepare_module._file_batches(path, boundary, "text", "strict")))
+        whole = [doc for batch in prepare_module._whole_documents(batches(), keep_blank) for doc in batch.texts]
+        pieces = list(prepare_module._safe_pieces(batches(), keep_blank))
     finally:
         prepare_module._BATCH_BYTES = old
-    reference = {"line": ref_line_documents, "paragraph": ref_paragraph_documents}.get(boundary, lambda t: [t] if t.strip() else [])
+    reference = {"line": lambda t: ref_line_documents(t, keep_blank, keep_linebreaks),
+                 "paragraph": ref_paragraph_documents,  # blank lines end paragraphs: there is no blank one
+                 "file": lambda t: ref_file_documents(t, keep_blank)}[boundary]
     assert whole == reference(text)
     assert joined_pieces(pieces) == reference(text)
     # Every piece that leaves its document open ends just before a space or newline that follows text.
@@ -400,10 +410,20 @@ def test_a_long_row_is_encoded_in_pieces(tmp_path, gpt2_tok, small_pieces, long_
     assert 0 < small_pieces[0] <= 2000
 
 
-def test_a_long_blank_line_is_skipped_like_any_blank_line(tmp_path, gpt2_tok, small_pieces):
-    path = write_text(tmp_path / "c.txt", "one\n" + " \t" * 1500 + "\ntwo\n")
-    store = prepare([path], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+@pytest.mark.parametrize("encoder", ["tiktoken", "hf"])
+def test_a_long_blank_line_is_skipped_like_any_blank_line_unless_blank_ones_are_kept(tmp_path, gpt2_tok, small_pieces,
+                                                                                      encoder):
+    path = write_text(tmp_path / "c.txt", "one\n \n" + " \t" * 1500 + "\ntwo\n")
+    store = prepare([path], tmp_path / "s", tokenizer=gpt2_tok, encoder=encoder, progress=False)
     assert store_docs(store) == ids(gpt2_tok, ["one\n", "two\n"])
+    # The runner's default (HF's text loader keeps such rows), here without the line breaks.
+    kept = prepare([path], tmp_path / "k", tokenizer=gpt2_tok, encoder=encoder, keep_blank=True, keep_linebreaks=False,
+                   progress=False)
+    assert store_docs(kept) == ids(gpt2_tok, ["one", " ", " \t" * 1500, "two"])
+    assert kept.meta["args"]["keep_blank"] and not kept.meta["args"]["keep_linebreaks"]
+    rows = write_format(tmp_path, "parquet", ["a", "", " ", "b"])
+    kept = prepare(rows["sources"], tmp_path / "r", tokenizer=gpt2_tok, encoder=encoder, keep_blank=True, progress=False)
+    assert store_docs(kept) == ids(gpt2_tok, ["a", "", " ", "b"])
 
 
 def test_a_long_line_is_refused_naming_file_and_line_when_it_cannot_be_cut(tmp_path, gpt2_tok, bert_tok, small_pieces, long_line):

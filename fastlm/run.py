@@ -37,7 +37,8 @@ number of target tokens), both summed over ranks and batches.
 
 This file is the launch and the loop. The flags, their checks and the DeepSpeed config are in
 fastlm/config.py; the data plan (sources, stores, packing, sample order) in fastlm/data.py; the model in
-fastlm/model.py; evaluation in fastlm/evaluation.py.
+fastlm/model.py; evaluation in fastlm/evaluation.py; checkpoints (save, verify, resume checks) in
+fastlm/checkpoints.py; the HF-layout outputs in fastlm/outputs.py.
 """
 import sys
 from pathlib import Path
@@ -50,7 +51,6 @@ if __package__ in (None, ""):
 
 import contextlib
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -62,10 +62,11 @@ import time
 import numpy as np
 
 from fastlm import outputs
-from fastlm.config import (LENGTH_FLAGS, RESULT_FLAGS, ConfigError, Intervals, build_ds_config, check_args,
-                           check_lr_schedule, lr_schedule, parse, resume_point, resume_settings)
-from fastlm.data import (TrainBatches, check_token_ids, check_tokenizers, describe_sources, make_masker, open_or_prepare,
-                         plan, rank0_then_others)
+from fastlm.checkpoints import (check_resumable, checkpoint_to_resume, data_layout, save_checkpoint, set_rng_state,
+                                universal_if_resharded, verify_checkpoint)
+from fastlm.config import (ConfigError, Intervals, build_ds_config, check_args, check_lr_schedule, lr_schedule, parse,
+                           resume_point, resume_settings)
+from fastlm.data import TrainBatches, check_token_ids, check_tokenizers, make_masker, open_or_prepare, plan, rank0_then_others
 from fastlm.evaluation import evaluate_sets, row_nll
 from fastlm.model import build_model, flops_per_token, model_inputs, param_groups, position_offset
 from fastlm.watchdog import RankWatchdog
@@ -156,25 +157,6 @@ def _save_model(engine, tokenizer, directory, rank):
     engine.module.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     outputs.publish_model(tmp, directory)
-
-
-def _rng_state():
-    import torch
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state):
-    import torch
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --- the run ------------------------------------------------------------------------------------------
@@ -271,17 +253,17 @@ def _run(args, explicit, start_time):
         total_steps = args.max_steps or math.ceil(steps_per_epoch * args.num_train_epochs)
     intervals = Intervals(args, total_steps)
 
-    layout = _data_layout(args, world_size=world_size, train_blocks=train_blocks) if args.do_train else None
+    layout = data_layout(args, world_size=world_size, train_blocks=train_blocks) if args.do_train else None
     settings = resume_settings(args)
     resume = args.resume and args.do_train
     resume_tag, universal = None, False
     if resume:  # checked before the model is built: another model shape would fail inside DeepSpeed
         resume_dir, resume_tag = resume_point(args)
-        resume_tag, saved = _checkpoint_to_resume(resume_dir, resume_tag)
-        rank0_then_others(lambda: _verify_checkpoint(resume_dir / resume_tag, saved.get("files")), rank=rank,
+        resume_tag, saved = checkpoint_to_resume(resume_dir, resume_tag)
+        rank0_then_others(lambda: verify_checkpoint(resume_dir / resume_tag, saved.get("files")), rank=rank,
                           what="verify the checkpoint")
-        _check_resumable(saved, settings, layout, rank=rank)
-        resume_tag, universal = _universal_if_resharded(resume_dir, resume_tag, world_size=world_size, rank=rank)
+        check_resumable(saved, settings, layout, rank=rank)
+        resume_tag, universal = universal_if_resharded(resume_dir, resume_tag, world_size=world_size, rank=rank)
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     schedule = None
@@ -311,7 +293,7 @@ def _run(args, explicit, start_time):
             rank0_then_others(lambda: shutil.rmtree(resume_dir / resume_tag), rank=rank,
                               what="remove the converted checkpoint")
         state.update({k: client_state[k] for k in state if k in client_state})
-        _set_rng_state(client_state["rng"])
+        set_rng_state(client_state["rng"])
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         # A resumed run rewrites history from its checkpoint on, so the file never holds two futures.
@@ -403,162 +385,6 @@ def _write_hf_outputs(out, args, results, final_eval, *, eval_sets, intervals, e
                                           eval_samples=sum(len(s.blocks) for s in eval_sets),
                                           runtime=eval_runtime, eval_steps=n_batches)
     outputs.write_hf_results(out, train=train, evaluation=evaluation)
-
-
-def _universal_if_resharded(ckpt_dir, tag, *, world_size, rank):
-    """(tag to load, whether it is in DeepSpeed's universal format).
-
-    DeepSpeed cannot load optimizer state partitioned over another number of ranks (ZeRO 1-3, one
-    *zero_pp_rank_* file per rank): such a checkpoint is first converted by rank 0 to DeepSpeed's
-    universal format, which loads on any rank count. ZeRO-0 checkpoints hold whole state and load as they are.
-    """
-    shards = len(list((ckpt_dir / tag).glob("*zero_pp_rank_*_optim_states.pt")))
-    if shards in (0, world_size):
-        return tag, False
-    universal = f"{tag}_universal"
-
-    def convert():
-        import argparse
-        import contextlib
-        import io
-
-        from deepspeed.checkpoint import ds_to_universal
-
-        print(f"[fastlm] the checkpoint's optimizer state is split over {shards} ranks, this run has {world_size}: "
-              f"converting {ckpt_dir / tag} to DeepSpeed's universal format", flush=True)
-        tmp = ckpt_dir / f"{universal}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        options = argparse.Namespace(input_folder=str(ckpt_dir / tag), output_folder=str(tmp), num_extract_workers=1,
-                                     num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress report is pages long
-            ds_to_universal.main(options)
-        shutil.rmtree(ckpt_dir / universal, ignore_errors=True)
-        os.replace(tmp, ckpt_dir / universal)
-
-    rank0_then_others(convert, rank=rank, what="convert the checkpoint to DeepSpeed's universal format")
-    return universal, True
-
-
-# Beside each DeepSpeed checkpoint: what --resume compares before anything is built (data layout, settings).
-CHECKPOINT_SETTINGS = "fastlm.json"
-
-
-def _save_checkpoint(engine, ckpt_dir, tag, state, *, layout, settings, rank):
-    """A DeepSpeed checkpoint with the data position and RNG state in its client state. Then rank 0 writes
-    fastlm.json beside it (data layout, settings, and the size and sha256 of every file, which --resume
-    verifies) and only then points `latest` at it, atomically: `latest` never names a checkpoint that is
-    incomplete or cannot be verified (DeepSpeed's own `latest` is written in place, before ours could be)."""
-    directory = ckpt_dir / tag
-    if rank == 0:  # a stale directory of the same name (an abandoned run's) would mix its files into this one
-        shutil.rmtree(directory, ignore_errors=True)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**state, "rng": _rng_state()}, save_latest=False)
-    if rank != 0:
-        return
-    # save_checkpoint ends with a barrier: every rank's files are written.
-    files = {str(path.relative_to(directory)): [path.stat().st_size, _sha256(path)]
-             for path in sorted(directory.rglob("*")) if path.is_file() and path.name != CHECKPOINT_SETTINGS}
-    outputs.write_json(directory / CHECKPOINT_SETTINGS, {"layout": layout, "settings": settings, "files": files})
-    outputs.write_text(ckpt_dir / "latest", tag)
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _checkpoint_to_resume(ckpt_dir, tag=None):
-    """(the tag to resume: `tag`, else the one `latest` names; its fastlm.json); one-line errors for a
-    dangling `latest` or a missing or unreadable fastlm.json."""
-    if tag is None:
-        latest = ckpt_dir / "latest"
-        tag = latest.read_text().strip()
-        if not tag or not (ckpt_dir / tag).is_dir():
-            raise ConfigError(f"--resume: {latest} names checkpoint {tag!r}, which is not a directory in "
-                              f"{ckpt_dir}; point it at one of the checkpoints there, or start a new run")
-    path = ckpt_dir / tag / CHECKPOINT_SETTINGS
-    try:
-        return tag, json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"--resume: {path} is missing: the checkpoint was saved incompletely or by an older "
-                          "fastlm, so it cannot be verified; point checkpoints/latest at another one, or start a new run") from None
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"--resume: cannot read {path} ({error}); point checkpoints/latest at another "
-                          "checkpoint, or start a new run") from None
-
-
-def _verify_checkpoint(directory, files):
-    """Refuse a checkpoint with a file missing, truncated or changed since it was saved, naming the file."""
-    if files is None:
-        raise ConfigError(f"--resume: {directory / CHECKPOINT_SETTINGS} records no checksums (saved by an older "
-                          "fastlm), so the checkpoint cannot be verified; start a new run")
-    advice = "point checkpoints/latest at another checkpoint, or start a new run"
-    for name, (size, digest) in sorted(files.items()):
-        path = directory / name
-        if not path.is_file():
-            raise ConfigError(f"--resume: checkpoint file {path} is missing; {advice}")
-        if path.stat().st_size != size:
-            raise ConfigError(f"--resume: checkpoint file {path} is truncated or changed ({path.stat().st_size} "
-                              f"bytes, {size} when saved); {advice}")
-        if _sha256(path) != digest:
-            raise ConfigError(f"--resume: checkpoint file {path} is corrupt (its sha256 differs from the one "
-                              f"recorded when it was saved); {advice}")
-
-
-def _data_layout(args, *, world_size, train_blocks):
-    """What a checkpoint's data position (epoch, sample position) counts in: the blocks (by content and
-    number, and each mixture source's weight) and how each optimizer step splits its global batch."""
-    return {**train_blocks.identity(),
-            "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
-            "per_device_train_batch_size": args.per_device_train_batch_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": world_size}
-
-
-def _check_resumable(saved, settings, layout, *, rank):
-    """Refuse a checkpoint whose run computed something else; say what a changed layout or length does.
-
-    Allowed: another split of the same global batch (micro batch x accumulation x ranks), which trains on
-    the same samples in the same order; another global batch, which continues at the same sample
-    position of the epoch (no sample skipped or repeated) with steps of another size; another training
-    length. Refused: other training data, or any RESULT_FLAGS value.
-    """
-    saved_layout, saved_settings = saved.get("layout"), saved.get("settings")
-    if saved_layout is None or saved_settings is None or "train_data" not in saved_layout:
-        raise ConfigError("--resume: the checkpoint does not record its data layout and settings (it was "
-                          "saved by an older fastlm), so its data position cannot be trusted; start a new run")
-    if (saved_layout["train_data"], saved_layout["train_blocks"]) != (layout["train_data"], layout["train_blocks"]):
-        was, now = saved_layout.get("sources", []), layout["sources"]
-        if len(was) > 1 or len(now) > 1:
-            raise ConfigError(f"--resume: the checkpoint was trained on the mixture {describe_sources(was)}; now "
-                              f"{describe_sources(now)}. Its data position counts samples of that mixture: resume "
-                              "with the same sources and weights, or start a new run")
-        raise ConfigError(f"--resume: the checkpoint was trained on other data ({saved_layout['train_blocks']} "
-                          f"blocks, content {saved_layout['train_data'][:12]}; now {layout['train_blocks']} blocks, "
-                          f"content {layout['train_data'][:12]}); resume on the same data or start a new run")
-    changed = [f"--{name} {saved_settings.get(name)} -> {settings[name]}" for name in RESULT_FLAGS
-               if saved_settings.get(name) != settings[name]]
-    if changed:
-        raise ConfigError(f"--resume: the checkpoint was saved with other settings ({', '.join(changed)}); resume "
-                          "with the settings it was saved with, or start a new run (--output_dir elsewhere)")
-    if rank != 0:
-        return
-    lengths = [f"--{name} {saved_settings.get(name)} -> {settings[name]}" for name in LENGTH_FLAGS
-               if saved_settings.get(name) != settings[name]]
-    if lengths:
-        print(f"[fastlm] resuming with another training length ({', '.join(lengths)}): the learning-rate "
-              "schedule now ends at the new last step", flush=True)
-    split = ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size")
-    was = " x ".join(str(saved_layout[k]) for k in split)
-    now = " x ".join(str(layout[k]) for k in split)
-    if saved_layout["global_batch"] != layout["global_batch"]:
-        print(f"[fastlm] the global batch changed from {saved_layout['global_batch']} ({was}, micro x accumulation "
-              f"x ranks) to {layout['global_batch']} ({now}): continuing at the checkpoint's sample position of the "
-              "epoch, no sample skipped or repeated; steps from here hold another number of samples", flush=True)
-    elif was != now:
-        print(f"[fastlm] resuming with micro batch x accumulation x ranks {now} (was {was}): the same global batch "
-              f"of {layout['global_batch']}, so the same samples in the same order as the uninterrupted run", flush=True)
 
 
 def _train(engine, args, train_blocks, eval_sets, masker, state, *, total_steps, rank, world_size,
@@ -657,7 +483,7 @@ def _train(engine, args, train_blocks, eval_sets, masker, state, *, total_steps,
                 log.write(evaluate_sets(engine, eval_sets, args=args, rank=rank, world_size=world_size, masker=masker))
             if intervals.save(state["step"], epoch_end):
                 log.flush()  # checks the steps since the last log line: no checkpoint of a diverged model
-                _save_checkpoint(engine, ckpt_dir, f"step{state['step']}", state, layout=layout,
+                save_checkpoint(engine, ckpt_dir, f"step{state['step']}", state, layout=layout,
                                  settings=settings, rank=rank)
                 if rank == 0 and args.save_total_limit:
                     outputs.prune_checkpoints(ckpt_dir, args.save_total_limit)

@@ -65,7 +65,7 @@ def dtype_for_vocab(vocab_size):
     raise ValueError(f"vocab_size {vocab_size} does not fit in uint32 token ids")
 
 
-def _sha256_file(path):
+def sha256_file(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -205,7 +205,7 @@ class TokenStore:
             want = expected.get(name)
             if want is None:
                 raise StoreError(f"{self.path / META_FILE} has no checksum for {name}")
-            got = _sha256_file(self.path / name)
+            got = sha256_file(self.path / name)
             if got != want:
                 raise StoreError(f"{self.path / name} is corrupt: sha256 {got} != {want} in meta.json")
         return True

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastlm import config, data, evaluation, run
+from fastlm import checkpoints, config, data, evaluation, run
 from fastlm import model as model_lib
 from tests.data import wikitext_lines
 
@@ -810,8 +810,8 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert f"{tmp_path / 'checkpoints' / 'latest'} still names step1" in err
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step1"]
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step1"
-    run._verify_checkpoint(tmp_path / "checkpoints" / "step1",
-                           json.loads((tmp_path / "checkpoints" / "step1" / run.CHECKPOINT_SETTINGS).read_text())["files"])
+    checkpoints.verify_checkpoint(tmp_path / "checkpoints" / "step1",
+                           json.loads((tmp_path / "checkpoints" / "step1" / checkpoints.CHECKPOINT_SETTINGS).read_text())["files"])
     assert not (tmp_path / "config.json").exists() and not (tmp_path / "results.json").exists()
 
 
@@ -856,7 +856,7 @@ def _truncate(path):
     (lambda step: _flip_a_bit(step / "mp_rank_00_model_states.pt"), "mp_rank_00_model_states.pt is corrupt"),
     (lambda step: _truncate(step / "mp_rank_00_model_states.pt"), "mp_rank_00_model_states.pt is truncated"),
     (lambda step: (step / "mp_rank_00_model_states.pt").unlink(), "mp_rank_00_model_states.pt is missing"),
-    (lambda step: (step / run.CHECKPOINT_SETTINGS).unlink(), "fastlm.json is missing"),
+    (lambda step: (step / checkpoints.CHECKPOINT_SETTINGS).unlink(), "fastlm.json is missing"),
     (lambda step: (step.parent / "latest").write_text("step99"), "names checkpoint 'step99', which is not a directory"),
 ])
 def test_a_damaged_checkpoint_is_refused_naming_the_file(damage, message, clm_run, clm_stores, tmp_path, capsys):

@@ -14,6 +14,7 @@ from fastlm.config import LENGTH_FLAGS, RESULT_FLAGS, ConfigError
 from fastlm.data import describe_sources, rank0_then_others
 from fastlm.store import sha256_file
 
+
 def universal_if_resharded(ckpt_dir, tag, *, world_size, rank):
     """(tag to load, whether it is in DeepSpeed's universal format).
 

@@ -811,7 +811,7 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step1"]
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step1"
     checkpoints.verify_checkpoint(tmp_path / "checkpoints" / "step1",
-                           json.loads((tmp_path / "checkpoints" / "step1" / checkpoints.CHECKPOINT_SETTINGS).read_text())["files"])
+                                  json.loads((tmp_path / "checkpoints" / "step1" / checkpoints.CHECKPOINT_SETTINGS).read_text())["files"])
     assert not (tmp_path / "config.json").exists() and not (tmp_path / "results.json").exists()
 
 

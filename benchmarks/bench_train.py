@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fastlm import run
-from fastlm.config import PRESETS
+from fastlm.train.model import PRESETS
 from tests.data import wikitext_lines
 
 STEPS = 40

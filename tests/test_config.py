@@ -1,22 +1,50 @@
-"""The runner's configuration: flags, their checks, the DeepSpeed config and the schedule. Nothing here
-starts a process group; the command-line cases go through run.main for its exit status and message."""
+"""The runner's configuration: flags, their checks, the frozen RunConfig, the DeepSpeed config and the schedule.
+Nothing here starts a process group; the command-line cases go through run.main for its exit status and message."""
+import dataclasses
 import json
 
 import pytest
 
-from fastlm import config, run
+from fastlm import run
+from fastlm.train import config, deepspeed_config, flags, hf_flags, outputs
+from fastlm.train.errors import ConfigError
+from fastlm.train.schedule import Intervals, check_lr_schedule, lr_schedule
 
 
 # --- flags and the DeepSpeed config ------------------------------------------------------------------------------------
 
-def _args(*argv):
-    return config.parse_args(["--train_store", "s", "--config_name", "gpt2-tiny", *argv])
+def _config(*argv):
+    return config.parse(["--train_store", "s", "--config_name", "gpt2-tiny", *argv])
+
+
+def _refused(argv, capsys):
+    """The stderr of a command line that must exit with status 2 (and no traceback)."""
+    with pytest.raises(SystemExit) as exit_:
+        _config(*argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_the_configuration_is_frozen_and_sectioned():
+    cfg = _config("--learning_rate", "3e-4", "--lr_scheduler_kwargs", '{"num_cycles": 2}')
+    assert cfg.optim.learning_rate == 3e-4 and cfg.data.block_size == 128 and cfg.model.config_name == "gpt2-tiny"
+    for section, name in [(cfg, "do_train"), (cfg.optim, "learning_rate"), (cfg.data, "block_size"),
+                          (cfg.model, "task"), (cfg.checkpoint, "output_dir"), (cfg.logging, "report_to")]:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(section, name, None)
+    with pytest.raises(TypeError):  # nested settings are read-only too
+        cfg.optim.lr_scheduler_kwargs["num_cycles"] = 3
+    before = dict(vars(cfg.optim))
+    deepspeed_config.build(cfg.optim, world_size=2, device_type="cpu")  # derived, never written back
+    assert vars(cfg.optim) == before
 
 
 def test_config_from_flags():
-    args, explicit = _args("--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "3",
-                           "--zero_stage", "2", "--max_grad_norm", "0.5", "--weight_decay", "0.1")
-    ds_config = config.build_ds_config(args, world_size=2, device_type="cpu", explicit=explicit)
+    cfg = _config("--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "3",
+                  "--zero_stage", "2", "--max_grad_norm", "0.5", "--weight_decay", "0.1")
+    ds_config = deepspeed_config.build(cfg.optim, world_size=2, device_type="cpu")
     assert ds_config["train_micro_batch_size_per_gpu"] == 4
     assert ds_config["gradient_accumulation_steps"] == 3
     assert ds_config["train_batch_size"] == 24
@@ -25,7 +53,7 @@ def test_config_from_flags():
     assert ds_config["optimizer"]["type"] == "AdamW" and ds_config["optimizer"]["params"]["torch_adam"] is True
     assert ds_config["optimizer"]["params"]["weight_decay"] == 0.1
     assert not ds_config["bf16"]["enabled"] and not ds_config["fp16"]["enabled"]  # auto on CPU -> fp32
-    assert args.precision == "fp32"
+    assert cfg.optim.precision == "fp32"
 
 
 @pytest.mark.parametrize("argv, world, message", [
@@ -35,9 +63,9 @@ def test_config_from_flags():
     (["--train_batch_size", "16", "--per_device_train_batch_size", "8"], 4, "x 4 rank(s) = 32"),
 ])
 def test_contradictory_flags_are_rejected(argv, world, message):
-    args, explicit = _args(*argv)
-    with pytest.raises(config.ConfigError, match=None) as error:
-        config.build_ds_config(args, world_size=world, device_type="cpu", explicit=explicit)
+    cfg = _config(*argv)
+    with pytest.raises(ConfigError, match=None) as error:
+        deepspeed_config.build(cfg.optim, world_size=world, device_type="cpu")
     assert message in str(error.value)
 
 
@@ -45,21 +73,21 @@ def test_json_config_is_merged(tmp_path):
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": "auto",
                                "zero_optimization": {"stage": 1, "overlap_comm": True}, "bf16": {"enabled": True}}))
-    args, explicit = _args("--deepspeed", str(cfg), "--gradient_accumulation_steps", "4")
-    ds_config = config.build_ds_config(args, world_size=2, device_type="cpu", explicit=explicit)
-    assert ds_config["train_micro_batch_size_per_gpu"] == 2 and args.per_device_train_batch_size == 2
+    run_config = _config("--deepspeed", str(cfg), "--gradient_accumulation_steps", "4")
+    optim = run_config.optim
+    ds_config = deepspeed_config.build(optim, world_size=2, device_type="cpu")
+    assert ds_config["train_micro_batch_size_per_gpu"] == 2 and optim.per_device_train_batch_size == 2
     assert ds_config["gradient_accumulation_steps"] == 4  # "auto" takes the flag
     assert ds_config["train_batch_size"] == 16
-    assert ds_config["zero_optimization"] == {"stage": 1, "overlap_comm": True} and args.zero_stage == 1
-    assert args.precision == "bf16" and "fp16" not in ds_config
+    assert ds_config["zero_optimization"] == {"stage": 1, "overlap_comm": True} and optim.zero_stage == 1
+    assert optim.precision == "bf16" and "fp16" not in ds_config
 
 
-def test_json_contradicting_an_explicit_flag_is_rejected(tmp_path):
+def test_json_contradicting_an_explicit_flag_is_rejected(tmp_path, capsys):
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2}))
-    args, explicit = _args("--deepspeed_config", str(cfg), "--per_device_train_batch_size", "8")
-    with pytest.raises(config.ConfigError, match="--per_device_train_batch_size 8 contradicts train_micro_batch_size_per_gpu = 2"):
-        config.build_ds_config(args, world_size=1, device_type="cpu", explicit=explicit)
+    err = _refused(["--deepspeed_config", str(cfg), "--per_device_train_batch_size", "8"], capsys)
+    assert "--per_device_train_batch_size 8 contradicts train_micro_batch_size_per_gpu = 2" in err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -91,19 +119,18 @@ def test_resume_without_checkpoint_is_rejected(tmp_path, capsys):
     assert "--resume: no checkpoint" in capsys.readouterr().err
 
 
-def _factors(args, total_steps, steps):
+def _factors(optim, total_steps, steps):
     import torch
 
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    (factor,) = config.lr_schedule(args, total_steps)(optimizer).lr_lambdas
+    (factor,) = lr_schedule(optim, total_steps)(optimizer).lr_lambdas
     return [factor(s) for s in steps]
 
 
 def test_lr_schedule_warms_up_then_decays():
-    args, _ = _args("--warmup_steps", "4", "--lr_scheduler_type", "linear")
-    assert _factors(args, 12, (0, 2, 4, 8, 12)) == [0.0, 0.5, 1.0, 0.5, 0.0]
-    args.lr_scheduler_type = "cosine"
-    cosine = _factors(args, 12, (4, 8, 12))
+    optim = _config("--warmup_steps", "4", "--lr_scheduler_type", "linear").optim
+    assert _factors(optim, 12, (0, 2, 4, 8, 12)) == [0.0, 0.5, 1.0, 0.5, 0.0]
+    cosine = _factors(dataclasses.replace(optim, lr_scheduler_type="cosine"), 12, (4, 8, 12))
     assert cosine[0] == 1.0 and cosine[1] == pytest.approx(0.5) and cosine[2] == pytest.approx(0.0)
 
 
@@ -117,14 +144,13 @@ def test_lr_schedule_warms_up_then_decays():
     (["--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs", '{"min_lr_rate": 0.1}'], (0, 12), [1.0, 0.1]),
 ])
 def test_hf_scheduler_names_and_warmup_forms(argv, steps, expected):
-    args, _ = _args(*argv)
-    assert _factors(args, 12, steps) == pytest.approx(expected)
+    assert _factors(_config(*argv).optim, 12, steps) == pytest.approx(expected)
 
 
 def test_scheduler_arguments_are_checked_before_anything_starts():
-    args, _ = _args("--lr_scheduler_type", "cosine_with_min_lr")  # needs min_lr or min_lr_rate
-    with pytest.raises(config.ConfigError, match="--lr_scheduler_type cosine_with_min_lr with --lr_scheduler_kwargs {}"):
-        config.check_lr_schedule(args, 10)
+    optim = _config("--lr_scheduler_type", "cosine_with_min_lr").optim  # needs min_lr or min_lr_rate
+    with pytest.raises(ConfigError, match="--lr_scheduler_type cosine_with_min_lr with --lr_scheduler_kwargs {}"):
+        check_lr_schedule(optim, 10)
 
 
 # --- Hugging Face flags ------------------------------------------------------------------------------------------------
@@ -136,10 +162,8 @@ def test_every_training_arguments_flag_is_honoured_or_judged():
 
     from transformers import TrainingArguments
 
-    from fastlm import hf_flags
-
     fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    assert fields - {f.name for f in dataclasses.fields(config.Args)} - set(hf_flags.FOREIGN) == set()
+    assert fields - {f.name for f in dataclasses.fields(flags.Flags)} - set(hf_flags.FOREIGN) == set()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -155,15 +179,11 @@ def test_every_training_arguments_flag_is_honoured_or_judged():
     (["--tpu_num_cores", "8"], "unrecognized arguments: --tpu_num_cores 8"),
 ])
 def test_hf_flags_that_cannot_be_honoured_are_one_clear_error(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        _args(*argv)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in _refused(argv, capsys)
 
 
 def test_hf_flags_without_effect_warn_and_values_that_change_nothing_pass(capsys):
-    _args("--push_to_hub", "--hub_model_id", "me/model", "--report_to", "wandb", "--dataloader_drop_last",
+    _config("--push_to_hub", "--hub_model_id", "me/model", "--report_to", "wandb", "--dataloader_drop_last",
           "--use_fast_tokenizer", "--label_smoothing_factor", "0.0", "--push_to_hub", "false", "--log_level", "passive")
     err = capsys.readouterr().err
     assert "--hub_model_id has no effect here: fastlm never uploads" in err
@@ -174,17 +194,17 @@ def test_hf_flags_without_effect_warn_and_values_that_change_nothing_pass(capsys
 
 
 def test_hf_spellings_map_onto_the_runner():
-    args, _ = _args("--bf16", "--max_seq_length", "64", "--max_steps", "-1", "--num_train_epochs", "2.5",
-                    "--no_keep_linebreaks", "--do_train", "True", "--evaluation_strategy", "steps", "--logging_steps",
-                    "20", "--save_strategy", "steps", "--torch_dtype", "auto", "--report_to", "all")
-    assert args.precision == "bf16" and args.block_size == 64 and args.max_steps == 0
-    assert args.num_train_epochs == 2.5 and args.keep_linebreaks is False
+    cfg = _config("--bf16", "--max_seq_length", "64", "--max_steps", "-1", "--num_train_epochs", "2.5",
+                  "--no_keep_linebreaks", "--do_train", "True", "--evaluation_strategy", "steps", "--logging_steps",
+                  "20", "--save_strategy", "steps", "--torch_dtype", "auto", "--report_to", "all")
+    assert cfg.optim.precision == "bf16" and cfg.data.block_size == 64 and cfg.optim.max_steps == 0
+    assert cfg.optim.num_train_epochs == 2.5 and cfg.data.keep_linebreaks is False
     # eval_strategy steps turns evaluation on, every logging_steps (TrainingArguments' rules)
-    assert args.do_train and args.do_eval and args.eval_steps == 20
-    assert args.save_steps == 500 and args.report_to == ["tensorboard"]
-    alone, _ = _args("--do_eval")
+    assert cfg.do_train and cfg.do_eval and cfg.evaluation.eval_steps == 20
+    assert cfg.checkpoint.save_steps == 500 and cfg.logging.report_to == ("tensorboard",)
+    alone = _config("--do_eval")
     assert alone.do_eval and not alone.do_train
-    neither, _ = _args()
+    neither = _config()
     assert neither.do_train and neither.do_eval and neither.task == "clm"  # gpt2-tiny: resolved while parsing
 
 
@@ -193,9 +213,9 @@ def test_a_run_clm_arguments_file(tmp_path):
     path = tmp_path / "args.json"
     path.write_text(json.dumps({"train_store": "s", "model_type": "gpt2", "do_train": True, "num_train_epochs": 2,
                                 "report_to": ["none"], "lr_scheduler_kwargs": {"num_cycles": 2}}))
-    args, _ = config.parse_args([str(path)])
-    assert args.model_type == "gpt2" and args.do_train and not args.do_eval and args.num_train_epochs == 2.0
-    assert args.lr_scheduler_kwargs == {"num_cycles": 2} and args.report_to == []
+    cfg = config.parse([str(path)])
+    assert cfg.model.model_type == "gpt2" and cfg.do_train and not cfg.do_eval and cfg.optim.num_train_epochs == 2.0
+    assert dict(cfg.optim.lr_scheduler_kwargs) == {"num_cycles": 2} and cfg.logging.report_to == ()
 
 
 @pytest.mark.parametrize("argv, task", [
@@ -204,19 +224,18 @@ def test_a_run_clm_arguments_file(tmp_path):
     (["--model_type", "bert", "--task", "clm"], "clm"),
 ])
 def test_task_follows_the_model_unless_given(argv, task):
-    args, _ = config.parse_args(["--train_store", "s", *argv])
-    assert config.resolve_task(args) == task
+    assert config.parse(["--train_store", "s", *argv]).task == task
 
 
 def test_intervals_follow_hf_strategies():
-    args, _ = _args("--logging_steps", "0.25", "--eval_strategy", "epoch", "--save_steps", "3", "--logging_first_step")
-    every = config.Intervals(args, 12)
+    every = Intervals.of(_config("--logging_steps", "0.25", "--eval_strategy", "epoch", "--save_steps", "3",
+                                 "--logging_first_step"), 12)
     assert [s for s in range(1, 13) if every.log(s)] == [1, 3, 6, 9, 12]  # a quarter of the run, first and last
     assert every.evaluate(4, epoch_end=True) and not every.evaluate(4) and not every.evaluate(12, epoch_end=True)
     assert [s for s in range(1, 13) if every.save(s)] == [3, 6, 9, 12]
-    args, _ = _args("--logging_strategy", "no", "--save_steps", "2.5")
-    with pytest.raises(config.ConfigError, match="--save_steps must be a whole number"):
-        config.Intervals(args, 12)
+    cfg = _config("--logging_strategy", "no", "--save_steps", "2.5")
+    with pytest.raises(ConfigError, match="--save_steps must be a whole number"):
+        Intervals.of(cfg, 12)
 
 
 # --- output directory and checkpoints ------------------------------------------------------------------------------------
@@ -229,26 +248,21 @@ def test_an_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
     assert f"--output_dir {tmp_path / 'out'} is a file" in capsys.readouterr().err
 
 
-def test_resume_from_checkpoint_forms(tmp_path):
+def test_resume_from_checkpoint_forms(tmp_path, capsys):
     checkpoints = tmp_path / "run" / "checkpoints"
     (checkpoints / "step4").mkdir(parents=True)
     (checkpoints / "step4" / "mp_rank_00_model_states.pt").write_bytes(b"")
     (checkpoints / "latest").write_text("step4")
     for given, expected in [(None, (checkpoints, None)), (str(tmp_path / "run"), (checkpoints, None)),
                             (str(checkpoints), (checkpoints, None)), (str(checkpoints / "step4"), (checkpoints, "step4"))]:
-        args, _ = _args("--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", *([given] if given else []))
-        assert args.resume and config.resume_point(args) == expected
-    args, _ = _args("--resume_from_checkpoint", str(tmp_path))
-    with pytest.raises(config.ConfigError, match="not a checkpoint"):
-        config.resume_point(args)
-    args, _ = _args("--output_dir", str(tmp_path / "run"), "--resume", "--overwrite_output_dir")
-    with pytest.raises(config.ConfigError, match="give one of them"):
-        config.check_args(args)
+        cfg = _config("--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", *([given] if given else []))
+        assert cfg.checkpoint.resume and cfg.checkpoint.resume_point() == expected
+    assert "not a checkpoint" in _refused(["--resume_from_checkpoint", str(tmp_path)], capsys)
+    assert "give one of them" in _refused(["--output_dir", str(tmp_path / "run"), "--resume", "--overwrite_output_dir"],
+                                          capsys)
 
 
 def test_save_total_limit_never_deletes_the_latest(tmp_path):
-    from fastlm import outputs
-
     for step in (2, 4, 6, 8):
         (tmp_path / f"step{step}").mkdir()
     (tmp_path / "latest").write_text("step4")  # e.g. a resumed run that saved again
@@ -279,8 +293,7 @@ def test_unknown_top_level_deepspeed_keys_are_named(tmp_path, capsys):
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps({"zero_optimisation": {"stage": 2}, "wall_clock_breakdown": False,
                                "activation_checkpointing": {}, "train_micro_batch_size_per_gpu": "auto"}))
-    args, explicit = _args("--deepspeed", str(cfg))
-    config.build_ds_config(args, world_size=1, device_type="cpu", explicit=explicit)
+    deepspeed_config.build(_config("--deepspeed", str(cfg)).optim, world_size=1, device_type="cpu")
     err = capsys.readouterr().err
     assert "does not know the top-level key(s) zero_optimisation and ignores them" in err
     assert "wall_clock_breakdown" not in err and "activation_checkpointing" not in err
@@ -289,10 +302,8 @@ def test_unknown_top_level_deepspeed_keys_are_named(tmp_path, capsys):
 def test_report_to_tensorboard_writes_events_or_says_it_cannot(tmp_path, capsys):
     import importlib.util
 
-    from fastlm import outputs
-
-    args, _ = _args("--report_to", "tensorboard", "--logging_dir", str(tmp_path / "tb"))
-    board = outputs.open_tensorboard(args, tmp_path)
+    board = outputs.open_tensorboard(_config("--report_to", "tensorboard", "--logging_dir", str(tmp_path / "tb")).logging,
+                                     tmp_path)
     if importlib.util.find_spec("tensorboard") is None:
         assert board is None
         assert "the tensorboard package is not installed" in capsys.readouterr().err
@@ -300,5 +311,4 @@ def test_report_to_tensorboard_writes_events_or_says_it_cannot(tmp_path, capsys)
         board.write({"step": 1, "loss": 2.5, "lr": 1e-3})
         board.close()
         assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
-    args, _ = _args("--report_to", "none")
-    assert outputs.open_tensorboard(args, tmp_path) is None
+    assert outputs.open_tensorboard(_config("--report_to", "none").logging, tmp_path) is None

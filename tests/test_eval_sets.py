@@ -6,10 +6,11 @@ import shutil
 import numpy as np
 import pytest
 
-from fastlm import data, evaluation, run
-from fastlm.data import EvalSet
+from fastlm import run
+from fastlm.train import data, evaluation
+from fastlm.train.data import EvalSet
 from tests.data import wikitext_lines
-from tests.test_run import TINY, _PlainEngine, _args, _tiny_gpt
+from tests.test_run import TINY, _PlainEngine, _config, _tiny_gpt
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +48,18 @@ def test_every_set_is_reported_under_its_name_and_the_first_also_at_the_top(stor
 
     from fastlm.store import TokenStore
 
-    args, _ = _args("--block_size", "64", "--per_device_eval_batch_size", "4")
+    cfg = _config("--block_size", "64", "--per_device_eval_batch_size", "4")
+    settings = dict(task=cfg.task, batch_size=cfg.evaluation.per_device_eval_batch_size)
     tokenizer = AutoTokenizer.from_pretrained(TokenStore.open(stores / "train").tokenizer_dir)
     sets = []
     for name in ("wiki", "more"):
         store = TokenStore.open(stores / name)
         n_bytes = 1000 if name == "more" else None  # only "more" knows its text's bytes
-        sets.append(EvalSet(name, data.pack(args, store.tokens, store.offsets, tokenizer), store.n_tokens, n_bytes))
+        sets.append(EvalSet(name, data.pack(cfg.data, store.tokens, store.offsets, tokenizer), store.n_tokens, n_bytes))
     engine = _PlainEngine(_tiny_gpt(512))
-    got = evaluation.evaluate_sets(engine, sets, args=args, rank=0, world_size=1)
-    wiki = evaluation.evaluate(engine, sets[0].blocks, args=args, rank=0, world_size=1)
-    more = evaluation.evaluate(engine, sets[1].blocks, args=args, rank=0, world_size=1)
+    got = evaluation.evaluate_sets(engine, sets, **settings, rank=0, world_size=1)
+    wiki = evaluation.evaluate(engine, sets[0].blocks, **settings, rank=0, world_size=1)
+    more = evaluation.evaluate(engine, sets[1].blocks, **settings, rank=0, world_size=1)
     assert {k: got[k] for k in ("eval_loss", "perplexity", "eval_tokens")} == wiki
     assert got["eval_wiki_loss"] == wiki["eval_loss"] and got["eval_more_perplexity"] == more["perplexity"]
     assert got["eval_more_tokens"] == more["eval_tokens"]

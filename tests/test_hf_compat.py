@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from fastlm import run
+from fastlm.train.dist import free_port
 from tests.data import shared_path
 
 HF_TRAIN_KEYS = {"epoch", "total_flos", "train_loss", "train_runtime", "train_samples", "train_samples_per_second",
@@ -210,7 +211,7 @@ def test_a_stopped_rank_is_named_after_the_ddp_timeout(tmp_path):
     text.write_text("".join(line for line in _raw_lines("valid", 300) if not line.isspace()), encoding="utf-8")
     prepare([str(text)], tmp_path / "store", train_tokenizer=True, vocab_size=300, progress=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(run._free_port()), "PYTHONPATH": str(Path(run.__file__).parents[1])}
+           "MASTER_PORT": str(free_port()), "PYTHONPATH": str(Path(run.__file__).parents[1])}
     argv = [sys.executable, "-m", "fastlm.run", "--train_store", str(tmp_path / "store"), "--config_name", "gpt2-tiny",
             "--block_size", "32", "--per_device_train_batch_size", "2", "--max_steps", "100000", "--logging_steps", "1",
             "--validation_split_percentage", "0", "--ddp_timeout", "4", "--disable_tqdm", "--output_dir", str(tmp_path / "out")]
@@ -239,19 +240,19 @@ def test_a_stopped_rank_is_named_after_the_ddp_timeout(tmp_path):
 def _rank0_works_the_others_wait(rank, port, out):
     import torch.distributed as dist
 
-    from fastlm import data
-    from fastlm.config import ConfigError
-    from fastlm.watchdog import RankWatchdog
+    from fastlm.train import dist as run_dist
+    from fastlm.train.errors import ConfigError
+    from fastlm.train.watchdog import RankWatchdog
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     watchdog = RankWatchdog.start(1, rank=rank, world_size=2)
-    data.rank0_then_others(lambda: time.sleep(4), rank=rank, what="prepare the data")
+    run_dist.rank0_then_others(lambda: time.sleep(4), rank=rank, what="prepare the data")
 
     def refuse():
         raise ConfigError("--resume: checkpoint file x is corrupt")
 
     try:
-        data.rank0_then_others(refuse, rank=rank, what="verify the checkpoint")
+        run_dist.rank0_then_others(refuse, rank=rank, what="verify the checkpoint")
     except ConfigError as error:
         (Path(out) / f"rank{rank}").write_text(str(error))
     watchdog.stop()
@@ -265,5 +266,5 @@ def test_ranks_wait_for_rank_0_without_being_reported_as_stopped_and_share_its_c
     ConfigError on rank 0 is the same ConfigError on every rank (one line, exit status 2 each)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank0_works_the_others_wait, args=(run._free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_rank0_works_the_others_wait, args=(free_port(), str(tmp_path)), nprocs=2)
     assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == ["--resume: checkpoint file x is corrupt"] * 2

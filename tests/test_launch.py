@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fastlm import run
+from fastlm.train import demo
+from fastlm.train.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -23,15 +24,15 @@ SCRIPT = str(ROOT / "fastlm" / "run.py")
     (["--help"], False),
 ])
 def test_only_launcher_arguments_mean_the_demo(argv, launcher_only):
-    assert run._only_launcher_arguments(argv) is launcher_only
+    assert demo.only_launcher_arguments(argv) is launcher_only
 
 
 def test_the_demo_runs_300_steps_unless_told(monkeypatch, tmp_path):
     monkeypatch.delenv("FASTLM_DEMO_STEPS", raising=False)
-    argv = run.demo_argv(tmp_path)
+    argv = demo.demo_argv(tmp_path)
     assert argv[argv.index("--max_steps") + 1] == "300"
     monkeypatch.setenv("FASTLM_DEMO_STEPS", "2")
-    argv = run.demo_argv(tmp_path)
+    argv = demo.demo_argv(tmp_path)
     assert argv[argv.index("--max_steps") + 1] == "2"
 
 
@@ -42,7 +43,7 @@ def test_a_second_rank_writing_the_demo_corpus_keeps_the_first_ones(monkeypatch,
     corpus.write_text("the first rank's corpus\n")
     os.utime(corpus, ns=(1, 1))
     monkeypatch.setattr(Path, "is_file", lambda self: False)  # it looked before the first rank wrote
-    run.demo_argv(tmp_path)
+    demo.demo_argv(tmp_path)
     monkeypatch.undo()
     assert corpus.read_text() == "the first rank's corpus\n" and corpus.stat().st_mtime_ns == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pydoc_topics.txt"]  # no temporary file left
@@ -56,7 +57,7 @@ def elsewhere(tmp_path_factory):
 
 
 def _forms():
-    port = lambda: str(run._free_port())  # noqa: E731
+    port = lambda: str(free_port())  # noqa: E731
     return {
         "python -m fastlm.run": ([sys.executable, "-m", "fastlm.run"], 1),
         "fastlm train": ([str(BIN / "fastlm"), "train"], 1),

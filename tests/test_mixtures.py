@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 
-from fastlm import config, pack_blocks, run
+from fastlm import pack_blocks, run
 from fastlm.blending import blending_index
-from fastlm.data import Mixture, TrainBatches, TrainSource, epoch_order
+from fastlm.train import sources
+from fastlm.train.sampling import Mixture, TrainBatches, TrainSource, epoch_order
 from tests.data import wikitext_lines
 from tests.test_run import TINY, _metrics, _resume_from
 
@@ -30,12 +31,12 @@ def drawn(batch):
 def test_weighted_sources_parse_names_paths_and_weights(tmp_path):
     colon = tmp_path / "odd:1"
     colon.mkdir()
-    assert config.train_sources(["web:0.7", "books=/data/b.txt:0.3"]) == [
-        config.Source("web", "web", 0.7), config.Source("books", "/data/b.txt", 0.3)]
-    assert config.train_sources(["runs/a.jsonl", "b"]) == [config.Source("a", "runs/a.jsonl"), config.Source("b", "b")]
-    assert config.train_sources([str(colon)]) == [config.Source("odd_1", str(colon))]  # it exists: a path
-    assert config.eval_sources(["wiki=w/valid.txt", "w/test.txt.xz"]) == [
-        config.Source("wiki", "w/valid.txt"), config.Source("test", "w/test.txt.xz")]
+    assert sources.train_sources(["web:0.7", "books=/data/b.txt:0.3"]) == [
+        sources.Source("web", "web", 0.7), sources.Source("books", "/data/b.txt", 0.3)]
+    assert sources.train_sources(["runs/a.jsonl", "b"]) == [sources.Source("a", "runs/a.jsonl"), sources.Source("b", "b")]
+    assert sources.train_sources([str(colon)]) == [sources.Source("odd_1", str(colon))]  # it exists: a path
+    assert sources.eval_sources(["wiki=w/valid.txt", "w/test.txt.xz"]) == [
+        sources.Source("wiki", "w/valid.txt"), sources.Source("test", "w/test.txt.xz")]
 
 
 @pytest.mark.parametrize("values, message", [

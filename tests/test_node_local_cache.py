@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch.multiprocessing as mp
 
-from fastlm import data, run
+from fastlm.train import dist as run_dist
 from tests.data import wikitext_lines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,14 +26,14 @@ def _node(rank, world_size, port, directories, local_ranks, out):
         with open(directory / "prepared_by", "a") as f:
             f.write(f"{rank}\n")
 
-    data.once_per_filesystem(work, directory, rank=rank, what="prepare the data")
+    run_dist.once_per_filesystem(work, directory, rank=rank, what="prepare the data")
 
     def failing():
         if rank == 2:
             raise OSError("disk full")
 
     try:
-        data.once_per_filesystem(failing, directory, rank=rank, what="prepare the data")
+        run_dist.once_per_filesystem(failing, directory, rank=rank, what="prepare the data")
         outcome = "no error"
     except Exception as error:
         outcome = f"{type(error).__name__}: {error}"
@@ -45,7 +45,7 @@ def _node(rank, world_size, port, directories, local_ranks, out):
 def test_each_filesystem_is_prepared_once_by_its_lowest_rank(tmp_path):
     """Ranks 0 and 1 share one node (one directory); rank 2 is a node of its own with its own disk."""
     shared, local = tmp_path / "node0", tmp_path / "node1"
-    mp.spawn(_node, args=(3, run._free_port(), [str(shared), str(shared), str(local)], [0, 1, 0], str(tmp_path)),
+    mp.spawn(_node, args=(3, run_dist.free_port(), [str(shared), str(shared), str(local)], [0, 1, 0], str(tmp_path)),
              nprocs=3)
     assert (shared / "prepared_by").read_text() == "0\n"
     assert (local / "prepared_by").read_text() == "2\n"
@@ -62,7 +62,7 @@ def test_a_run_on_two_nodes_with_node_local_caches(tmp_path):
     lines = [line for line in wikitext_lines("valid") if line.strip()]
     (tmp_path / "train.txt").write_text("".join(lines[:200]), encoding="utf-8")
     (tmp_path / "valid.txt").write_text("".join(lines[200:230]), encoding="utf-8")
-    port = str(run._free_port())
+    port = str(run_dist.free_port())
     procs = []
     for rank in range(2):
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

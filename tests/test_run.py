@@ -13,8 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastlm import checkpoints, config, data, evaluation, run
-from fastlm import model as model_lib
+from fastlm import run
+from fastlm.train import checkpoints, config, data, demo, dist, evaluation
+from fastlm.train import main as run_main
+from fastlm.train import model as model_lib
+from fastlm.train.errors import Diverged
 from tests.data import wikitext_lines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,8 +116,17 @@ def test_token_nll_counts_only_targets_and_shifts_for_clm():
     assert int(n) == 5
 
 
-def _args(*argv):
-    return config.parse_args(["--train_store", "s", "--config_name", "gpt2-tiny", *argv])
+def _config(*argv):
+    return config.parse(["--train_store", "s", "--config_name", "gpt2-tiny", *argv])
+
+
+def _eval_args(cfg):
+    """evaluation.evaluate's settings from a run configuration."""
+    return dict(task=cfg.task, batch_size=cfg.evaluation.per_device_eval_batch_size)
+
+
+def _masker(tokenizer):
+    return data.make_masker(config.DataConfig(train_stores=("s",), seed=3), tokenizer)
 
 
 class _Reduced(Exception):
@@ -136,16 +148,16 @@ def test_cross_rank_sums_are_built_on_the_engine_device(monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     meta = torch.device("meta")
     with pytest.raises(_Reduced):
-        run._rank_report(np.zeros(5, dtype=np.int32), 1.0, world_size=2, device=meta)
+        dist.rank_report(np.zeros(5, dtype=np.int32), 1.0, world_size=2, device=meta)
     with pytest.raises(_Reduced):
-        run._sum_over_ranks([1.0, 2, 3], dtype=torch.float64, device=meta, world_size=2)
+        dist.sum_over_ranks([1.0, 2, 3], dtype=torch.float64, device=meta, world_size=2)
     assert devices == [meta, meta]
-    totals = run._sum_over_ranks([1.5, 2, 3], dtype=torch.float64, device="cpu", world_size=1)
+    totals = dist.sum_over_ranks([1.5, 2, 3], dtype=torch.float64, device="cpu", world_size=1)
     assert totals.tolist() == [1.5, 2.0, 3.0]
 
 
 class _PlainEngine:
-    """The slice of a DeepSpeed engine that run.evaluate uses, over a bare HF model."""
+    """The slice of a DeepSpeed engine that evaluation.evaluate uses, over a bare HF model."""
 
     def __init__(self, model):
         self.module, self.device = model, "cpu"
@@ -234,12 +246,12 @@ def test_the_model_is_saved_at_the_output_dir_and_never_half_replaced(gpt2_tok, 
     engine.zero_optimization_partition_weights = lambda: False
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(_Killed):
-        run._save_model(engine, gpt2_tok, tmp_path, rank=0)
+        model_lib.save_model(engine, gpt2_tok, tmp_path, rank=0)
     monkeypatch.undo()
     assert not (tmp_path / "config.json").exists()
     with pytest.raises((OSError, ValueError), match="config.json|model_type"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
-    run._save_model(engine, gpt2_tok, tmp_path, rank=0)
+    model_lib.save_model(engine, gpt2_tok, tmp_path, rank=0)
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert AutoTokenizer.from_pretrained(tmp_path).get_vocab() == gpt2_tok.get_vocab()
     for name, tensor in model.state_dict().items():
@@ -258,8 +270,8 @@ def test_evaluation_weights_ragged_batches_by_tokens(clm_stores):
     store = TokenStore.open(clm_stores[1])
     blocks = pack_documents(store.tokens, store.offsets[:41], 64)  # 40 documents
     model = _tiny_gpt(store.meta["vocab_size"])
-    args, _ = _args("--per_device_eval_batch_size", "3", "--block_size", "64")
-    got = evaluation.evaluate(_PlainEngine(model), blocks, args=args, rank=0, world_size=1)
+    cfg = _config("--per_device_eval_batch_size", "3", "--block_size", "64")
+    got = evaluation.evaluate(_PlainEngine(model), blocks, **_eval_args(cfg), rank=0, world_size=1)
 
     nll_sum, count, batch_means = 0.0, 0, []
     with torch.no_grad():
@@ -285,8 +297,8 @@ def test_evaluation_without_targets_reports_nan_perplexity():
     from fastlm import pack_documents
 
     blocks = pack_documents(np.arange(3, 13, dtype=np.int32), np.arange(11, dtype=np.int64), 4)
-    args, _ = _args("--block_size", "4")
-    got = evaluation.evaluate(_PlainEngine(_tiny_gpt(16)), blocks, args=args, rank=0, world_size=1)
+    cfg = _config("--block_size", "4")
+    got = evaluation.evaluate(_PlainEngine(_tiny_gpt(16)), blocks, **_eval_args(cfg), rank=0, world_size=1)
     assert got["eval_tokens"] == 0 and math.isnan(got["eval_loss"]) and math.isnan(got["perplexity"])
 
 
@@ -299,9 +311,9 @@ def test_strided_evaluation_matches_the_hf_sliding_window_recipe(clm_stores):
     store = TokenStore.open(clm_stores[1])
     tokens, offsets = store.tokens[:1000], np.array([0, 1000])
     model = _tiny_gpt(store.meta["vocab_size"])
-    args, _ = _args("--block_size", "64", "--eval_stride", "16", "--per_device_eval_batch_size", "4")
+    cfg = _config("--block_size", "64", "--eval_stride", "16", "--per_device_eval_batch_size", "4")
     blocks = pack_blocks(tokens, offsets, 64, stride=16, remainder="pad", pad_id=0)
-    got = evaluation.evaluate(_PlainEngine(model), blocks, args=args, rank=0, world_size=1)
+    got = evaluation.evaluate(_PlainEngine(model), blocks, **_eval_args(cfg), rank=0, world_size=1)
 
     # HF's "Perplexity of fixed-length models" loop, with token-weighted sums.
     ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None]
@@ -440,12 +452,12 @@ def test_a_step_trains_on_the_same_samples_with_the_same_masks_whatever_its_spli
     """Global batch 16 as 16 x 1 x 1, 8 x 2 x 1, 4 x 2 x 2 and 1 x 4 x 4 (micro x accumulation x ranks):
     every optimizer step gets the same rows, masks included, so only the summation order differs."""
     from fastlm import pack_blocks
-    from fastlm.data import TrainBatches
+    from fastlm.train.sampling import TrainBatches
     from fastlm.store import TokenStore
 
     store = TokenStore.open(mlm_stores[0])
     blocks = pack_blocks(store.tokens, store.offsets, 64)
-    masker = data.make_masker(config.parse_args(["--task", "mlm", "--seed", "3"])[0], roberta_tok)
+    masker = _masker(roberta_tok)
 
     def steps(micro, accum, world, start=0):
         shares = [TrainBatches(blocks, micro_batch=micro, accumulation=accum, rank=r, world_size=world, epoch=2,
@@ -573,7 +585,7 @@ def _launch_two_ranks(argv, *, cwd):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"  # 2 ranks on 2 cores: the launcher leaves it unset, ~10x slower
     launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(run._free_port()), str(ROOT / "fastlm" / "run.py"),
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(dist.free_port()), str(ROOT / "fastlm" / "run.py"),
            *argv]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -678,7 +690,7 @@ def test_mlm_run_learns_and_matches_trainer_with_the_same_fixed_masks(mlm_stores
     from transformers import AutoModelForMaskedLM, AutoTokenizer, Trainer, TrainingArguments
 
     from fastlm import pack_blocks
-    from fastlm.data import eval_batches
+    from fastlm.train.sampling import eval_batches
     from fastlm.store import TokenStore
 
     results = run.train(["--task", "mlm", "--train_store", str(mlm_stores[0]), "--eval_store", str(mlm_stores[1]),
@@ -692,7 +704,7 @@ def test_mlm_run_learns_and_matches_trainer_with_the_same_fixed_masks(mlm_stores
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     store = TokenStore.open(mlm_stores[1])
     blocks = pack_blocks(store.tokens, store.offsets, 64)
-    masker = data.make_masker(config.parse_args(["--task", "mlm", "--seed", "3"])[0], tokenizer)
+    masker = _masker(tokenizer)
     # One batch holding every block: Trainer's batch mean is then the token-weighted mean.
     (batch, _), = eval_batches(blocks, batch_size=len(blocks), rank=0, world_size=1, masker=masker)
     dataset = [{k: torch.from_numpy(v[i]) for k, v in batch.items()} for i in range(len(blocks))]
@@ -708,7 +720,7 @@ def test_packed_documents_feed_roberta_its_own_position_numbering(mlm_stores, tm
     padding_idx + 1, so the runner must shift them (else every document would start on the padding slot).
     Checked on what the model really receives, in training and evaluation."""
     seen = []
-    build_model = run.build_model
+    build_model = run_main.build_model
 
     def recording_build_model(*args, **kwargs):
         model, keep_alive = build_model(*args, **kwargs)
@@ -716,7 +728,7 @@ def test_packed_documents_feed_roberta_its_own_position_numbering(mlm_stores, tm
             (module.training, inputs["position_ids"].clone(), inputs["attention_mask"].clone())), with_kwargs=True)
         return model, keep_alive
 
-    monkeypatch.setattr(run, "build_model", recording_build_model)
+    monkeypatch.setattr(run_main, "build_model", recording_build_model)
     results = run.train(["--task", "mlm", "--train_store", str(mlm_stores[0]), "--eval_store", str(mlm_stores[1]),
                          "--config_name", "roberta-tiny", "--block_size", "64", "--packing", "documents",
                          "--max_steps", "2", "--output_dir", str(tmp_path), *TINY])
@@ -736,7 +748,7 @@ def test_packed_documents_feed_roberta_its_own_position_numbering(mlm_stores, tm
 
 def test_train_batches_are_disjoint_across_ranks_and_deterministic(clm_stores):
     from fastlm import pack_blocks
-    from fastlm.data import TrainBatches
+    from fastlm.train.sampling import TrainBatches
     from fastlm.store import TokenStore
 
     store = TokenStore.open(clm_stores[0])
@@ -754,7 +766,7 @@ def test_train_batches_are_disjoint_across_ranks_and_deterministic(clm_stores):
 
 
 def test_demo_arguments_prepare_a_corpus_every_machine_has(tmp_path):
-    results = run.train([*run.demo_argv(tmp_path, max_steps=3), "--disable_tqdm"])
+    results = run.train([*demo.demo_argv(tmp_path, max_steps=3), "--disable_tqdm"])
     from pydoc_data.topics import topics
 
     assert len((tmp_path / "pydoc_topics.txt").read_text(encoding="utf-8").splitlines()) == len(topics)
@@ -820,7 +832,7 @@ def test_a_non_finite_gradient_stops_the_run_at_its_own_step(stage, clm_stores, 
     """The loss of step 3 is finite but one of its gradients is not: the gradient norm (the loop's own on
     ZeRO-0 fp32; on ZeRO-2 DeepSpeed skips the update and reports inf) names step 3, before a checkpoint
     holds its update."""
-    build_model = run.build_model
+    build_model = run_main.build_model
     backwards = []
 
     def poison(grad):  # called once a backward pass (accumulation 1: once a step)
@@ -832,9 +844,9 @@ def test_a_non_finite_gradient_stops_the_run_at_its_own_step(stage, clm_stores, 
         model.transformer.h[0].mlp.c_fc.bias.register_hook(poison)
         return model, keep_alive
 
-    monkeypatch.setattr(run, "build_model", poisoned_build_model)
+    monkeypatch.setattr(run_main, "build_model", poisoned_build_model)
     argv = _clm_args(clm_stores, tmp_path, "--max_steps", "5", "--save_steps", "2", "--zero_stage", str(stage))
-    with pytest.raises(run.Diverged, match=r"training diverged at step 3: loss \d.*gradient norm (nan|inf)"):
+    with pytest.raises(Diverged, match=r"training diverged at step 3: loss \d.*gradient norm (nan|inf)"):
         run.train(argv)
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step2"
     assert not (tmp_path / "checkpoints" / "step4").exists() and not (tmp_path / "config.json").exists()

@@ -2,17 +2,40 @@
 that change the result, the size and sha256 of every file), verified and compared before a resume builds
 anything, and converted to DeepSpeed's universal format when the rank count changes.
 """
+import argparse
+import contextlib
+import io
 import json
 import os
 import random
 import shutil
 
 import numpy as np
+import torch
+from deepspeed.checkpoint import ds_to_universal
 
-from fastlm import outputs
-from fastlm.config import LENGTH_FLAGS, RESULT_FLAGS, ConfigError
-from fastlm.data import describe_sources, rank0_then_others
 from fastlm.store import sha256_file
+from fastlm.train import config as run_config
+from fastlm.train import outputs
+from fastlm.train.dist import rank0_then_others
+from fastlm.train.errors import ConfigError
+from fastlm.train.sampling import describe_sources
+
+# Flags whose change alters what a resumed run computes: --resume refuses a checkpoint saved with other
+# values. The data layout (micro batch, accumulation, ranks) is not among them: a step trains on the same
+# samples whatever their split (sampling.TrainBatches), and the training data is compared by content.
+RESULT_FLAGS = ("task", "model_name_or_path", "config_name", "model_type", "config_overrides", "block_size",
+                "line_by_line", "packing", "separator",
+                "mlm_probability", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+                "max_grad_norm", "lr_scheduler_type", "warmup_steps", "zero_stage", "precision", "seed")
+# Flags that only change how long the run goes on (and so where the schedule's decay ends): a resumed run
+# may change them, and is told what that does.
+LENGTH_FLAGS = ("max_steps", "num_train_epochs")
+
+
+def resume_settings(config):
+    """The flag values a checkpoint records, for --resume to compare (RESULT_FLAGS, LENGTH_FLAGS)."""
+    return {name: run_config.value(config, name) for name in RESULT_FLAGS + LENGTH_FLAGS}
 
 
 def universal_if_resharded(ckpt_dir, tag, *, world_size, rank):
@@ -28,12 +51,6 @@ def universal_if_resharded(ckpt_dir, tag, *, world_size, rank):
     universal = f"{tag}_universal"
 
     def convert():
-        import argparse
-        import contextlib
-        import io
-
-        from deepspeed.checkpoint import ds_to_universal
-
         print(f"[fastlm] the checkpoint's optimizer state is split over {shards} ranks, this run has {world_size}: "
               f"converting {ckpt_dir / tag} to DeepSpeed's universal format", flush=True)
         tmp = ckpt_dir / f"{universal}.tmp"
@@ -44,6 +61,9 @@ def universal_if_resharded(ckpt_dir, tag, *, world_size, rank):
             ds_to_universal.main(options)
         shutil.rmtree(ckpt_dir / universal, ignore_errors=True)
         os.replace(tmp, ckpt_dir / universal)
+        # ds_to_universal points a `latest_universal` file at its output folder (our temporary name); the
+        # converted checkpoint is a one-off bridge, removed once loaded, so nothing should point at it.
+        (ckpt_dir / "latest_universal").unlink(missing_ok=True)
 
     rank0_then_others(convert, rank=rank, what="convert the checkpoint to DeepSpeed's universal format")
     return universal, True
@@ -109,13 +129,13 @@ def verify_checkpoint(directory, files):
                               f"recorded when it was saved); {advice}")
 
 
-def data_layout(args, *, world_size, train_blocks):
+def data_layout(optim, *, world_size, train_blocks):
     """What a checkpoint's data position (epoch, sample position) counts in: the blocks (by content and
     number, and each mixture source's weight) and how each optimizer step splits its global batch."""
     return {**train_blocks.identity(),
-            "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
-            "per_device_train_batch_size": args.per_device_train_batch_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": world_size}
+            "global_batch": optim.per_device_train_batch_size * optim.gradient_accumulation_steps * world_size,
+            "per_device_train_batch_size": optim.per_device_train_batch_size,
+            "gradient_accumulation_steps": optim.gradient_accumulation_steps, "world_size": world_size}
 
 
 def check_resumable(saved, settings, layout, *, rank):
@@ -164,8 +184,6 @@ def check_resumable(saved, settings, layout, *, rank):
 
 
 def rng_state():
-    import torch
-
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -173,8 +191,6 @@ def rng_state():
 
 
 def set_rng_state(state):
-    import torch
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

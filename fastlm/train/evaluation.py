@@ -7,8 +7,12 @@ the tokenizer.
 """
 import math
 
-from fastlm.data import eval_batches
-from fastlm.model import model_inputs, position_offset
+import torch
+import torch.nn.functional as F
+
+from fastlm.train import dist
+from fastlm.train.model import model_inputs, position_offset
+from fastlm.train.sampling import eval_batches
 
 
 def perplexity(nll_sum, n_targets):
@@ -41,8 +45,6 @@ def row_nll(logits, labels, *, shift):
     each masked position in place. Logits are upcast to float32 like HF's loss. The labels shift, not
     the logits (HF's ForCausalLMLoss): slicing the logits would copy all batch x length x vocab of them.
     """
-    import torch.nn.functional as F
-
     if shift:
         labels = F.pad(labels[:, 1:], (0, 1), value=-100)
     nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -56,13 +58,14 @@ def token_nll(logits, labels, *, shift):
     return nll.sum(), targets.sum()
 
 
-def evaluate_sets(engine, eval_sets, *, args, rank, world_size, masker=None):
+def evaluate_sets(engine, eval_sets, *, task, batch_size, rank, world_size, masker=None):
     """Every evaluation set in turn: eval_<name>_loss, eval_<name>_perplexity, eval_<name>_tokens and, where
     the set's store records its text's bytes, eval_<name>_bits_per_byte (Trainer's eval_<name>_ prefix for
     several sets); the first set's values also as eval_loss, perplexity, eval_tokens, eval_bits_per_byte."""
     results = {}
     for i, eval_set in enumerate(eval_sets):
-        result = evaluate(engine, eval_set.blocks, args=args, rank=rank, world_size=world_size, masker=masker)
+        result = evaluate(engine, eval_set.blocks, task=task, batch_size=batch_size, rank=rank, world_size=world_size,
+                          masker=masker)
         if eval_set.n_bytes and result["eval_tokens"]:
             nll_sum = result["eval_loss"] * result["eval_tokens"]
             result["eval_bits_per_byte"] = bits_per_byte(nll_sum, result["eval_tokens"], n_tokens=eval_set.n_tokens,
@@ -73,32 +76,26 @@ def evaluate_sets(engine, eval_sets, *, args, rank, world_size, masker=None):
     return results
 
 
-def evaluate(engine, blocks, *, args, rank, world_size, masker=None):
+def evaluate(engine, blocks, *, task, batch_size, rank, world_size, masker=None):
     """Token-weighted evaluation over all ranks: {"eval_loss", "perplexity", "eval_tokens"}."""
-    import torch
-    import torch.distributed as dist
-
-
     totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
     config, dtype = engine.module.config, engine.module.dtype
     was_training = engine.module.training
     engine.eval()
     with torch.no_grad():
-        for batch, counts in eval_batches(blocks, batch_size=args.per_device_eval_batch_size, rank=rank,
+        for batch, counts in eval_batches(blocks, batch_size=batch_size, rank=rank,
                                           world_size=world_size, masker=masker,
                                           position_offset=position_offset(engine.module.config)):
             batch = {k: torch.from_numpy(v).to(engine.device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            logits = engine(**model_inputs(batch, config, task=args.task, dtype=dtype)).logits
+            logits = engine(**model_inputs(batch, config, task=task, dtype=dtype)).logits
             if counts:
-                nll, n = token_nll(logits, labels, shift=args.task == "clm")
+                nll, n = token_nll(logits, labels, shift=task == "clm")
                 totals[0] += nll
                 totals[1] += n
     if was_training:
         engine.train()
-    if world_size > 1:
-        dist.all_reduce(totals)
-    nll_sum, n_targets = totals.tolist()
+    nll_sum, n_targets = dist.sum_in_place(totals).tolist()
     if not n_targets:  # e.g. one-token documents packed whole: report it, don't fail after the training
         return {"eval_loss": math.nan, "perplexity": math.nan, "eval_tokens": 0}
     return {"eval_loss": nll_sum / n_targets, "perplexity": perplexity(nll_sum, n_targets),

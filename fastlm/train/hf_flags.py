@@ -1,13 +1,16 @@
-"""Hugging Face flags the runner accepts without implementing them.
+"""Hugging Face flags: the ones the runner accepts without implementing them, and HF's spellings of its own.
 
 A run_clm.py / run_mlm.py command line (or a TrainingArguments set) should run unchanged under
-`deepspeed fastlm/run.py`. The flags the runner honours are fields of fastlm.config.Args; the ones here
+`deepspeed fastlm/run.py`. The flags the runner honours are fields of fastlm.train.flags.Flags; the ones here
 are either without effect in this runner (a warning says why, the run goes on) or impossible to honour
 (one error that names the flag and says why, before anything starts). A value that asks for what the
 runner does anyway (`--push_to_hub false`, `--dataloader_drop_last`) passes silently. Any other
 TrainingArguments flag is refused by name.
 """
 import dataclasses
+import json
+
+from fastlm.train.errors import ConfigError, warn
 
 FALSY = frozenset({"false", "f", "no", "n", "0", "0.0", "none", ""})
 TRUTHY = frozenset({"true", "t", "yes", "y", "1"})
@@ -128,3 +131,97 @@ def is_hf_flag(name):
 
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     return name in fields or (name.startswith("no_") and name[3:] in fields)
+
+
+# --- HF's spellings onto the runner's settings -------------------------------------------------------------------
+
+_HF_SAVE_STEPS = 500  # TrainingArguments' save_steps default, for --save_strategy steps without --save_steps
+# Every AdamW name of TrainingArguments' --optim: the runner's optimizer is torch's AdamW (DeepSpeed's fused
+# one on GPUs), which is what they all compute.
+ADAMW = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw", "adamw_apex_fused")
+
+
+def translate(values, foreign, explicit):
+    """The flag values with HF's spellings mapped onto the runner's own settings (a new dict; `values` is not
+    changed): precision flags, warmup ratio, -1 for "no max_steps", do_train/do_eval, the *_strategy defaults,
+    report_to and resume_from_checkpoint. Foreign flags get their verdict (a warning, or a ConfigError)."""
+    for name, value in foreign.items():
+        verdict = judge(name, value)
+        if verdict is not None:
+            fatal, message = verdict
+            if fatal:
+                raise ConfigError(message)
+            warn(message)
+    v = dict(values)
+    if v["bf16"] and v["fp16"]:
+        raise ConfigError("--bf16 and --fp16 are both set; pick one precision")
+    wanted = "bf16" if v["bf16"] else "fp16" if v["fp16"] else {"bfloat16": "bf16", "float16": "fp16",
+                                                                "float32": "fp32"}.get(v["dtype"])
+    if wanted:
+        if "precision" in explicit and v["precision"] != wanted:
+            raise ConfigError(f"--precision {v['precision']} contradicts "
+                              f"{'--bf16' if v['bf16'] else '--fp16' if v['fp16'] else '--dtype ' + v['dtype']}")
+        v["precision"] = wanted
+    if v["warmup_ratio"] is not None:
+        if "warmup_steps" in explicit:
+            raise ConfigError("give --warmup_steps or --warmup_ratio, not both")
+        if not 0 <= v["warmup_ratio"] < 1:
+            raise ConfigError(f"--warmup_ratio must be in [0, 1), got {v['warmup_ratio']}")
+        v["warmup_steps"] = v["warmup_ratio"]
+    v["max_steps"] = max(v["max_steps"], 0)  # TrainingArguments' -1: train by epochs
+    if v["optim"] not in ADAMW:
+        raise ConfigError(f"--optim {v['optim']} is not supported: the runner trains with AdamW ({', '.join(ADAMW)})")
+    if v["lr_scheduler_type"] in ("reduce_lr_on_plateau", "greedy"):
+        raise ConfigError(f"--lr_scheduler_type {v['lr_scheduler_type']} is not supported: it steps on evaluation "
+                          "metrics, which the DeepSpeed engine never hands its scheduler")
+    v["lr_scheduler_kwargs"] = _json_flag("lr_scheduler_kwargs", v["lr_scheduler_kwargs"])
+    v["gradient_checkpointing_kwargs"] = _json_flag("gradient_checkpointing_kwargs", v["gradient_checkpointing_kwargs"])
+    if v["lr_scheduler_type"] == "constant" and v["warmup_steps"]:
+        warn("--lr_scheduler_type constant has no warmup (as in transformers); use constant_with_warmup")
+    if not ("do_train" in explicit or "do_eval" in explicit):
+        v["do_train"] = v["do_eval"] = True  # fastlm's default: train, then evaluate
+    if v["eval_strategy"] is None:
+        v["eval_strategy"] = "steps" if v["eval_steps"] else "no"
+    if v["eval_strategy"] != "no":
+        v["do_eval"] = True  # TrainingArguments does the same
+        if v["eval_strategy"] == "steps" and not v["eval_steps"]:
+            v["eval_steps"] = v["logging_steps"]
+    if v["save_strategy"] is None:
+        v["save_strategy"] = "steps" if v["save_steps"] else "no"
+    if v["save_strategy"] == "best":
+        raise ConfigError("--save_strategy best is not supported: " + FOREIGN["load_best_model_at_end"].reason)
+    if v["save_strategy"] == "steps" and not v["save_steps"]:
+        v["save_steps"] = _HF_SAVE_STEPS
+    v["report_to"] = _report_to(v["report_to"])
+    if v["resume_from_checkpoint"] is not None:
+        if v["resume_from_checkpoint"].lower() in FALSY - {""}:
+            v["resume_from_checkpoint"] = None
+        else:
+            v["resume"] = True
+    return v
+
+
+def _json_flag(name, text):
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise ConfigError(f"--{name} must be a JSON object, e.g. '{{\"key\": 1}}' ({error})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--{name} must be a JSON object, got {text!r}")
+    return value
+
+
+def _report_to(values):
+    names = {v.strip().lower() for value in ([values] if isinstance(values, str) else values) for v in value.split(",")}
+    names.discard("")
+    if names & {"none", "no"}:
+        return ()
+    if "all" in names:
+        return ("tensorboard",)
+    ignored = sorted(names - {"tensorboard"})
+    if ignored:
+        warn(f"--report_to {' '.join(ignored)} has no effect here: fastlm reports to metrics.jsonl, "
+             "trainer_state.json and (with --report_to tensorboard) tensorboard event files")
+    return ("tensorboard",) if "tensorboard" in names else ()

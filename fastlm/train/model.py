@@ -1,29 +1,86 @@
-"""The model a run trains: built from a preset, a config or a checkpoint, and fed packed batches.
+"""The model a run trains: its config (a preset, a config, a checkpoint's), built, fed packed batches and saved.
 
-transformers and torch are imported inside the functions: importing this module stays light.
+The model section of the run's configuration (config.ModelConfig) says which; the data section's block size
+shapes presets and position embeddings.
 """
-from fastlm.config import PRESETS, ConfigError, apply_config_overrides, load_config
+import shutil
+
+import torch
+import transformers
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers.masking_utils import (create_bidirectional_mask, find_packed_sequence_indices,
+                                        packed_sequence_mask_function)
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
 from fastlm.tokenizer import vocab_size as tokenizer_vocab_size
+from fastlm.train import outputs
+from fastlm.train.errors import ConfigError, warn
+
+# Model shapes to train from scratch with the store's tokenizer: (model_type, config overrides).
+PRESETS = {
+    "gpt2-tiny": ("gpt2", dict(n_layer=2, n_head=2, n_embd=64)),
+    "gpt2-mini": ("gpt2", dict(n_layer=4, n_head=4, n_embd=128)),
+    "gpt2-124m": ("gpt2", dict(n_layer=12, n_head=12, n_embd=768)),
+    "roberta-tiny": ("roberta", dict(num_hidden_layers=2, num_attention_heads=2, hidden_size=64, intermediate_size=256)),
+    "bert-tiny": ("bert", dict(num_hidden_layers=2, num_attention_heads=2, hidden_size=64, intermediate_size=256)),
+}
 
 
-def model_config(args, tokenizer):
+def model_type_task(model):
+    """--task auto: mlm when the model type has a masked-LM head in transformers (BERT, RoBERTa, ...), else clm,
+    so a run_mlm.py command needs no --task. Reads the model's config.json when only a path names it."""
+    if model.config_name in PRESETS:
+        model_type = PRESETS[model.config_name][0]
+    elif model.model_type:
+        model_type = model.model_type
+    else:
+        model_type = load_config(model).model_type
+    return "mlm" if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "clm"
+
+
+def load_config(model):
+    """The transformers config the run's model is built from (presets aside), as run_clm.py finds it:
+    --config_name, else --model_name_or_path's, else --model_type's defaults; then --config_overrides."""
+    name = model.config_name or model.model_name_or_path
+    try:
+        if name:
+            config = AutoConfig.from_pretrained(name, trust_remote_code=model.trust_remote_code,
+                                                revision=model.model_revision)
+        else:
+            config = CONFIG_MAPPING[model.model_type]()
+    except KeyError:
+        raise ConfigError(f"--model_type {model.model_type} is not a transformers model type") from None
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot read the model config {name!r}: {str(error).splitlines()[0]}") from None
+    apply_config_overrides(config, model.config_overrides)
+    return config
+
+
+def apply_config_overrides(config, overrides):
+    if not overrides:
+        return
+    try:
+        config.update_from_string(overrides)
+    except ValueError as error:
+        raise ConfigError(f"--config_overrides {overrides!r}: {error}") from None
+
+
+def model_config(model, tokenizer, *, block_size):
     """The config of a model trained from scratch: a preset shaped to the tokenizer, else what run_clm.py
     builds (--config_name, or --model_type's defaults), with --config_overrides applied either way."""
-    from transformers import CONFIG_MAPPING
-
-    if args.config_name in PRESETS:
-        model_type, shape = PRESETS[args.config_name]
-        specials = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-        if model_type == "gpt2":
-            extra = dict(n_positions=max(args.block_size, 1024 if args.config_name == "gpt2-124m" else 0))
-        else:  # RoBERTa's positions start after the padding index
-            extra = dict(max_position_embeddings=args.block_size + 2, type_vocab_size=1 if model_type == "roberta" else 2)
-        specials = {k: v for k, v in specials.items() if v is not None}
-        config = CONFIG_MAPPING[model_type](vocab_size=tokenizer_vocab_size(tokenizer), **shape, **extra, **specials)
-        apply_config_overrides(config, args.config_overrides)
-        return config
-    return load_config(args)
+    if model.config_name not in PRESETS:
+        return load_config(model)
+    model_type, shape = PRESETS[model.config_name]
+    specials = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
+    if model_type == "gpt2":
+        extra = dict(n_positions=max(block_size, 1024 if model.config_name == "gpt2-124m" else 0))
+    else:  # RoBERTa's positions start after the padding index
+        extra = dict(max_position_embeddings=block_size + 2, type_vocab_size=1 if model_type == "roberta" else 2)
+    specials = {k: v for k, v in specials.items() if v is not None}
+    config = CONFIG_MAPPING[model_type](vocab_size=tokenizer_vocab_size(tokenizer), **shape, **extra, **specials)
+    apply_config_overrides(config, model.config_overrides)
+    return config
 
 
 def position_offset(config):
@@ -39,32 +96,51 @@ def max_positions(config):
     return n - position_offset(config) if n else n
 
 
-def build_model(args, tokenizer, ds_config):
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
-
-    auto = AutoModelForCausalLM if args.task == "clm" else AutoModelForMaskedLM
+def build_model(model, tokenizer, *, block_size, ds_config):
+    """(the HF model, the object that must stay alive while it trains: ZeRO-3 builds the model partitioned
+    (deepspeed.zero.Init) only while an HfDeepSpeedConfig is alive; without it from_config skips HF's weight
+    init)."""
+    auto = AutoModelForCausalLM if model.task == "clm" else AutoModelForMaskedLM
     # With --model_name_or_path, --config_name (if any) is the config its weights load into, as in run_clm.py.
-    config = load_config(args) if args.model_name_or_path else model_config(args, tokenizer)
+    config = load_config(model) if model.model_name_or_path else model_config(model, tokenizer, block_size=block_size)
     limit = max_positions(config)
-    if limit and args.block_size > limit:
-        raise ConfigError(f"--block_size {args.block_size} exceeds the model's {limit} positions")
-    # ZeRO-3 builds the model partitioned (deepspeed.zero.Init) only while an HfDeepSpeedConfig is
-    # alive; without it from_config skips HF's weight init. The caller keeps it alive.
-    keep_alive = transformers.integrations.HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
+    if limit and block_size > limit:
+        raise ConfigError(f"--block_size {block_size} exceeds the model's {limit} positions")
+    keep_alive = (transformers.integrations.HfDeepSpeedConfig(ds_config)
+                  if ds_config["zero_optimization"]["stage"] == 3 else None)
     try:
-        if args.model_name_or_path:
-            model = auto.from_pretrained(args.model_name_or_path, config=config, revision=args.model_revision,
-                                         trust_remote_code=args.trust_remote_code)
+        if model.model_name_or_path:
+            built = auto.from_pretrained(model.model_name_or_path, config=config, revision=model.model_revision,
+                                         trust_remote_code=model.trust_remote_code)
         else:
-            model = auto.from_config(config, trust_remote_code=args.trust_remote_code)
+            built = auto.from_config(config, trust_remote_code=model.trust_remote_code)
     except ValueError as error:  # e.g. a GPT-2 config for --task mlm
-        raise ConfigError(f"cannot build a {args.task} model from {args.model_name_or_path or args.config_name}: {error}") from None
-    if tokenizer_vocab_size(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(tokenizer_vocab_size(tokenizer))
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or None)
-    return model, keep_alive
+        raise ConfigError(f"cannot build a {model.task} model from {model.model_name_or_path or model.config_name}: "
+                          f"{error}") from None
+    wanted, has = tokenizer_vocab_size(tokenizer), built.get_input_embeddings().num_embeddings
+    if wanted > has:
+        if "vocab_size" in (model.config_overrides or ""):
+            warn(f"--config_overrides sets vocab_size {has}, but the tokenizer has {wanted} ids: the model's "
+                 f"embeddings are resized to {wanted}")
+        built.resize_token_embeddings(wanted)
+    if model.gradient_checkpointing:
+        built.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(model.gradient_checkpointing_kwargs) or None)
+    return built, keep_alive
+
+
+def save_model(engine, tokenizer, directory, rank):
+    """save_pretrained into directory (the output_dir, where run_clm.py leaves the model), staged in a
+    temporary directory first; ZeRO-3 first gathers the partitioned weights (every rank takes part)."""
+    state_dict = None
+    if engine.zero_optimization_partition_weights():
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+    if rank != 0:
+        return
+    tmp = directory / ".tmp-model"
+    shutil.rmtree(tmp, ignore_errors=True)
+    engine.module.save_pretrained(tmp, state_dict=state_dict)
+    tokenizer.save_pretrained(tmp)
+    outputs.publish_model(tmp, directory)
 
 
 def param_groups(model, weight_decay):
@@ -102,10 +178,6 @@ def model_inputs(batch, config, *, task, dtype):
     """
     if "position_ids" not in batch:
         return batch
-    import torch
-    from transformers.masking_utils import (create_bidirectional_mask, find_packed_sequence_indices,
-                                            packed_sequence_mask_function)
-
     inputs = {k: v for k, v in batch.items() if k != "attention_mask"}
     if task == "clm":
         return {**inputs, "use_cache": False}  # GPT-2's config says use_cache=True

@@ -14,7 +14,7 @@ import socket
 import time
 from pathlib import Path
 
-from fastlm.config import warn
+from fastlm.train.errors import warn
 
 # from_pretrained needs config.json: it goes last when a model is published and first when one is replaced.
 MODEL_CONFIG = "config.json"
@@ -80,7 +80,7 @@ def write_hf_results(out, *, train=None, evaluation=None):
     _hf_dump(out / "all_results.json", {**(train or {}), **(evaluation or {})})
 
 
-def trainer_state(metrics, *, args, results, steps_per_epoch, total_steps, intervals):
+def trainer_state(metrics, *, micro_batch, results, steps_per_epoch, total_steps, intervals):
     """trainer_state.json's fields, its log_history rebuilt from metrics.jsonl (epochs as fractions,
     `lr` as `learning_rate`, evaluations as `eval_loss`)."""
     history = []
@@ -102,7 +102,7 @@ def trainer_state(metrics, *, args, results, steps_per_epoch, total_steps, inter
             "epoch": results["epochs"], "global_step": results["steps"], "max_steps": total_steps,
             "num_train_epochs": math.ceil(total_steps / steps_per_epoch), "logging_steps": every(intervals.log_every),
             "eval_steps": every(intervals.eval_every), "save_steps": every(intervals.save_every),
-            "train_batch_size": args.per_device_train_batch_size, "num_input_tokens_seen": results["tokens_seen"],
+            "train_batch_size": micro_batch, "num_input_tokens_seen": results["tokens_seen"],
             "total_flos": results["total_flos"], "log_history": history, "is_hyper_param_search": False,
             "is_local_process_zero": True, "is_world_process_zero": True, "stateful_callbacks": {},
             "trial_name": None, "trial_params": None}
@@ -110,6 +110,56 @@ def trainer_state(metrics, *, args, results, steps_per_epoch, total_steps, inter
 
 def write_trainer_state(out, state):
     write_json(out / "trainer_state.json", state, sort_keys=True)
+
+
+def write_hf_outputs(out, optim, results, final_eval, *, eval_batch_size, eval_sets, intervals, eval_runtime,
+                     steps_per_epoch, total_steps, world_size, metrics_path):
+    """Trainer's result files, trainer_state.json and loss.png, for users comparing with run_clm.py / run_mlm.py."""
+    train = evaluation = None
+    if results["steps"]:
+        global_batch = optim.per_device_train_batch_size * optim.gradient_accumulation_steps * world_size
+        train = train_metrics(results, train_samples=results["train_blocks"], global_batch=global_batch)
+        metrics = read_metrics(metrics_path)
+        write_trainer_state(out, trainer_state(metrics, micro_batch=optim.per_device_train_batch_size, results=results,
+                                               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                                               intervals=intervals))
+        plot_losses(metrics, out / "loss.png")
+    if final_eval:
+        n_batches = sum(math.ceil(len(s.blocks) / eval_batch_size) for s in eval_sets)
+        evaluation = eval_metrics(final_eval, epoch=results["epochs"], eval_samples=sum(len(s.blocks) for s in eval_sets),
+                                  runtime=eval_runtime, eval_steps=n_batches)
+    write_hf_results(out, train=train, evaluation=evaluation)
+
+
+# --- metrics.jsonl and the loss plot ---------------------------------------------------------------------
+
+def read_metrics(path):
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics, path):
+    # Imported here, once at the end of a run: matplotlib adds ~0.5 s to every start-up otherwise.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train = [m for m in metrics if "loss" in m]
+    evals = [m for m in metrics if "eval_loss" in m]
+    ax.plot([m["step"] for m in train], [m["loss"] for m in train], label="train")
+    if evals:
+        ax.plot([m["step"] for m in evals], [m["eval_loss"] for m in evals], "o-", label="eval")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 # --- tensorboard --------------------------------------------------------------------------------------
@@ -136,10 +186,10 @@ class TensorBoard:
         self.writer.close()
 
 
-def open_tensorboard(args, out):
+def open_tensorboard(logging, out):
     """A TensorBoard for --report_to tensorboard (in --logging_dir, default <output_dir>/runs/<time>_<host>
     as Trainer names it), or None: not asked for, or the tensorboard package is not installed (a warning)."""
-    if "tensorboard" not in args.report_to:
+    if "tensorboard" not in logging.report_to:
         return None
     try:
         import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it; the import error says nothing useful)
@@ -147,7 +197,7 @@ def open_tensorboard(args, out):
         warn("--report_to tensorboard: the tensorboard package is not installed (pip install tensorboard); "
              "metrics go to metrics.jsonl only")
         return None
-    log_dir = args.logging_dir or out / "runs" / f"{time.strftime('%b%d_%H-%M-%S')}_{socket.gethostname()}"
+    log_dir = logging.logging_dir or out / "runs" / f"{time.strftime('%b%d_%H-%M-%S')}_{socket.gethostname()}"
     return TensorBoard(log_dir)
 
 

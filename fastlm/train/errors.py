@@ -1,0 +1,32 @@
+"""The runner's two kinds of failure, and its one-line warnings.
+
+A ConfigError is the user's to fix before anything starts (one line, exit status 2); Diverged stops a run
+whose loss or gradient norm stopped being finite (exit status 1). Both print once, on rank 0.
+"""
+import os
+import sys
+
+
+class ConfigError(ValueError):
+    """A contradictory or impossible run configuration, found before anything starts."""
+
+
+class Diverged(RuntimeError):
+    """The training loss or gradient norm stopped being finite; nothing from that step on was saved."""
+
+
+def is_rank0():
+    return os.environ.get("RANK", "0") == "0"
+
+
+def warn(message):
+    """One warning line, from rank 0 only (every rank parses the same flags)."""
+    if is_rank0():
+        print(f"[fastlm] warning: {message}", file=sys.stderr, flush=True)
+
+
+def fail(message, status):
+    """Print `fastlm train: error: <message>` once (rank 0) and exit with `status`."""
+    if is_rank0():
+        print(f"fastlm train: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(status)

@@ -1,0 +1,212 @@
+"""The run's token stores: the ones given (--train_store/--eval_store), or text (--train_file/--validation_file/
+--dataset_name) prepared into a cache on first use, once per filesystem that holds the cache; and the checks
+between the stores and the model.
+"""
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastlm.prepare import prepare
+from fastlm.store import StoreError, TokenStore
+from fastlm.tokenizer import load_tokenizer
+from fastlm.train import dist
+from fastlm.train.errors import ConfigError
+from fastlm.train.sources import Source
+
+
+@dataclass(frozen=True)
+class Stores:
+    """The opened stores, [(Source, TokenStore)] for training and for evaluation (either may be empty:
+    an evaluate-only run has no training store)."""
+    train: list
+    eval: list
+
+    def load_tokenizer(self):
+        """The tokenizer every store was made with (check_tokenizers compares them), checked against it."""
+        try:
+            return (self.train or self.eval)[0][1].load_tokenizer()
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+
+# Bump when what a cached store holds for the same key changes (its readers or encoding).
+_CACHE_FORMAT = 2
+
+
+def cache_root(data):
+    """Where prepared stores live: --cache_dir, else one user cache shared by every run (like datasets'
+    cache), so a second run with a new --output_dir does not tokenize the same text again."""
+    if data.cache_dir:
+        return Path(data.cache_dir)
+    base = os.environ.get("FASTLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastlm"
+    return Path(base) / "stores"
+
+
+def _file_identity(name, flag):
+    try:
+        st = Path(name).stat()
+    except OSError as error:
+        raise ConfigError(f"{flag} {name}: {error.strerror}") from None
+    return [str(Path(name).resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _tokenizer_identity(spec):
+    """What the tokenizer computes (its whole serialised pipeline), wherever it is loaded from: a run that
+    evaluates a fine-tuned output_dir reuses the stores its training run made from the original model."""
+    try:
+        backend = load_tokenizer(spec).backend_tokenizer.to_str()
+    except (OSError, ValueError, TypeError):
+        return str(spec)  # not loadable: prepare will say why
+    return hashlib.sha256(backend.encode()).hexdigest()
+
+
+def _cache_key(data):
+    """Prepared stores are reused while the sources, the tokenizer and the preparation settings are
+    unchanged."""
+    files = [_file_identity(s.path, "--train_file") for s in data.train_files]
+    files += [_file_identity(s.path, "--validation_file") for s in data.validation_files]
+    key = [_CACHE_FORMAT, files, data.dataset_name, data.dataset_config_name,
+           _tokenizer_identity(data.tokenizer) if data.tokenizer else None, data.train_tokenizer,
+           data.vocab_size if data.train_tokenizer else None, data.doc_boundary, data.keep_blank,
+           data.keep_linebreaks]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def _store_dirs(cache, kind, n):
+    return [cache / kind] if n == 1 else [cache / f"{kind}-{i}" for i in range(n)]
+
+
+def _open_given(source, flag):
+    try:
+        return TokenStore.open(source.path)
+    except StoreError as error:
+        raise ConfigError(f"{flag} {source.path}: {error}") from None
+
+
+def open_or_prepare(data, rank):
+    """The training and evaluation stores. Text sources are prepared into the cache first: once per
+    filesystem that holds the cache (by rank 0 where every node shares it, else by one rank on each
+    node; one run at a time per cache entry) while the other ranks wait; then every rank opens the
+    stores it sees."""
+    if data.given_stores:
+        return Stores([(s, _open_given(s, "--train_store")) for s in data.train_stores],
+                      [(s, _open_given(s, "--eval_store")) for s in data.eval_stores])
+    cache = cache_root(data) / _cache_key(data)
+    train = list(data.train_files) or ([Source("train", data.dataset_name)] if data.dataset_name else [])
+    # the dataset's validation split, if any
+    evals = list(data.validation_files) or ([Source("validation", data.dataset_name)] if data.dataset_name else [])
+    train_dirs, eval_dirs = _store_dirs(cache, "train", len(train)), _store_dirs(cache, "validation", len(evals))
+
+    def prepare_locked():
+        with _locked(cache):
+            _prepare_into(data, train, evals, train_dirs, eval_dirs)
+
+    dist.once_per_filesystem(prepare_locked, cache, rank=rank, what="prepare the data")
+    stores = Stores([(s, TokenStore.open(d)) for s, d in zip(train, train_dirs)],
+                    [(s, TokenStore.open(d)) for s, d in zip(evals, eval_dirs) if d.is_dir()])
+    _check_same_on_every_rank(stores)
+    return stores
+
+
+@contextlib.contextmanager
+def _locked(cache):
+    """One preparer per cache entry at a time, across runs: a second run waits, then finds the stores ready."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache.with_name(cache.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _check_same_on_every_rank(stores):
+    """Nodes that prepared their own copies must hold the same stores: ids that differ between ranks
+    would train one model on two numberings without any error."""
+    mine = [content_id(store) for _, store in stores.train + stores.eval]
+    everyone = dist.gather(mine)
+    for rank, theirs in enumerate(everyone):
+        if theirs != everyone[0]:
+            raise ConfigError(f"rank {rank} prepared other stores than rank 0 (their nodes do not share the cache "
+                              "and preparing gave different tokens); give --cache_dir a directory every node shares")
+
+
+def _prepare_into(data, train, evals, train_dirs, eval_dirs):
+    def ready(path):
+        if data.overwrite_cache:
+            return False
+        try:
+            TokenStore.open(path)
+            return True
+        except ValueError:
+            return False
+
+    # Special tokens as the tutorial's tokenizer(...) call adds them (<s> ... </s> per RoBERTa document).
+    # overwrite: only a store that failed to open (say a run killed while preparing) or --overwrite_cache.
+    common = dict(doc_boundary=data.doc_boundary, add_special_tokens=True, progress=True, overwrite=True,
+                  keep_blank=data.keep_blank, keep_linebreaks=data.keep_linebreaks,
+                  num_proc=data.preprocessing_num_workers or 1)
+    if data.dataset_name:
+        common.update(dataset_name=data.dataset_name, dataset_config=data.dataset_config_name)
+    tokenizer = data.tokenizer
+    for i, (source, path) in enumerate(zip(train, train_dirs)):
+        if i:  # every source in the first one's tokenizer (the trained one, with --train_tokenizer)
+            tokenizer = str(TokenStore.open(train_dirs[0]).tokenizer_dir)
+        if ready(path):
+            continue
+        files = [] if data.dataset_name else [source.path]
+        print(f"[fastlm] preparing {files or data.dataset_name} -> {path}", flush=True)
+        trains = data.train_tokenizer and i == 0
+        prepare(files, path, tokenizer=None if trains else tokenizer, train_tokenizer=trains,
+                vocab_size=data.vocab_size if trains else None,
+                **common, **({"split": "train"} if data.dataset_name else {}))
+    if train_dirs:  # the evaluation text in the training stores' tokenizer
+        tokenizer = str(TokenStore.open(train_dirs[0]).tokenizer_dir)
+    for source, path in zip(evals, eval_dirs):
+        if ready(path):
+            continue
+        if data.validation_files:
+            prepare([source.path], path, tokenizer=tokenizer, **common)
+        elif data.dataset_name:
+            try:
+                prepare([], path, tokenizer=tokenizer, split="validation", **common)
+            except (ValueError, KeyError):
+                pass  # no validation split: --validation_split_percentage holds out train documents
+
+
+def content_id(store):
+    """What a checkpoint compares to know the data is the same: the store's checksums."""
+    return hashlib.sha256(json.dumps(store.meta.get("checksums"), sort_keys=True).encode()).hexdigest()
+
+
+def _described(stores):
+    return [(f"training store {s.path}", store) for s, store in stores.train] + \
+           [(f"evaluation store {s.path}", store) for s, store in stores.eval]
+
+
+def check_tokenizers(stores):
+    """Every store must hold ids of the same tokenizer (the vocabulary fingerprint each store records):
+    ids of another tokenizer would train or score the wrong tokens without any error."""
+    described = _described(stores)
+    first, reference = described[0]
+    want = reference.meta.get("tokenizer_fingerprint")
+    for what, store in described[1:]:
+        got = store.meta.get("tokenizer_fingerprint")
+        if want and got and got != want:
+            raise ConfigError(
+                f"the {what} was made with another tokenizer than the {first} (vocabulary fingerprints "
+                f"{got[:12]} and {want[:12]}): its ids stand for other tokens. Prepare it with that tokenizer "
+                f"(fastlm prepare ... --tokenizer {reference.tokenizer_dir})")
+
+
+def check_token_ids(stores, vocab_size):
+    """Every id in every store must be below the model's vocabulary (its embedding rows): a larger one
+    would fail deep inside torch at whichever step first draws it."""
+    for what, store in _described(stores):
+        top = store.max_token_id  # recorded in meta.json; one pass over the tokens for older stores
+        if top is not None and top >= vocab_size:
+            raise ConfigError(
+                f"the {what} holds token id {top}, but the model's vocabulary has {vocab_size} ids (its "
+                "embedding matrix): prepare the store with the model's tokenizer, or train a model whose "
+                "vocabulary covers it")

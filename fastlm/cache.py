@@ -104,8 +104,8 @@ def record(entry, *, sources, tokenizer):
 
 @contextlib.contextmanager
 def using(entry):
-    """Hold ``entry`` as in use by this process for the ``with`` block: records the last use and holds
-    a shared lock, so ``remove`` skips the entry until the block ends (or the process dies).
+    """Hold ``entry`` as in use by this process for the ``with`` block: records the last use (on entering
+    and on leaving) and holds a shared lock, so ``remove`` skips the entry until the block ends (or the process dies).
 
     Makes the entry directory if it does not exist yet (the runner prepares into it inside the block).
     Where the cache cannot be written (a read-only shared cache) the block runs without the lock.
@@ -115,6 +115,7 @@ def using(entry):
         yield Path(entry)
     finally:
         if fd is not None:
+            os.utime(fd)  # the last use is when the run stopped using it, not when it started
             os.close(fd)  # releases the lock
 
 
@@ -415,7 +416,7 @@ def _by_key(found, key):
 
 
 def _matches(text, source):
-    if text == str(source):
+    if text == str(source) or text.startswith(f"{source} ("):  # a dataset, shown as "name (config, split)"
         return True
     mine, given = Path(text), Path(source).resolve()
     return mine.is_absolute() and (mine == given or given in mine.parents)

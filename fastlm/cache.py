@@ -172,7 +172,13 @@ def entries(root=None):
     root = _existing_root(root)
     if root is None:
         return []
-    found = [_describe(path) for path in sorted(root.iterdir()) if _is_entry(path)]
+    found = []
+    for path in sorted(root.iterdir()):
+        try:
+            if _is_entry(path):
+                found.append(_describe(path))
+        except FileNotFoundError:
+            continue  # removed while we looked
     return sorted(found, key=lambda e: (e.last_used, e.key))
 
 

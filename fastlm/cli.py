@@ -200,7 +200,7 @@ def _add_cache_commands(commands):
                        help="remove without asking (else: a question on a terminal, a dry run otherwise)")
     clean.set_defaults(command=_cache_clean, command_name="cache clean")
     for parser in (listing, clean):
-        parser.add_argument("--cache-dir", help="the cache (the runner's --cache_dir; default: $FASTLM_CACHE/stores, "
+        parser.add_argument("--cache-dir", metavar="DIR", help="the cache (the runner's --cache_dir; default: $FASTLM_CACHE/stores, "
                                                 "else ~/.cache/fastlm/stores)")
 
 

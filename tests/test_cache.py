@@ -2,6 +2,7 @@
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -168,6 +169,18 @@ def test_a_dataset_source_is_shown_with_its_config_and_split(tmp_path):
         "validation": {"dataset": "wikitext", "config": "wikitext-2-raw-v1", "split": "validation"}})
     assert listed(tmp_path)[KEYS[0]].sources == ("wikitext (wikitext-2-raw-v1, train)",
                                                  "wikitext (wikitext-2-raw-v1, validation)")
+
+
+def test_an_entry_removed_while_listed_is_left_out(root, monkeypatch):
+    describe = cache._describe
+
+    def removed_meanwhile(path):
+        if path.name == KEYS[1]:
+            shutil.rmtree(path)
+        return describe(path)
+
+    monkeypatch.setattr(cache, "_describe", removed_meanwhile)
+    assert sorted(listed(root)) == [KEYS[0], KEYS[2]]
 
 
 @pytest.mark.parametrize("sources, error", [

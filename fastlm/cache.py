@@ -105,7 +105,8 @@ def record(entry, *, sources, tokenizer):
 @contextlib.contextmanager
 def using(entry):
     """Hold ``entry`` as in use by this process for the ``with`` block: records the last use (on entering
-    and on leaving) and holds a shared lock, so ``remove`` skips the entry until the block ends (or the process dies).
+    and on leaving) and holds a shared lock, so ``remove`` skips the entry until the block ends or the
+    process dies (the kernel drops the lock with the process).
 
     Makes the entry directory if it does not exist yet (the runner prepares into it inside the block).
     Where the cache cannot be written (a read-only shared cache) the block runs without the lock.
@@ -222,7 +223,8 @@ def _is_trash(path):
 def _describe(path):
     stores = sorted((child for child in path.iterdir() if _STORE_NAME.fullmatch(child.name)), key=_store_order)
     metas = {store.name: _read_json(store / META_FILE) for store in stores}
-    metas = {name: meta for name, meta in metas.items() if isinstance(meta, dict) and meta.get("format") == STORE_FORMAT}
+    metas = {name: meta for name, meta in metas.items()
+             if isinstance(meta, dict) and meta.get("format") == STORE_FORMAT}
     manifest = _read_json(path / MANIFEST_FILE)
     if not (isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT):
         manifest = None
@@ -418,7 +420,8 @@ def _by_key(found, key):
         return matches[0]
     if not matches:
         raise ValueError(f"no cache entry {key!r} (fastlm cache list shows the keys)")
-    raise ValueError(f"{key!r} is the start of {len(matches)} keys ({', '.join(e.key for e in matches)}): give more of it")
+    raise ValueError(f"{key!r} is the start of {len(matches)} keys ({', '.join(e.key for e in matches)}): "
+                     "give more of it")
 
 
 def _matches(text, source):

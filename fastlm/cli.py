@@ -200,8 +200,9 @@ def _add_cache_commands(commands):
                        help="remove without asking (else: a question on a terminal, a dry run otherwise)")
     clean.set_defaults(command=_cache_clean, command_name="cache clean")
     for parser in (listing, clean):
-        parser.add_argument("--cache-dir", metavar="DIR", help="the cache (the runner's --cache_dir; default: $FASTLM_CACHE/stores, "
-                                                "else ~/.cache/fastlm/stores)")
+        parser.add_argument("--cache-dir", metavar="DIR",
+                            help="the cache (the runner's --cache_dir; default: $FASTLM_CACHE/stores, "
+                                 "else ~/.cache/fastlm/stores)")
 
 
 def _cache_list(args):
@@ -222,9 +223,9 @@ def _cache_list(args):
         rows += [(e.key, f"{e.tokens:,}", _size(e.size), "in use now" if e.in_use else _ago(e.last_used, now),
                   _ago(e.created, now), e.tokenizer, ", ".join(e.sources) or "?") for e in found]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-        for row in rows:
-            print("  ".join(cell.rjust(w) if i in (1, 2) else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-                  + "  " + row[-1])
+        for row in rows:  # numbers right-aligned; the sources last, as long as they are
+            cells = [cell.rjust(w) if i in (1, 2) else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+            print("  ".join(cells + [row[-1]]))
         in_use = sum(e.in_use for e in found)
         print(f"{_entries(len(found))}, {sum(e.tokens for e in found):,} tokens, {_size(sum(e.size for e in found))} "
               f"in {root}" + (f" ({in_use} in use)" if in_use else ""))
@@ -252,7 +253,7 @@ def _cache_clean(args):
             return 0
         summary = f"{_entries(len(going))}, {_size(sum(e.size for e in going))}"
         if not sys.stdin.isatty():
-            print(f"dry run: {summary} would be freed; add --yes to remove them")
+            print(f"dry run: {summary} would be freed; add --yes to remove")
             return 0
         if input(f"remove {summary}? [y/N] ").strip().lower() not in ("y", "yes"):
             print("nothing removed")

@@ -83,7 +83,8 @@ class Holder:
     def __init__(self, entry, how="using"):
         hold = (f"cm = cache.using({str(entry)!r})" if how == "using" else
                 f"import fcntl; f = open({str(entry) + '.lock'!r}, 'w'); fcntl.flock(f, fcntl.LOCK_EX); cm = f")
-        code = f"import sys; from fastlm import cache\n{hold}\nwith cm:\n    print('held', flush=True); sys.stdin.read()"
+        code = (f"import sys; from fastlm import cache\n{hold}\n"
+                "with cm:\n    print('held', flush=True); sys.stdin.read()")
         self.process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         text=True, cwd=ROOT)
         assert self.process.stdout.readline() == "held\n"
@@ -331,7 +332,8 @@ def test_remove_older_than_an_hour_keeps_what_was_used_since(root):
 
 def test_remove_by_source_file_directory_or_dataset(root, files, tmp_path, monkeypatch):
     assert [r.entry.key for r in cache.remove(source=files / "b.txt", root=root, dry_run=True)] == [KEYS[0]]
-    assert sorted(r.entry.key for r in cache.remove(source=files / "c.txt", root=root, dry_run=True)) == [KEYS[1], KEYS[2]]
+    from_c = cache.remove(source=files / "c.txt", root=root, dry_run=True)
+    assert sorted(r.entry.key for r in from_c) == [KEYS[1], KEYS[2]]
     assert len(cache.remove(source=files, root=root, dry_run=True)) == 3
     assert cache.remove(source=tmp_path / "other", root=root, dry_run=True) == []
     entry = root / "aaaaaaaaaaaaaaaa"
@@ -441,7 +443,7 @@ def test_cache_clean_is_a_dry_run_without_yes(root, capsys):
     assert main(["cache", "clean", "--older-than", "1d", "--cache-dir", str(root)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[:3] for line in out[:2]] == [["would", "remove", KEYS[0]], ["would", "remove", KEYS[1]]]
-    assert out[2].startswith("dry run: 2 entries, ") and out[2].endswith("would be freed; add --yes to remove them")
+    assert out[2].startswith("dry run: 2 entries, ") and out[2].endswith("would be freed; add --yes to remove")
     assert tree(root) == before
 
 

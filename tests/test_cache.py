@@ -1,5 +1,6 @@
 """fastlm.cache and `fastlm cache list|scan|clean`: the runner's prepared-data cache."""
 import datetime
+import errno
 import json
 import os
 import shutil
@@ -251,6 +252,21 @@ def test_using_records_the_last_use_and_makes_a_new_entry(root, tmp_path):
     assert listed(root)[KEYS[0]].last_used > old + DAY
     with cache.using(tmp_path / "new" / KEYS[1]):  # the runner prepares into the entry inside the block
         assert (tmp_path / "new" / KEYS[1]).is_dir()
+
+
+def test_using_a_cache_it_may_not_write_runs_without_the_lock(root, monkeypatch):
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith(cache.USE_LOCK):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(cache.os, "open", read_only)
+    with cache.using(root / KEYS[0]) as entry:
+        assert entry == root / KEYS[0]
+    monkeypatch.undo()
+    assert listed(root)[KEYS[0]].last_used == pytest.approx(time.time() - 40 * DAY, abs=60)  # not recorded
 
 
 def test_an_entry_another_process_uses_is_listed_in_use_and_never_removed(root):

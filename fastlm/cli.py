@@ -5,6 +5,7 @@
     fastlm merge shard0 shard1 -o data/all
     fastlm inspect data/wiki --docs 3
     fastlm pack data/wiki --block-size 128
+    fastlm cache list           (the stores the runner prepared; `fastlm cache clean --older-than 30d --yes`)
     fastlm train ...            (fastlm.run; `fastlm train --help` lists its options)
 """
 import argparse
@@ -89,6 +90,7 @@ def _parser():
     pack.add_argument("--block-size", type=int, required=True)
     pack.set_defaults(command=_pack, command_name="pack")
 
+    _add_cache_commands(commands)
     commands.add_parser("train", help="train a model on a store (fastlm.run; see `fastlm train --help`)")
     return parser
 
@@ -180,6 +182,118 @@ def _pack(args):
         result = pack()
         print(f"{name:<34} {len(result):>12,} {result.n_tokens:>14,} {result.fill_rate:>10.2%}")
     return 0
+
+
+def _add_cache_commands(commands):
+    cache = commands.add_parser("cache", help="list and clean the stores the runner prepared (its data cache)")
+    cache_commands = cache.add_subparsers(title="cache commands", required=True, metavar="COMMAND")
+    listing = cache_commands.add_parser("list", aliases=["scan"], help="one row per cache entry, and the total")
+    listing.add_argument("--json", action="store_true", help="the entries as a JSON list (times in UTC, sizes in bytes)")
+    listing.set_defaults(command=_cache_list, command_name="cache list")
+    clean = cache_commands.add_parser("clean", help="remove cache entries no run is using (a dry run unless --yes)")
+    clean.add_argument("keys", nargs="*", metavar="KEY", help="entries to remove (keys, or their first digits)")
+    clean.add_argument("--older-than", metavar="AGE", help="entries last used more than AGE ago: 30d, 12h, 90m, 45s, 2w")
+    clean.add_argument("--source", metavar="PATH", help="entries prepared from PATH (a file, a directory of files, "
+                                                        "or a dataset name)")
+    clean.add_argument("--all", action="store_true", help="every entry")
+    clean.add_argument("-y", "--yes", action="store_true",
+                       help="remove without asking (else: a question on a terminal, a dry run otherwise)")
+    clean.set_defaults(command=_cache_clean, command_name="cache clean")
+    for parser in (listing, clean):
+        parser.add_argument("--cache-dir", metavar="DIR",
+                            help="the cache (the runner's --cache_dir; default: $FASTLM_CACHE/stores, "
+                                 "else ~/.cache/fastlm/stores)")
+
+
+def _cache_list(args):
+    import json
+
+    from fastlm import cache
+
+    root = cache.stores_root(args.cache_dir)
+    found = cache.entries(root)
+    if args.json:
+        print(json.dumps([entry.as_json() for entry in found], indent=2))
+        return 0
+    if not found:
+        print(f"no cache entries in {root}")
+    else:
+        now = time.time()
+        rows = [("KEY", "TOKENS", "SIZE", "LAST USED", "CREATED", "TOKENIZER", "SOURCES")]
+        rows += [(e.key, f"{e.tokens:,}", _size(e.size), "in use now" if e.in_use else _ago(e.last_used, now),
+                  _ago(e.created, now), e.tokenizer, ", ".join(e.sources) or "?") for e in found]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+        for row in rows:  # numbers right-aligned; the sources last, as long as they are
+            cells = [cell.rjust(w) if i in (1, 2) else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+            print("  ".join(cells + [row[-1]]))
+        in_use = sum(e.in_use for e in found)
+        print(f"{_entries(len(found))}, {sum(e.tokens for e in found):,} tokens, {_size(sum(e.size for e in found))} "
+              f"in {root}" + (f" ({in_use} in use)" if in_use else ""))
+    others = cache.ignored(root)
+    if others and not args.json:
+        print(f"left alone (not cache entries): {', '.join(p.name + ('/' if p.is_dir() else '') for p in others)}")
+    return 0
+
+
+def _cache_clean(args):
+    from fastlm import cache
+
+    root = cache.stores_root(args.cache_dir)
+    if not (args.keys or args.older_than or args.source or args.all):
+        raise ValueError("say what to remove: KEY..., --older-than AGE, --source PATH or --all")
+    if args.all and (args.keys or args.older_than or args.source):
+        raise ValueError("--all removes every entry: give it alone")
+    chosen = dict(keys=args.keys, older_than=args.older_than, source=args.source, all=args.all, root=root)
+    if not args.yes:
+        plan = cache.remove(**chosen, dry_run=True)
+        _print_removals(plan, "would remove")
+        going = [r.entry for r in plan if r.removed]
+        if not going:
+            print("nothing to remove: every entry chosen is in use" if plan else f"nothing to remove in {root}")
+            return 0
+        summary = f"{_entries(len(going))}, {_size(sum(e.size for e in going))}"
+        if not sys.stdin.isatty():
+            print(f"dry run: {summary} would be freed; add --yes to remove")
+            return 0
+        if input(f"remove {summary}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing removed")
+            return 0
+        chosen = dict(keys=[e.key for e in going], root=root)
+    done = cache.remove(**chosen)
+    _print_removals(done, "removed")
+    freed = [r.entry for r in done if r.removed]
+    print(f"removed {_entries(len(freed))}, {_size(sum(e.size for e in freed))} freed" if done
+          else f"nothing to remove in {root}")
+    return 0
+
+
+def _print_removals(removals, verb):
+    now = time.time()
+    why = {"in use": "in use by a running process", "gone": "already removed", "changed": "changed since listed"}
+    for r in removals:
+        e = r.entry
+        what = f"{e.key}  {_size(e.size):>9}  last used {_ago(e.last_used, now)}  {', '.join(e.sources) or '?'}"
+        print(f"{verb} {what}" if r.removed else f"kept {what} ({why[r.skipped]})")
+
+
+def _entries(n):
+    return f"{n} entry" if n == 1 else f"{n} entries"
+
+
+def _size(n_bytes):
+    for unit in ("B", "kB", "MB", "GB"):
+        if n_bytes < 1000:
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1000
+    return f"{n_bytes:.1f} TB"
+
+
+def _ago(seconds, now):
+    age = max(0.0, now - seconds)
+    for limit, unit, label in ((90, 1, "s"), (90 * 60, 60, "min"), (36 * 3600, 3600, "h")):
+        if age < limit:
+            return f"{age / unit:.0f} {label} ago"
+    return f"{age / 86400:.0f} days ago"
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ from deepspeed.checkpoint import ds_to_universal
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from fastlm.train.safe_load import (DEEPSPEED_GLOBALS, LEGACY_RNG_GLOBALS, REFUSAL, UnsafeCheckpoint,
-                                    from_pretrained, install_safe_checkpoint_engine, rng_state, scan_checkpoint,
-                                    set_rng_state, weights_only_loads)
+from fastlm.train.safe_load import (DEEPSPEED_GLOBALS, LEGACY_RNG_GLOBALS, REFUSAL, SafeCheckpointEngine,
+                                    UnsafeCheckpoint, from_pretrained, install_safe_checkpoint_engine, rng_state,
+                                    scan_checkpoint, set_rng_state, weights_only_loads)
 
 # The fixture's model: see tests/fixtures/previous_release_checkpoint/README.md
 MODEL = dict(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8)
@@ -297,10 +297,25 @@ def test_a_pickle_the_scan_cannot_read_is_refused(tmp_path):
     assert refusal(error).startswith(f"{path} holds a pickle fastlm cannot check (")
 
 
+def test_a_payload_in_torchs_legacy_format_is_refused_and_never_runs(tmp_path):
+    """DeepSpeed writes it with "checkpoint_serialization": false; the opcode scan does not read it."""
+    path, marker = tmp_path / "step1" / "mp_rank_00_model_states.pt", tmp_path / "ran"
+    path.parent.mkdir()
+    torch.save({"module": {"w": torch.ones(2)}, "rng": rng_state()}, path, _use_new_zipfile_serialization=False)
+    scan_checkpoint(path.parent)
+    assert torch.equal(SafeCheckpointEngine().load(str(path))["module"]["w"], torch.ones(2))
+    torch.save({"module": {}, "planted": Payload("system", marker)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafeCheckpoint) as error:
+        scan_checkpoint(path.parent)
+    assert refusal(error) == f"{path} holds a pickled posix.system: {REFUSAL}"
+    assert not marker.exists()
+
+
 def test_pickled_pretrained_weights_that_transformers_refuses_give_one_line(tmp_path):
     model = GPT2LMHeadModel(GPT2Config(**MODEL))
     model.config.save_pretrained(tmp_path)
-    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # what save_pretrained(safe_serialization=False) wrote
+    # What save_pretrained(safe_serialization=False) wrote; transformers 5 writes only safetensors.
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     honest = from_pretrained(AutoModelForCausalLM, str(tmp_path))
     assert torch.equal(honest.transformer.wte.weight, model.transformer.wte.weight)
 

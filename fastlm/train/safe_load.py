@@ -52,22 +52,26 @@ def scan_checkpoint(directory):
     """Refuse, before anything loads, a checkpoint directory whose *.pt files pickle anything beyond
     tensors, plain containers and the allow-lists: one line naming the file and the object."""
     for path in sorted(Path(directory).rglob("*.pt")):
-        allowed = DEEPSPEED_GLOBALS.keys() | (LEGACY_RNG_GLOBALS.keys() if path.name.endswith(_CLIENT_STATE_FILE) else set())
-        found = _unsafe_globals(path)
-        if found is not None and set(found) - allowed:
-            raise UnsafeCheckpoint(f"{path} holds a pickled {', '.join(sorted(set(found) - allowed))}: {REFUSAL}")
+        client_state = path.name.endswith(_CLIENT_STATE_FILE)
+        allowed = DEEPSPEED_GLOBALS.keys() | (LEGACY_RNG_GLOBALS.keys() if client_state else set())
+        refused = set(_unsafe_globals(path)) - allowed
+        if refused:
+            raise UnsafeCheckpoint(f"{path} holds a pickled {', '.join(sorted(refused))}: {REFUSAL}")
 
 
 def _unsafe_globals(path):
-    """The globals the pickle in `path` names beyond torch's weights-only defaults; None for a file in
-    torch's legacy (non-zip) format, which the scan cannot read and the weights-only load checks instead."""
+    """The globals the pickle in `path` names beyond torch's weights-only defaults."""
     try:
         return torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except ValueError:
-        return None
+        # torch's legacy (non-zip) format ("checkpoint_serialization": false), which the opcode reader does
+        # not take: a weights-only load checks it instead, running nothing either.
+        _load_weights_only(path, map_location="cpu")
+        return []
     except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
         # An opcode the weights-only loader does not take (e.g. protocol 4's STACK_GLOBAL), or a broken file.
-        raise UnsafeCheckpoint(f"{path} holds a pickle fastlm cannot check ({error}): {REFUSAL}") from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UnsafeCheckpoint(f"{path} holds a pickle fastlm cannot check ({reason}): {REFUSAL}") from None
 
 
 _FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
@@ -112,11 +116,15 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
     UnsafeCheckpoint naming the file. Saving is unchanged."""
 
     def load(self, path, map_location=None):
-        with weights_only_loads():
-            try:
-                return torch.load(path, map_location=map_location, weights_only=True)
-            except pickle.UnpicklingError as error:
-                raise UnsafeCheckpoint(f"{path} holds a pickled {_refused_global(error)}: {REFUSAL}") from None
+        return _load_weights_only(path, map_location)
+
+
+def _load_weights_only(path, map_location):
+    with weights_only_loads():
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise UnsafeCheckpoint(f"{path} holds a pickled {_refused_global(error)}: {REFUSAL}") from None
 
 
 def install_safe_checkpoint_engine(engine):

@@ -34,9 +34,10 @@ DEEPSPEED_GLOBALS = {
 }
 # The previous release saved numpy's RNG state as a uint32 numpy array (numpy 2 and numpy 1 spell the
 # module differently). Allowed only in model-states files, which carry the client state, so those checkpoints resume.
+_reconstruct = np.zeros(0).__reduce__()[0]  # how numpy pickles an array, under numpy 1 and 2 alike
 LEGACY_RNG_GLOBALS = {
-    "numpy._core.multiarray._reconstruct": np._core.multiarray._reconstruct,
-    "numpy.core.multiarray._reconstruct": np._core.multiarray._reconstruct,
+    "numpy._core.multiarray._reconstruct": _reconstruct,
+    "numpy.core.multiarray._reconstruct": _reconstruct,
     "numpy.ndarray": np.ndarray,
     "numpy.dtype": np.dtype,
     "numpy.dtypes.UInt32DType": np.dtypes.UInt32DType,

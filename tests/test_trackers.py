@@ -123,7 +123,9 @@ def test_mlflow_file_store_run_has_trainers_metric_history(tmp_path, monkeypatch
     assert history["loss"] == [(2, 3.0), (4, 1.5), (6, 1.0)]
     assert [step for step, _ in history["learning_rate"]] == [2, 4, 6]
     assert history["eval_loss"] == [(4, 3.0), (6, 2.5)] and history["eval_code_loss"] == [(4, 3.5), (6, 3.0)]
-    assert history["epoch"] == [(2, 0.25), (4, 0.5), (4, 0.5), (6, 0.75), (6, 0.75)]  # every log, as Trainer's
+    # on every log, as Trainer's
+    assert history["epoch"] == [(2, 0.25), (4, 0.5), (4, 0.5), (6, 0.75), (6, 0.75)]
+    assert history["num_input_tokens_seen"] == [(2, 1024), (4, 2048), (4, 2048), (6, 3072), (6, 3072)]
     assert run.data.params == {"learning_rate": "0.001", "per_device_train_batch_size": "16",
                                "report_to": "['mlflow']", "run_name": "tiny", "n_layer": "2"}
 
@@ -171,8 +173,8 @@ def test_wandb_offline_run_has_trainers_history(tmp_path, monkeypatch):
     assert [(row["train/global_step"], row["train/loss"]) for row in history if "train/loss" in row] == [
         (2, 3.0), (4, 1.5), (6, 1.0)]
     assert set(history[0]) == {f"train/{key}" for key in TRAIN_KEYS} | {"train/global_step"}
-    assert set(history[2]) == {f"eval/{key[5:]}" for key in EVAL_KEYS - {"epoch"}} | {"train/epoch",
-                                                                                      "train/global_step"}
+    assert set(history[2]) == {f"eval/{key[5:]}" for key in EVAL_KEYS - {"epoch"}} | {
+        "train/epoch", "train/num_input_tokens_seen", "train/global_step"}  # Trainer adds both to every log
     assert {r.metric.name for r in records if r.HasField("metric")} >= {"train/global_step"}
     (exit_record,) = [r.exit for r in records if r.HasField("exit")]
     assert exit_record.exit_code == 0
@@ -283,3 +285,38 @@ def test_no_trackers_on_the_other_ranks():
         trackers.log(record)
     trackers.finish("failed")
     assert trackers.names == []
+
+
+def test_mlflow_names_and_steps_are_those_trainer_writes(tmp_path, monkeypatch):
+    """A tiny Trainer run and fastlm's trackers, same logging and evaluation steps, in one MLflow store:
+    Trainer's training and evaluation names all come back from fastlm's run, at the same steps."""
+    import torch
+    from mlflow.tracking import MlflowClient
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    _mlflow_store(monkeypatch, tmp_path / "mlruns")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=8, n_embd=8, n_layer=1, n_head=1))
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 32, (16, 8))]
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=4, logging_steps=2, eval_strategy="steps",
+                             eval_steps=4, per_device_train_batch_size=4, report_to=["mlflow"], run_name="trainer",
+                             include_num_input_tokens_seen="all", save_strategy="no", use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows[:4]).train()
+    fastlm = open_trackers(["mlflow"], output_dir=tmp_path, run_name="fastlm", steps_per_epoch=4)
+    for record in (_train_record(2), _train_record(4), _eval_record(4, 3.0)):
+        fastlm.log(record)
+    fastlm.finish()
+
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("fastlm").experiment_id])
+    steps = {run.info.run_name: {key: [m.step for m in client.get_metric_history(run.info.run_id, key)]
+                                 for key in run.data.metrics} for run in runs}
+    # Trainer's own timings (eval_runtime, train_runtime, ...) and end-of-run summary are not fastlm's to log
+    timings = {key for key in steps["trainer"] if key.endswith(("_runtime", "_per_second")) or key in {
+        "total_flos", "train_loss"}}
+    assert set(steps["trainer"]) - timings == {"loss", "learning_rate", "grad_norm", "epoch", "num_input_tokens_seen",
+                                               "eval_loss"}
+    for key in set(steps["trainer"]) - timings:
+        # Trainer adds the epoch and tokens seen to every log, its end-of-run summary included
+        summary = [4] if key in {"epoch", "num_input_tokens_seen"} else []
+        assert steps["fastlm"][key] + summary == steps["trainer"][key], key

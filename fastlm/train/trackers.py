@@ -259,6 +259,7 @@ class Trackers:
     def __init__(self, clients, *, steps_per_epoch=None):
         self._clients = dict(clients)
         self.steps_per_epoch = steps_per_epoch
+        self._tokens_seen = None  # Trainer logs it with evaluations too: the last training record's
 
     @property
     def names(self):
@@ -269,6 +270,10 @@ class Trackers:
         if not self._clients:
             return
         logs = trainer_logs(record, steps_per_epoch=self.steps_per_epoch)
+        if "num_input_tokens_seen" in logs:
+            self._tokens_seen = logs["num_input_tokens_seen"]
+        elif self._tokens_seen is not None:
+            logs["num_input_tokens_seen"] = self._tokens_seen
         for name, client in list(self._clients.items()):
             try:
                 client.log(logs, record["step"])

@@ -258,13 +258,16 @@ def test_a_tracker_failing_mid_run_is_dropped_with_one_warning(tmp_path, monkeyp
     assert mlflow.active_run() is None and run.info.status == "RUNNING"
 
 
-@pytest.mark.parametrize("error, status", [(RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+@pytest.mark.parametrize("error, status", [
+    (RuntimeError("diverged"), "FAILED"), (KeyboardInterrupt(), "KILLED"),
+    (SystemExit(143), "KILLED"),  # a SIGTERM handler's sys.exit(128 + 15)
+    (SystemExit(0), "FINISHED"), (SystemExit(2), "FAILED")])
 def test_with_block_ends_the_run_on_every_exit_path(tmp_path, monkeypatch, error, status):
     _mlflow_store(monkeypatch, tmp_path / "mlruns")
-    with pytest.raises(error):
+    with pytest.raises(type(error)):
         with open_trackers(["mlflow"], output_dir=tmp_path) as trackers:
             trackers.log(RECORDS[0])
-            raise error("stopped")
+            raise error
     assert _mlflow_run().info.status == status
     trackers.finish("success")  # already ended: nothing happens
     assert _mlflow_run().info.status == status

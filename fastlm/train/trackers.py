@@ -303,11 +303,20 @@ class Trackers:
         return self
 
     def __exit__(self, exc_type, exc, traceback):
-        if exc_type is None or issubclass(exc_type, SystemExit) and exc.code in (0, None):
-            self.finish("success")
-        else:
-            self.finish("killed" if issubclass(exc_type, KeyboardInterrupt) else "failed")
+        self.finish(_exit_status(exc_type, exc))
         return False
+
+
+def _exit_status(exc_type, exc):
+    """How a `with` block ended: Ctrl-C, or sys.exit(128 + signal) from a signal handler, is a kill."""
+    if exc_type is None:
+        return "success"
+    if issubclass(exc_type, KeyboardInterrupt):
+        return "killed"
+    if issubclass(exc_type, SystemExit):
+        code = exc.code
+        return "success" if code in (0, None) else "killed" if isinstance(code, int) and code > 128 else "failed"
+    return "failed"
 
 
 def _describe(error):

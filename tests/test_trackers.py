@@ -34,7 +34,8 @@ TRAIN_KEYS = {"loss", "learning_rate", "grad_norm", "epoch", "num_input_tokens_s
 EVAL_KEYS = {"eval_loss", "eval_perplexity", "eval_tokens", "eval_bits_per_byte", "epoch"} | {
     f"eval_{name}_{key}" for name in ("wiki", "code") for key in ("loss", "perplexity", "tokens", "bits_per_byte")}
 CONFIG = {"learning_rate": 1e-3, "per_device_train_batch_size": 16, "report_to": ["mlflow"], "run_name": "tiny"}
-MODEL_CONFIG = {"n_layer": 2, "learning_rate": "not the model's"}  # the run's arguments win, as in Trainer
+# the run's arguments win, as in Trainer; a model config's to_dict() has _name_or_path
+MODEL_CONFIG = {"n_layer": 2, "learning_rate": "not the model's", "_name_or_path": "tiny-gpt2"}
 
 
 def _run(names, **kwargs):
@@ -127,7 +128,8 @@ def test_mlflow_file_store_run_has_trainers_metric_history(tmp_path, monkeypatch
     assert history["epoch"] == [(2, 0.25), (4, 0.5), (4, 0.5), (6, 0.75), (6, 0.75)]
     assert history["num_input_tokens_seen"] == [(2, 1024), (4, 2048), (4, 2048), (6, 3072), (6, 3072)]
     assert run.data.params == {"learning_rate": "0.001", "per_device_train_batch_size": "16",
-                               "report_to": "['mlflow']", "run_name": "tiny", "n_layer": "2"}
+                               "report_to": "['mlflow']", "run_name": "tiny", "n_layer": "2",
+                               "_name_or_path": "tiny-gpt2"}
 
 
 def _wandb_records(path):
@@ -165,7 +167,7 @@ def test_wandb_offline_run_has_trainers_history(tmp_path, monkeypatch):
     (run,) = [r.run for r in records if r.HasField("run")]
     assert run.project == "fastlm-trackers" and run.display_name == "tiny"
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
-    assert config["learning_rate"] == 1e-3 and config["n_layer"] == 2
+    assert config["learning_rate"] == 1e-3 and config["n_layer"] == 2 and config["_name_or_path"] == "tiny-gpt2"
     history = [{key: json.loads(item.value_json) for item in r.history.item
                 if not (key := item.key or "/".join(item.nested_key)).startswith("_")}  # _step, _runtime: wandb's
                for r in records if r.HasField("history")]
@@ -190,6 +192,7 @@ def test_trackio_local_run_has_trainers_history(tmp_path, monkeypatch):
 
     (run,) = trackio.Api().runs(project)
     assert run.name == "tiny" and run.config["learning_rate"] == 1e-3 and run.config["n_layer"] == 2
+    assert "_name_or_path" not in run.config  # trackio reserves keys starting with "_"
     logs = SQLiteStorage.get_logs(project, "tiny")
     assert [row["train/global_step"] for row in logs] == [2, 4, 4, 6, 6]
     assert [row["train/loss"] for row in logs if "train/loss" in row] == [3.0, 1.5, 1.0]

@@ -196,13 +196,15 @@ class _Mlflow:
 
 
 class _Trackio:
-    """TrackioCallback: a local run in project --project (trackio's store: TRACKIO_DIR)."""
+    """TrackioCallback: a local run in project --project (trackio's store: TRACKIO_DIR). trackio reserves
+    config keys that start with "_" (a model config's _name_or_path): they are left out."""
 
     def __init__(self, run):
         import trackio
 
         self.trackio = trackio
-        trackio.init(project=run.project, name=run.run_name, config=run.combined, resume="allow")
+        config = {key: value for key, value in run.combined.items() if not key.startswith("_")}
+        trackio.init(project=run.project, name=run.run_name, config=config, resume="allow")
 
     def log(self, logs, step):
         self.trackio.log({**slashed(logs), "train/global_step": step})

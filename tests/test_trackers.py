@@ -8,7 +8,8 @@ import uuid
 
 import pytest
 
-from fastlm.train.trackers import SUPPORTED, TrackerError, open_trackers, resolve_report_to, slashed, trainer_logs
+from fastlm.train.trackers import (SUPPORTED, TRAINER_ONLY, TrackerError, open_trackers, resolve_report_to, slashed,
+                                   trainer_logs)
 
 
 def _eval_record(step, loss):
@@ -50,6 +51,9 @@ def _run(names, **kwargs):
 
 def test_report_to_takes_trainers_values():
     from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    assert set(SUPPORTED) | TRAINER_ONLY == set(INTEGRATION_TO_CALLBACK)  # every name Trainer takes
 
     assert resolve_report_to("none") == resolve_report_to(["no"]) == resolve_report_to([]) == []
     assert resolve_report_to(["wandb,mlflow", "trackio", "wandb"]) == ["wandb", "mlflow", "trackio"]

@@ -138,8 +138,12 @@ class _Wandb:
         self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "huggingface"), name=run.run_name,
                               config=run.combined, allow_val_change=True)
-        self.run.define_metric("train/global_step")
-        self.run.define_metric("*", step_metric="train/global_step", step_sync=True)
+        try:
+            self.run.define_metric("train/global_step")
+            self.run.define_metric("*", step_metric="train/global_step", step_sync=True)
+        except BaseException:
+            self.finish("failed")
+            raise
 
     def log(self, logs, step):
         self.run.log({**slashed(logs), "train/global_step": step})
@@ -329,7 +333,8 @@ def open_trackers(names, *, output_dir, run_name=None, project="huggingface", co
                   logging_dir=None, steps_per_epoch=None):
     """Start a run in each tracker of `names` (resolve_report_to's list; call it on the logging rank only,
     with [] elsewhere) and return their Trackers. Raises TrackerError, after ending the ones already
-    started, when one fails to start (a bad tracking URI, a refused login): nothing has been logged yet."""
+    started, when one fails to start (a tracking URI its client does not know, for instance): nothing has
+    been logged yet."""
     run = RunInfo(output_dir=Path(output_dir), run_name=run_name, project=project or "huggingface",
                   config=dict(config or {}), model_config=dict(model_config or {}),
                   logging_dir=Path(logging_dir) if logging_dir else None)

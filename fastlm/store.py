@@ -228,8 +228,10 @@ class TokenStore:
         from fastlm.tokenizer import fingerprint, load_tokenizer
 
         if not (self.tokenizer_dir / "tokenizer.json").is_file():
-            raise StoreError(f"{self.path} has no tokenizer ({self.tokenizer_dir / 'tokenizer.json'} is missing): "
-                             "copy the store with its tokenizer/ directory, or prepare it again")
+            made_with = self.meta.get("tokenizer_name")
+            raise StoreError(f"{self.path} has no tokenizer ({self.tokenizer_dir / 'tokenizer.json'} is missing"
+                             f"{f'; it was made with {made_with}' if made_with else ''}): copy the store with its "
+                             "tokenizer/ directory, prepare it again, or give the tokenizer (fastlm inspect --tokenizer)")
         tokenizer = load_tokenizer(self.tokenizer_dir)
         recorded = self.meta.get("tokenizer_fingerprint")
         if recorded is not None and fingerprint(tokenizer) != recorded:

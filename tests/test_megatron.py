@@ -342,27 +342,38 @@ def test_nanogpt_export_refusals(tmp_path):
 
 # --- prepare: JSON lines as Megatron's preprocess_data.py --------------------------------------------------
 
+@pytest.fixture(scope="module")
+def megatron_gpt2(gpt2_tok, tmp_path_factory):
+    """megatron-core's own tokenizer over the GPT-2 files (MegatronTokenizer reads a save_pretrained directory)."""
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    directory = tmp_path_factory.mktemp("gpt2")
+    gpt2_tok.save_pretrained(directory)
+    return MegatronTokenizer.from_pretrained(tokenizer_path=str(directory),
+                                             metadata_path={"library": "huggingface", "model_type": "gpt"}, use_fast=True)
+
+
 def megatron_preprocess(jsonl, prefix, tokenizer):
-    """What Megatron-LM's tools/preprocess_data.py --append-eod does (it needs megatron.training and its own
-    tokenizer build, not installable offline): json.loads each line, encode its "text" with the GPT-2 BPE,
-    append the eod id when the document has tokens, and write it with megatron-core's IndexedDatasetBuilder
-    in DType.optimal_dtype(vocabulary) (uint16 for GPT-2)."""
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=indexed_dataset.DType.optimal_dtype(len(tokenizer)))
+    """Megatron-LM's tools/preprocess_data.py --append-eod, one worker (the script is not in the megatron-core
+    package and needs megatron.training): json.loads each line, tokenizer.tokenize its "text", append
+    tokenizer.eod when the document has tokens, add_document to megatron-core's IndexedDatasetBuilder in
+    DType.optimal_dtype(vocab_size) (uint16 for GPT-2)."""
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=indexed_dataset.DType.optimal_dtype(tokenizer.vocab_size))
     with open(jsonl, encoding="utf-8") as f:
         for line in f:
-            ids = tokenizer(json.loads(line)["text"])["input_ids"]
+            ids = list(tokenizer.tokenize(json.loads(line)["text"]))
             if ids:
-                ids.append(GPT2_EOD)
+                ids.append(tokenizer.eod)
             builder.add_document(np.array(ids, np.int64), [len(ids)] if ids else [])
     builder.finalize(f"{prefix}.idx")
 
 
-def test_prepare_jsonl_with_append_eos_gives_megatrons_tokens_and_documents(tmp_path, gpt2_tok):
+def test_prepare_jsonl_with_append_eos_gives_megatrons_tokens_and_documents(tmp_path, megatron_gpt2):
     # WikiText-2 valid, one record per line, blank lines (" \n") included: 3,760 documents for both.
     lines = list(open_lines())
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines), encoding="utf-8")
-    megatron_preprocess(corpus, tmp_path / "megatron_text_document", gpt2_tok)
+    megatron_preprocess(corpus, tmp_path / "megatron_text_document", megatron_gpt2)
     gpt2 = str(shared_path("tokenizers", "gpt2"))
     assert main(["prepare", str(corpus), "-o", str(tmp_path / "fastlm"), "--tokenizer", gpt2, "--append-eos",
                  "--no-progress"]) == 0
@@ -385,14 +396,14 @@ def open_lines():
         yield from f
 
 
-def test_every_record_is_a_document_whitespace_and_empty_ones_too(tmp_path, gpt2_tok):
+def test_every_record_is_a_document_whitespace_and_empty_ones_too(tmp_path, gpt2_tok, megatron_gpt2):
     texts = ["a", " \n", "", "\t", "b"]
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
     store = prepare([corpus], tmp_path / "s", tokenizer=gpt2_tok, append_eos=True, progress=False)
     assert store_documents(store) == [gpt2_tok(t)["input_ids"] + [GPT2_EOD] for t in texts]
     # Megatron leaves the eod out of the empty record's document (it has no tokens); nanoGPT does not.
-    megatron_preprocess(corpus, tmp_path / "m", gpt2_tok)
+    megatron_preprocess(corpus, tmp_path / "m", megatron_gpt2)
     theirs = store_documents(TokenStore.open(tmp_path / "m"))
     assert theirs[2] == [] and theirs[:2] + theirs[3:] == store_documents(store)[:2] + store_documents(store)[3:]
 

@@ -106,7 +106,7 @@ class MegatronStore(TokenStore):
             "n_docs": n_doc_indices - 1,
             "n_sequences": n_sequences,
             "n_tokens": n_tokens,
-            "source": [str(idx_path), str(bin_path)],
+            "source": [str(idx_path.resolve()), str(bin_path.resolve())],
             "checksums": {idx_path.name: _sha256(index)},
         }
         store = cls(prefix, tokens, offsets, meta)

@@ -34,7 +34,8 @@ def write_sparse_dataset(prefix, n_docs, doc_length):
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
     root = tmp_path_factory.mktemp("megatron")
-    return {size: write_sparse_dataset(root / size.split()[0], N_DOCS, per_doc) for size, per_doc in TOKENS_PER_DOC.items()}
+    return {size: write_sparse_dataset(root / size.split()[0], N_DOCS, per_doc)
+            for size, per_doc in TOKENS_PER_DOC.items()}
 
 
 @pytest.mark.parametrize("size", list(TOKENS_PER_DOC))

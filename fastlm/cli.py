@@ -83,7 +83,7 @@ def _parser():
     inspect.add_argument("store")
     inspect.add_argument("--docs", type=int, default=3, help="documents to decode (default: 3)")
     inspect.add_argument("--verify", action="store_true", help="also check the sha256 of the data files")
-    inspect.add_argument("--tokenizer", help="tokenizer to decode with (needed for a Megatron dataset, which records none)")
+    inspect.add_argument("--tokenizer", help="tokenizer to decode with (a Megatron dataset records none)")
     inspect.set_defaults(command=_inspect, command_name="inspect")
 
     pack = commands.add_parser("pack", help="blocks and fill rate of every packing mode over a store")
@@ -91,11 +91,11 @@ def _parser():
     pack.add_argument("--block-size", type=int, required=True)
     pack.set_defaults(command=_pack, command_name="pack")
 
-    export = commands.add_parser("export", help="write a store (or Megatron dataset) as Megatron-LM .bin/.idx or nanoGPT .bin")
+    export = commands.add_parser("export", help="write a store as a Megatron-LM .bin/.idx or a nanoGPT .bin")
     export.add_argument("store")
-    export.add_argument("-o", "--output", required=True, help="megatron: the prefix of OUT.bin + OUT.idx; nanogpt: the file")
+    export.add_argument("-o", "--output", required=True, help="megatron: prefix of OUT.bin + OUT.idx; nanogpt: a file")
     export.add_argument("--format", required=True, choices=("megatron", "nanogpt"))
-    export.add_argument("--eot-id", type=int, help="nanogpt: end-of-text id after each document (default: the store's eos)")
+    export.add_argument("--eot-id", type=int, help="nanogpt: the end-of-text id (default: the store's eos)")
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(command=_export, command_name="export")
 

@@ -19,7 +19,6 @@ nanogpt: the tokens as nanoGPT's data/*/prepare.py writes train.bin: uint16, nat
 """
 import contextlib
 import os
-import struct
 import tempfile
 from pathlib import Path
 
@@ -64,7 +63,8 @@ def write_megatron(store, output, *, overwrite=False):
     dtype = megatron_dtype(store)
     offsets = store.offsets
     n_docs = len(store)
-    n_sequences = sum(int(_sequence_counts(offsets[a : a + _CHUNK_ITEMS + 1]).sum()) for a in range(0, n_docs, _CHUNK_ITEMS))
+    n_sequences = sum(int(_sequence_counts(offsets[a : a + _CHUNK_ITEMS + 1]).sum())
+                      for a in range(0, n_docs, _CHUNK_ITEMS))
     with _temp_beside(bin_path) as (bin_file, bin_tmp), _temp_beside(idx_path) as (idx_file, idx_tmp):
         for start in range(0, store.n_tokens, _CHUNK_ITEMS):
             bin_file.write(np.ascontiguousarray(store.tokens[start : start + _CHUNK_ITEMS], dtype).data)
@@ -86,7 +86,8 @@ def write_megatron(store, output, *, overwrite=False):
         idx_path.unlink(missing_ok=True)
         os.replace(bin_tmp, bin_path)
         os.replace(idx_tmp, idx_path)
-    return f"{prefix}.bin + .idx: {n_docs:,} documents, {n_sequences:,} sequences, {store.n_tokens:,} tokens ({dtype.name})"
+    return (f"{prefix}.bin + .idx: {n_docs:,} documents, {n_sequences:,} sequences, "
+            f"{store.n_tokens:,} tokens ({dtype.name})")
 
 
 def _sequence_counts(offsets):

@@ -18,7 +18,6 @@ import functools
 import hashlib
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np

@@ -3,6 +3,8 @@ exported back; nanoGPT token files; and `fastlm prepare` of JSON lines equal to 
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -114,7 +116,8 @@ def test_what_a_megatron_dataset_does_not_record(tmp_path):
     assert store.max_token_id == 4464 and store.token_id_range() == (3, 4464)
     # Slices stay Megatron stores, over the same memmap
     part = store[1:]
-    assert isinstance(part, MegatronStore) and store_documents(part) == [[3]] and np.shares_memory(part.tokens, store.tokens)
+    assert isinstance(part, MegatronStore) and store_documents(part) == [[3]]
+    assert np.shares_memory(part.tokens, store.tokens)
     # The content identity (what a checkpoint compares) follows the index
     assert store.meta["checksums"] == TokenStore.open(f"{store.path}.bin").meta["checksums"]
     other = TokenStore.open(build(tmp_path / "e", [[[5, 4464]], [[3, 1]]]))
@@ -154,7 +157,8 @@ def test_packing_a_megatron_dataset_equals_packing_the_same_fastlm_store(tmp_pat
                  lambda s: pack_documents(s.tokens, s.offsets, 16, pad_id=0)):
         a, b = pack(megatron), pack(fastlm_store)
         everything = np.arange(len(a))
-        assert len(a) == len(b) > 0 and np.array_equal(a.gather(everything)["input_ids"], b.gather(everything)["input_ids"])
+        assert len(a) == len(b) > 0
+        assert np.array_equal(a.gather(everything)["input_ids"], b.gather(everything)["input_ids"])
 
 
 # --- what is refused: one line, nothing opened -----------------------------------------------------------
@@ -173,7 +177,8 @@ CORRUPTIONS = {
     "version 2": (lambda d: d.__setitem__(slice(9, 17), struct.pack("<Q", 2)), r"index version 2"),
     "unknown dtype code": (lambda d: d.__setitem__(17, 9), r"dtype code 9, which megatron-core does not define"),
     "float32 code": (lambda d: d.__setitem__(17, 7), r"float32 values \(dtype code 7\): token ids are integers"),
-    "truncated index": (lambda d: d.__delitem__(slice(-5, None)), r"has 89 bytes but its header announces 3 sequences and 3 document indices \(94 bytes\)"),
+    "truncated index": (lambda d: d.__delitem__(slice(-5, None)),
+                        r"has 89 bytes but its header announces 3 sequences and 3 document indices \(94 bytes\)"),
     "trailing bytes": (lambda d: d.extend(b"\0\0"), r"has 96 bytes but its header announces"),
     "sequence modes": (lambda d: d.extend(b"\0" * S), r"holds sequence modes \(a multimodal dataset\)"),
     "negative length": (lambda d: d.__setitem__(slice(HEADER, HEADER + 4), struct.pack("<i", -1)),
@@ -323,7 +328,7 @@ def test_nanogpt_export_of_a_store_prepared_with_append_eos_adds_nothing(tmp_pat
 
 def test_nanogpt_export_refusals(tmp_path):
     big = write_store(tmp_path / "big", [[1]], vocab_size=70_000, eos=0)
-    with pytest.raises(ValueError, match="vocabulary of 70,000 ids; nanoGPT's uint16 token files hold ids below 65,536"):
+    with pytest.raises(ValueError, match="a vocabulary of 70,000 ids; nanoGPT.s uint16 token files hold ids below"):
         export_store(big, tmp_path / "a.bin", format="nanogpt")
     megatron = build(tmp_path / "m", [[[1, 2]]], np.int32)
     with pytest.raises(ValueError, match=r"records no end-of-text \(eos\) id: pass eot_id \(--eot-id\)"):
@@ -349,8 +354,8 @@ def megatron_gpt2(gpt2_tok, tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("gpt2")
     gpt2_tok.save_pretrained(directory)
-    return MegatronTokenizer.from_pretrained(tokenizer_path=str(directory),
-                                             metadata_path={"library": "huggingface", "model_type": "gpt"}, use_fast=True)
+    metadata = {"library": "huggingface", "model_type": "gpt"}
+    return MegatronTokenizer.from_pretrained(tokenizer_path=str(directory), metadata_path=metadata, use_fast=True)
 
 
 def megatron_preprocess(jsonl, prefix, tokenizer):
@@ -429,3 +434,21 @@ def test_export_on_the_command_line(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("fastlm export: error: ")
     assert main(["export", str(store.path), "-o", str(tmp_path / "m"), "--format", "megatron"]) == 0
     assert megatron_documents(tmp_path / "m") == [[1, 2], [3]]
+
+
+def test_inspect_tokenizer_must_be_the_one_a_fastlm_store_was_made_with(tmp_path, gpt2_tok, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Hello world\n", encoding="utf-8")
+    prepare([corpus], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+    assert main(["inspect", str(tmp_path / "s"), "--tokenizer", str(shared_path("tokenizers", "gpt2"))]) == 0
+    assert "Hello world" in capsys.readouterr().out
+    bert = str(shared_path("tokenizers", "bert-base-uncased", "vocab.txt"))
+    assert main(["inspect", str(tmp_path / "s"), "--tokenizer", bert]) == 2
+    assert "is not the tokenizer" in capsys.readouterr().err
+
+
+def test_the_megatron_modules_stay_light():
+    code = ("import sys, fastlm.megatron, fastlm.export; "
+            "print(sorted(m for m in ('torch', 'transformers', 'megatron') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

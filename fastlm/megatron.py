@@ -106,7 +106,8 @@ class MegatronStore(TokenStore):
             "n_sequences": n_sequences,
             "n_tokens": n_tokens,
             "source": [str(idx_path.resolve()), str(bin_path.resolve())],
-            "checksums": {idx_path.name: _sha256(index)},
+            # Keyed "idx", not by file name: a renamed or moved dataset is still the same data.
+            "checksums": {"idx": _sha256(index)},
         }
         store = cls(prefix, tokens, offsets, meta)
         if verify:

@@ -118,8 +118,10 @@ def test_what_a_megatron_dataset_does_not_record(tmp_path):
     part = store[1:]
     assert isinstance(part, MegatronStore) and store_documents(part) == [[3]]
     assert np.shares_memory(part.tokens, store.tokens)
-    # The content identity (what a checkpoint compares) follows the index
-    assert store.meta["checksums"] == TokenStore.open(f"{store.path}.bin").meta["checksums"]
+    # The content identity (what a checkpoint compares) follows the index, whatever the dataset is called
+    os.rename(f"{store.path}.bin", tmp_path / "renamed.bin")
+    os.rename(f"{store.path}.idx", tmp_path / "renamed.idx")
+    assert store.meta["checksums"] == TokenStore.open(tmp_path / "renamed.bin").meta["checksums"]
     other = TokenStore.open(build(tmp_path / "e", [[[5, 4464]], [[3, 1]]]))
     assert other.meta["checksums"] != store.meta["checksums"]
 

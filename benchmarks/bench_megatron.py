@@ -6,6 +6,10 @@ disk). Each is opened by fastlm.TokenStore.open and, side by side, by megatron-c
 which also reads only the index. Neither reads the .bin, so both sizes should take the same time;
 a scan of the .bin (what computing the largest id costs, done lazily by fastlm) is timed as the contrast.
 
+Writing one: `fastlm export --format megatron` of a store of 100,000 documents (about 25 M tokens) against
+megatron-core's IndexedDatasetBuilder fed the same documents one by one (add_document + finalize, as
+preprocess_data.py feeds it), both from the same store.
+
     .venv/bin/python -m pytest benchmarks/bench_megatron.py --benchmark-only
 """
 import struct
@@ -13,7 +17,8 @@ import struct
 import numpy as np
 import pytest
 
-from fastlm.store import TokenStore
+from fastlm.export import export_store
+from fastlm.store import StoreWriter, TokenStore
 
 N_DOCS = 100_000
 TOKENS_PER_DOC = {"4M tokens": 40, "400M tokens": 4_000}
@@ -61,3 +66,45 @@ def bench_scan_the_bin_for_the_largest_id(benchmark, datasets, size):
     store = TokenStore.open(datasets[size])
     assert benchmark.pedantic(store.token_id_range, rounds=1, iterations=1) == (0, 0)
     benchmark.extra_info["tokens"] = store.n_tokens
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, request):
+    n_docs = 1_000 if request.config.getoption("benchmark_disable") else N_DOCS
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(100, 400, n_docs)
+    with StoreWriter(tmp_path_factory.mktemp("store") / "s", vocab_size=50257) as writer:
+        writer.append(rng.integers(0, 50257, int(lengths.sum())), lengths)
+        return writer.close({})
+
+
+@pytest.mark.benchmark(group="write a Megatron dataset")
+def bench_export_megatron_fastlm(benchmark, store, tmp_path):
+    outputs = (tmp_path / f"fastlm{i}" for i in range(1_000_000))
+
+    def export():
+        prefix = next(outputs)
+        export_store(store, prefix, format="megatron")
+        return prefix
+
+    prefix = benchmark.pedantic(export, rounds=3, iterations=1)
+    benchmark.extra_info["tokens"] = store.n_tokens
+    assert np.array_equal(TokenStore.open(prefix).offsets, store.offsets)
+
+
+@pytest.mark.benchmark(group="write a Megatron dataset")
+def bench_export_megatron_core_builder(benchmark, store, tmp_path):
+    indexed_dataset = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    outputs = (tmp_path / f"builder{i}" for i in range(1_000_000))
+
+    def build():
+        prefix = next(outputs)
+        builder = indexed_dataset.IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+        for doc in store:
+            builder.add_document(doc, [doc.shape[0]])
+        builder.finalize(f"{prefix}.idx")
+        return prefix
+
+    prefix = benchmark.pedantic(build, rounds=3, iterations=1)
+    benchmark.extra_info["tokens"] = store.n_tokens
+    assert len(indexed_dataset.IndexedDataset(str(prefix))) == len(store)

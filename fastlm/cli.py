@@ -5,6 +5,7 @@
     fastlm merge shard0 shard1 -o data/all
     fastlm inspect data/wiki --docs 3
     fastlm pack data/wiki --block-size 128
+    fastlm export data/wiki -o out/wiki_text_document --format megatron   (or --format nanogpt -o train.bin)
     fastlm cache list           (the stores the runner prepared; `fastlm cache clean --older-than 30d --yes`)
     fastlm train ...            (fastlm.run; `fastlm train --help` lists its options)
 """
@@ -83,12 +84,21 @@ def _parser():
     inspect.add_argument("store")
     inspect.add_argument("--docs", type=int, default=3, help="documents to decode (default: 3)")
     inspect.add_argument("--verify", action="store_true", help="also check the sha256 of the data files")
+    inspect.add_argument("--tokenizer", help="tokenizer to decode with (a Megatron dataset records none)")
     inspect.set_defaults(command=_inspect, command_name="inspect")
 
     pack = commands.add_parser("pack", help="blocks and fill rate of every packing mode over a store")
     pack.add_argument("store")
     pack.add_argument("--block-size", type=int, required=True)
     pack.set_defaults(command=_pack, command_name="pack")
+
+    export = commands.add_parser("export", help="write a store as a Megatron-LM .bin/.idx or a nanoGPT .bin")
+    export.add_argument("store")
+    export.add_argument("-o", "--output", required=True, help="megatron: prefix of OUT.bin + OUT.idx; nanogpt: a file")
+    export.add_argument("--format", required=True, choices=("megatron", "nanogpt"))
+    export.add_argument("--eot-id", type=int, help="nanogpt: the end-of-text id (default: the store's eos)")
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(command=_export, command_name="export")
 
     _add_cache_commands(commands)
     commands.add_parser("train", help="train a model on a store (fastlm.run; see `fastlm train --help`)")
@@ -136,21 +146,46 @@ def _merge(args):
 def _inspect(args):
     import json
 
+    from fastlm.megatron import MegatronStore
     from fastlm.store import TokenStore
 
     store = TokenStore.open(args.store, verify=args.verify)
     # Loaded before anything is printed, so a missing or broken tokenizer is the only output.
-    tokenizer = store.load_tokenizer() if args.docs > 0 and len(store) else None
+    tokenizer = _inspect_tokenizer(store, args.tokenizer) if args.docs > 0 and len(store) else None
     print(json.dumps(store.meta, indent=2, sort_keys=True))
     if args.verify:
         print("checksums: OK")
     for line in _store_rates(store):
         print(line)
+    if isinstance(store, MegatronStore) and tokenizer is None and args.docs > 0 and len(store):
+        print(f"documents not decoded: {store.path} records no tokenizer; pass --tokenizer (the one its ids come from)")
     if tokenizer is not None:
         for i in range(min(args.docs, len(store))):
             doc = store.doc(i)
             print(f"--- document {i} ({doc.shape[0]} tokens)")
             print(tokenizer.decode(doc.tolist()))
+    return 0
+
+
+def _inspect_tokenizer(store, name):
+    """--tokenizer, else the store's own; None for a Megatron dataset without --tokenizer (nothing to decode with)."""
+    from fastlm.megatron import MegatronStore
+    from fastlm.tokenizer import fingerprint, load_tokenizer
+
+    if name is None:
+        return None if isinstance(store, MegatronStore) else store.load_tokenizer()
+    tokenizer = load_tokenizer(name)
+    recorded = store.meta.get("tokenizer_fingerprint")
+    if recorded is not None and fingerprint(tokenizer) != recorded:
+        raise ValueError(f"--tokenizer {name} is not the tokenizer {store.path} was made with "
+                         f"({store.meta.get('tokenizer_name')}): its ids would decode to other text")
+    return tokenizer
+
+
+def _export(args):
+    from fastlm.export import export_store
+
+    print(export_store(args.store, args.output, format=args.format, overwrite=args.overwrite, eot_id=args.eot_id))
     return 0
 
 

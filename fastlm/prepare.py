@@ -8,8 +8,12 @@ BPE, else the Hugging Face tokenizer; num_proc batches at once in threads). Each
 flat numpy array plus document lengths and is appended to the store, so memory stays flat however large
 the corpus is; a document longer than a batch (a 200 MB line) is read and encoded in pieces.
 
-Documents with no non-whitespace text are skipped in every format unless keep_blank=True (the
-runner's default: Hugging Face's text loader keeps WikiText's " " rows and run_clm tokenises them).
+Every record of a structured file or dataset (JSONL, JSON, CSV, Parquet) is a document, whatever it
+holds, as in Megatron-LM's preprocess_data.py and nanoGPT's prepare.py: whitespace-only text is a
+document, and so is an empty string (no tokens, or only the framing ids such as append_eos adds; nanoGPT
+does the same, Megatron leaves out the end-of-document id there). In text files, documents with no
+non-whitespace text are skipped unless keep_blank=True (the runner's default: Hugging Face's text loader
+keeps WikiText's " " rows and run_clm tokenises them).
 In "line" mode a document keeps its line ending (unless keep_linebreaks=False), so a WikiText-style
 raw file gives the same token stream as tokenizing its rows one by one.
 """
@@ -88,7 +92,7 @@ def prepare(
     encoder: "auto" (tiktoken for a byte-level BPE when it reproduces the tokenizer's ids on a sample
         of the corpus, else the Hugging Face tokenizer, with a warning saying why), "tiktoken" (or a
         ValueError saying why not) or "hf". The ids are the tokenizer's either way.
-    keep_blank: keep whitespace-only documents (lines, rows, whole files) and empty rows (HF's loaders do).
+    keep_blank: keep whitespace-only documents of text files (lines, whole files), as HF's loaders do.
     keep_linebreaks: a "line" document keeps its "\n" (HF's text loader option of the same name).
 
     A document longer than ~1 MB is read and encoded in pieces cut where a byte-level BPE gives the
@@ -109,7 +113,7 @@ def prepare(
     def read_batches():
         if dataset_name is not None:
             rows = _dataset_batches(dataset_name, dataset_config, split, sources, text_column)
-            return _row_batches(rows, f"dataset {dataset_name}", keep_blank)
+            return _row_batches(rows, f"dataset {dataset_name}")
         return itertools.chain.from_iterable(
             _file_batches(source, doc_boundary, text_column, errors, keep_blank, keep_linebreaks) for source in sources
         )
@@ -282,7 +286,7 @@ def _file_batches(path, doc_boundary, text_column, errors, keep_blank=False, kee
         return _paragraphs(pieces, path)  # blank lines end paragraphs: none is blank
     return _row_batches({"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}[kind](
         path, text_column, errors
-    ), path, keep_blank)
+    ), path)
 
 
 def _text_chunks(path, errors):
@@ -429,24 +433,23 @@ def _whole_file(chunks, path, keep_blank=False):
         yield Batch([previous] if i or keep_blank or not previous.isspace() else [], i > 0)
 
 
-def _row_batches(batches, where, keep_blank=False):
-    """Rows of a structured file or dataset as Batches: blank rows skipped (unless keep_blank), a row
+def _row_batches(batches, where):
+    """Rows of a structured file or dataset as Batches, every row a document (blank ones too), a row
     longer than _BATCH_BYTES in pieces (it is in memory already; the pieces bound the tokenizer's memory)."""
     row = 0
     for texts in batches:
         if texts and max(map(len, texts)) > _BATCH_BYTES:
-            yield from _long_rows(texts, row, where, keep_blank)
+            yield from _long_rows(texts, row, where)
         else:
-            yield Batch(list(texts) if keep_blank else [text for text in texts if text and not text.isspace()])
+            yield Batch(list(texts))
         row += len(texts)
 
 
-def _long_rows(texts, first_row, where, keep_blank):
+def _long_rows(texts, first_row, where):
     docs = []
     for row, text in enumerate(texts, first_row):
         if len(text) <= _BATCH_BYTES or text.isspace():
-            if keep_blank or (text and not text.isspace()):
-                docs.append(text)
+            docs.append(text)
             continue
         if docs:
             yield Batch(docs)

@@ -134,7 +134,14 @@ class TokenStore:
 
     @classmethod
     def open(cls, path, *, verify=False):
-        """Map a store read-only after checking it; verify=True also checks both sha256 sums."""
+        """Map a store read-only after checking it; verify=True also checks both sha256 sums.
+
+        A Megatron-LM indexed dataset, given as its prefix or either of its files, opens in place as a
+        fastlm.megatron.MegatronStore."""
+        from fastlm.megatron import MegatronStore, is_indexed_dataset
+
+        if is_indexed_dataset(path):
+            return MegatronStore.open(path, verify=verify)
         path = Path(path)
         meta_path = path / META_FILE
         if not path.is_dir():
@@ -221,8 +228,10 @@ class TokenStore:
         from fastlm.tokenizer import fingerprint, load_tokenizer
 
         if not (self.tokenizer_dir / "tokenizer.json").is_file():
-            raise StoreError(f"{self.path} has no tokenizer ({self.tokenizer_dir / 'tokenizer.json'} is missing): "
-                             "copy the store with its tokenizer/ directory, or prepare it again")
+            made_with = self.meta.get("tokenizer_name")
+            raise StoreError(f"{self.path} has no tokenizer ({self.tokenizer_dir / 'tokenizer.json'} is missing"
+                             f"{f'; it was made with {made_with}' if made_with else ''}): copy the store with its "
+                             "tokenizer/ directory, prepare it again, or give the tokenizer (fastlm inspect --tokenizer)")
         tokenizer = load_tokenizer(self.tokenizer_dir)
         recorded = self.meta.get("tokenizer_fingerprint")
         if recorded is not None and fingerprint(tokenizer) != recorded:
@@ -292,7 +301,7 @@ class TokenStore:
             offsets = np.asarray(self.offsets[start : stop + 1]) - first
             offsets.flags.writeable = False
             doc_bytes = None if self.doc_bytes is None else self.doc_bytes[start:stop]
-            return TokenStore(self.path, tokens, offsets, self.meta, doc_bytes)
+            return type(self)(self.path, tokens, offsets, self.meta, doc_bytes)
         return self.doc(key)
 
     def __iter__(self):

@@ -329,3 +329,13 @@ def ref_blending_index(weights, n_samples, start=0, counts=None):
         samples.append(counts[best])
         counts[best] += 1
     return sources, samples, counts
+
+
+def ref_nanogpt_tokens(docs, eot):
+    """nanoGPT's train.bin: every document's ids, then the end-of-text id unless the document ends with it."""
+    out = []
+    for doc in docs:
+        out.extend(doc)
+        if not doc or doc[-1] != eot:
+            out.append(eot)
+    return out

@@ -9,6 +9,7 @@ from fastlm import run
 from fastlm.train import config, deepspeed_config, flags, hf_flags, outputs
 from fastlm.train.errors import ConfigError
 from fastlm.train.schedule import Intervals, check_lr_schedule, lr_schedule
+from fastlm.train.trackers import resolve_report_to
 
 
 # --- flags and the DeepSpeed config ------------------------------------------------------------------------------------
@@ -183,11 +184,11 @@ def test_hf_flags_that_cannot_be_honoured_are_one_clear_error(argv, message, cap
 
 
 def test_hf_flags_without_effect_warn_and_values_that_change_nothing_pass(capsys):
-    _config("--push_to_hub", "--hub_model_id", "me/model", "--report_to", "wandb", "--dataloader_drop_last",
+    _config("--push_to_hub", "--hub_model_id", "me/model", "--report_to", "comet_ml", "--dataloader_drop_last",
           "--use_fast_tokenizer", "--label_smoothing_factor", "0.0", "--push_to_hub", "false", "--log_level", "passive")
     err = capsys.readouterr().err
     assert "--hub_model_id has no effect here: fastlm never uploads" in err
-    assert "--report_to wandb has no effect here" in err
+    assert "--report_to comet_ml has no effect here" in err
     # the last --push_to_hub (false) wins; the others ask for what the runner does anyway
     for quiet in ("push_to_hub", "dataloader_drop_last", "use_fast_tokenizer", "label_smoothing", "log_level"):
         assert quiet not in err
@@ -201,7 +202,7 @@ def test_hf_spellings_map_onto_the_runner():
     assert cfg.optim.num_train_epochs == 2.5 and cfg.data.keep_linebreaks is False
     # eval_strategy steps turns evaluation on, every logging_steps (TrainingArguments' rules)
     assert cfg.do_train and cfg.do_eval and cfg.evaluation.eval_steps == 20
-    assert cfg.checkpoint.save_steps == 500 and cfg.logging.report_to == ("tensorboard",)
+    assert cfg.checkpoint.save_steps == 500 and cfg.logging.report_to == tuple(resolve_report_to(["all"]))
     alone = _config("--do_eval")
     assert alone.do_eval and not alone.do_train
     neither = _config()
@@ -299,16 +300,16 @@ def test_unknown_top_level_deepspeed_keys_are_named(tmp_path, capsys):
     assert "wall_clock_breakdown" not in err and "activation_checkpointing" not in err
 
 
-def test_report_to_tensorboard_writes_events_or_says_it_cannot(tmp_path, capsys):
-    import importlib.util
-
-    board = outputs.open_tensorboard(_config("--report_to", "tensorboard", "--logging_dir", str(tmp_path / "tb")).logging,
-                                     tmp_path)
-    if importlib.util.find_spec("tensorboard") is None:
-        assert board is None
-        assert "the tensorboard package is not installed" in capsys.readouterr().err
-    else:
-        board.write({"step": 1, "loss": 2.5, "lr": 1e-3})
-        board.close()
-        assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
-    assert outputs.open_tensorboard(_config("--report_to", "none").logging, tmp_path) is None
+@pytest.mark.parametrize("flag", ["--train_file", "--validation_file"])
+def test_an_empty_text_file_is_one_line(flag, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "text.txt").write_text("some words\nand more words\n" * 20)
+    files = {"--train_file": tmp_path / "text.txt", "--validation_file": tmp_path / "text.txt", flag: tmp_path / "empty.txt"}
+    with pytest.raises(SystemExit) as exit_:
+        run.main([*(a for k, v in files.items() for a in (k, str(v))), "--train_tokenizer", "--vocab_size", "300",
+                  "--config_name", "gpt2-tiny", "--output_dir", str(tmp_path / "out"), "--cache_dir",
+                  str(tmp_path / "cache")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"fastlm train: error: {flag} {tmp_path / 'empty.txt'}: no documents found" in err
+    assert "Traceback" not in err

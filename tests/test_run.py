@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from fastlm import run
-from fastlm.train import checkpoints, config, data, demo, dist, evaluation
+from fastlm.train import checkpoints, config, data, demo, evaluation
+from fastlm.train import dist as run_dist
 from fastlm.train import main as run_main
 from fastlm.train import model as model_lib
 from fastlm.train.errors import Diverged
@@ -148,11 +149,11 @@ def test_cross_rank_sums_are_built_on_the_engine_device(monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     meta = torch.device("meta")
     with pytest.raises(_Reduced):
-        dist.rank_report(np.zeros(5, dtype=np.int32), 1.0, world_size=2, device=meta)
+        run_dist.rank_report(np.zeros(5, dtype=np.int32), 1.0, world_size=2, device=meta)
     with pytest.raises(_Reduced):
-        dist.sum_over_ranks([1.0, 2, 3], dtype=torch.float64, device=meta, world_size=2)
+        run_dist.sum_over_ranks([1.0, 2, 3], dtype=torch.float64, device=meta, world_size=2)
     assert devices == [meta, meta]
-    totals = dist.sum_over_ranks([1.5, 2, 3], dtype=torch.float64, device="cpu", world_size=1)
+    totals = run_dist.sum_over_ranks([1.5, 2, 3], dtype=torch.float64, device="cpu", world_size=1)
     assert totals.tolist() == [1.5, 2.0, 3.0]
 
 
@@ -231,7 +232,7 @@ def test_the_model_is_saved_at_the_output_dir_and_never_half_replaced(gpt2_tok, 
     refuses the directory instead of loading old and new weights mixed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fastlm import outputs
+    from fastlm.train import outputs
 
     _tiny_gpt(len(gpt2_tok), seed=1).save_pretrained(tmp_path)  # an earlier run's model
     (tmp_path / "metrics.jsonl").write_text("{}\n")
@@ -585,7 +586,7 @@ def _launch_two_ranks(argv, *, cwd):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"  # 2 ranks on 2 cores: the launcher leaves it unset, ~10x slower
     launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(dist.free_port()), str(ROOT / "fastlm" / "run.py"),
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(run_dist.free_port()), str(ROOT / "fastlm" / "run.py"),
            *argv]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

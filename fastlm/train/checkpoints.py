@@ -7,11 +7,8 @@ import contextlib
 import io
 import json
 import os
-import random
 import shutil
 
-import numpy as np
-import torch
 from deepspeed.checkpoint import ds_to_universal
 
 from fastlm.store import sha256_file
@@ -19,6 +16,7 @@ from fastlm.train import config as run_config
 from fastlm.train import outputs
 from fastlm.train.dist import rank0_then_others
 from fastlm.train.errors import ConfigError
+from fastlm.train.safe_load import rng_state
 from fastlm.train.sampling import describe_sources
 
 # Flags whose change alters what a resumed run computes: --resume refuses a checkpoint saved with other
@@ -181,18 +179,3 @@ def check_resumable(saved, settings, layout, *, rank):
     elif was != now:
         print(f"[fastlm] resuming with micro batch x accumulation x ranks {now} (was {was}): the same global batch "
               f"of {layout['global_batch']}, so the same samples in the same order as the uninterrupted run", flush=True)
-
-
-def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -16,7 +16,7 @@ from fastlm.tokenizer import check_trained_vocab_size
 from fastlm.train import deepspeed_config, flags, hf_flags
 from fastlm.train.errors import ConfigError, fail
 from fastlm.train.model import model_type_task
-from fastlm.train.sources import eval_sources, train_sources
+from fastlm.train.sources import Source, eval_sources, train_sources
 
 _frozen = dataclass(frozen=True)
 _EMPTY = types.MappingProxyType({})
@@ -223,6 +223,8 @@ class LoggingConfig:
     logging_steps: float = 10
     logging_first_step: bool = False
     report_to: tuple = ()
+    run_name: str = None
+    project: str = "huggingface"
     logging_dir: str = None
     disable_tqdm: bool = False
 
@@ -316,6 +318,24 @@ def parse(argv, *, device_type="cpu"):
         return from_values(values)
     except ConfigError as error:
         fail(error, 2)
+
+
+def as_flags(config):
+    """Every flag's value by name, as plain JSON-able data (what trackers record as the run's config)."""
+    def plain(value):
+        if isinstance(value, types.MappingProxyType):
+            return dict(value)
+        if isinstance(value, tuple):
+            return [plain(item) for item in value]
+        if isinstance(value, Source):
+            return f"{value.name}={value.path}" + (f":{value.weight}" if value.weight is not None else "")
+        return str(value) if isinstance(value, Path) else value
+
+    flat = {"do_train": config.do_train, "do_eval": config.do_eval}
+    for section in ("model", "data", "optim", "checkpoint", "evaluation", "logging", "runtime"):
+        part = getattr(config, section)
+        flat.update({f.name: plain(getattr(part, f.name)) for f in dataclasses.fields(part)})
+    return flat
 
 
 def value(config, name):

@@ -142,8 +142,10 @@ class Flags:
         "when to write a DeepSpeed checkpoint (default: steps if --save_steps, else no)", choices=STRATEGIES + ("best",)))
     save_steps: float = dataclasses.field(default=0, **_help("checkpoint every N steps (0: none; 500 with --save_strategy steps)"))
     save_total_limit: int = dataclasses.field(default=None, **_help("keep only the newest N checkpoints"))
-    report_to: str = dataclasses.field(default="none", **_help("none, tensorboard or all (= tensorboard when installed)",
-                                                                nargs="+"))
+    report_to: str = dataclasses.field(default="none", **_help(
+        "experiment trackers: wandb, mlflow, trackio, tensorboard, all (every one installed) or none", nargs="+"))
+    run_name: str = dataclasses.field(default=None, **_help("the run's name in wandb, mlflow and trackio"))
+    project: str = dataclasses.field(default="huggingface", **_help("the trackio project (wandb: $WANDB_PROJECT)"))
     logging_dir: str = dataclasses.field(default=None, **_help("tensorboard event files (default: <output_dir>/runs)"))
     resume: bool = dataclasses.field(default=False, **_help("continue from the latest checkpoint in output_dir"))
     resume_from_checkpoint: str = dataclasses.field(default=None, **_help(

@@ -11,6 +11,7 @@ import dataclasses
 import json
 
 from fastlm.train.errors import ConfigError, warn
+from fastlm.train.trackers import TrackerError, resolve_report_to
 
 FALSY = frozenset({"false", "f", "no", "n", "0", "0.0", "none", ""})
 TRUTHY = frozenset({"true", "t", "yes", "y", "1"})
@@ -32,7 +33,7 @@ def _unsupported(reason, silent=FALSY):
 
 
 _HUB = _no_effect("fastlm never uploads; push --output_dir yourself (it holds the model and tokenizer)")
-_TRACKERS = _no_effect("it only names runs for trackers fastlm does not report to (--report_to tensorboard is supported)")
+_TRACKIO = _no_effect("fastlm's trackio runs stay in the local store (TRACKIO_DIR)")
 _DDP = _no_effect("DeepSpeed, not DDP, reduces the gradients here; set its options in a --deepspeed JSON")
 _LOADER = _no_effect("the runner's DataLoader settings are fixed: batches are gathered from a memory map in "
                      "microseconds, memory is pinned on GPUs")
@@ -55,8 +56,8 @@ FOREIGN = {
     # TrainingArguments
     "push_to_hub": _HUB, "hub_token": _HUB, "hub_private_repo": _HUB, "hub_model_id": _HUB, "hub_revision": _HUB,
     "hub_strategy": _no_effect(_HUB.reason, {"every_save"}), "hub_always_push": _HUB,
-    "run_name": _TRACKERS, "project": _no_effect(_TRACKERS.reason, {"huggingface"}), "trackio_space_id": _TRACKERS,
-    "trackio_bucket_id": _TRACKERS, "trackio_static_space_id": _TRACKERS,
+    "trackio_space_id": _TRACKIO,
+    "trackio_bucket_id": _TRACKIO, "trackio_static_space_id": _TRACKIO,
     "log_level": _LOGS, "log_level_replica": _LOGS, "log_on_each_node": _no_effect(_LOGS.reason, TRUTHY),
     "logging_nan_inf_filter": _no_effect("metrics.jsonl logs every loss as it is", TRUTHY),
     "ddp_find_unused_parameters": _DDP, "ddp_bucket_cap_mb": _DDP, "ddp_broadcast_buffers": _DDP,
@@ -192,7 +193,10 @@ def translate(values, foreign, explicit):
         raise ConfigError("--save_strategy best is not supported: " + FOREIGN["load_best_model_at_end"].reason)
     if v["save_strategy"] == "steps" and not v["save_steps"]:
         v["save_steps"] = _HF_SAVE_STEPS
-    v["report_to"] = _report_to(v["report_to"])
+    try:
+        v["report_to"] = tuple(resolve_report_to(v["report_to"], warn=warn))
+    except TrackerError as error:
+        raise ConfigError(str(error)) from None
     if v["resume_from_checkpoint"] is not None:
         if v["resume_from_checkpoint"].lower() in FALSY - {""}:
             v["resume_from_checkpoint"] = None
@@ -211,17 +215,3 @@ def _json_flag(name, text):
     if not isinstance(value, dict):
         raise ConfigError(f"--{name} must be a JSON object, got {text!r}")
     return value
-
-
-def _report_to(values):
-    names = {v.strip().lower() for value in ([values] if isinstance(values, str) else values) for v in value.split(",")}
-    names.discard("")
-    if names & {"none", "no"}:
-        return ()
-    if "all" in names:
-        return ("tensorboard",)
-    ignored = sorted(names - {"tensorboard"})
-    if ignored:
-        warn(f"--report_to {' '.join(ignored)} has no effect here: fastlm reports to metrics.jsonl, "
-             "trainer_state.json and (with --report_to tensorboard) tensorboard event files")
-    return ("tensorboard",) if "tensorboard" in names else ()

@@ -7,6 +7,7 @@ all/train/eval_results.json and trainer_state.json, and DeepSpeed checkpoints (c
 position and RNG state in client_state so --resume continues exactly). A configuration error is one line and
 exit status 2 before anything starts; a diverged run exits with status 1, naming the step.
 """
+import contextlib
 import json
 import math
 import random
@@ -27,8 +28,10 @@ from fastlm.train.evaluation import evaluate_sets
 from fastlm.train.loop import Trainer, TrainState, clipping_in_the_loop
 from fastlm.train.metrics import StepLog
 from fastlm.train.model import build_model, flops_per_token, param_groups, save_model
+from fastlm.train.safe_load import install_safe_checkpoint_engine, scan_checkpoint, set_rng_state, weights_only_loads
 from fastlm.train.schedule import Intervals, check_lr_schedule, lr_schedule
 from fastlm.train.stores import check_token_ids, check_tokenizers, open_or_prepare
+from fastlm.train.trackers import TrackerError, open_trackers
 from fastlm.train.watchdog import RankWatchdog
 
 
@@ -57,7 +60,8 @@ def train(argv=None):
     start_time = time.time()  # of wall_time_s and time_to_first_step_s
     config = run_config.parse(argv, device_type=dist.device_type())
     try:
-        return Run(config, start_time).go()
+        with contextlib.ExitStack() as held:  # what the run holds until it ends (its data cache entry)
+            return Run(config, start_time, held).go()
     except ConfigError as error:
         fail(error, 2)
 
@@ -76,8 +80,8 @@ class Plan:
 
 
 class Run:
-    def __init__(self, config, start_time):
-        self.config, self.start_time = config, start_time
+    def __init__(self, config, start_time, held):
+        self.config, self.start_time, self.held = config, start_time, held
         self.rank, self.world_size, self.local_rank = dist.environment()
         self.device_type = dist.device_type()
         self.out = config.checkpoint.output_dir
@@ -111,13 +115,14 @@ class Run:
         if resume:
             state = self.load(engine, resume, state)
         self.start_metrics(resumed=resume is not None, step=state.step)
-        board = outputs.open_tensorboard(config.logging, self.out) if rank == 0 else None
-        log = StepLog(state, device=engine.device, rank=rank, world_size=world_size, metrics_path=self.metrics_path,
-                      bar=None, flops_per_token=token_flops, board=board,
-                      source_names=plan.train_blocks.names if plan.train_blocks is not None else ("train",))
-        trained = self.train(engine, plan, state, log, clip=clip, intervals=intervals, layout=layout) \
-            if config.do_train else None
-        results = self.finish(engine, plan, state, log, trained, token_flops=token_flops, intervals=intervals)
+        # Every exit path ends the trackers' runs (`with`); a divergence ends them as failed first.
+        with self.open_trackers(engine, plan) as self.trackers:
+            log = StepLog(state, device=engine.device, rank=rank, world_size=world_size, metrics_path=self.metrics_path,
+                          bar=None, flops_per_token=token_flops, trackers=self.trackers,
+                          source_names=plan.train_blocks.names if plan.train_blocks is not None else ("train",))
+            trained = self.train(engine, plan, state, log, clip=clip, intervals=intervals, layout=layout) \
+                if config.do_train else None
+            results = self.finish(engine, plan, state, log, trained, token_flops=token_flops, intervals=intervals)
         del keep_alive
         dist.shutdown(world_size, self.watchdog)
         return results
@@ -125,9 +130,9 @@ class Run:
     def plan(self):
         """Stores (prepared from text first when needed), their tokenizer, blocks, evaluation sets, masker, length."""
         config = self.config
-        stores = open_or_prepare(config.data, self.rank)
+        stores = open_or_prepare(config.data, self.rank, self.held)
         check_tokenizers(stores)
-        tokenizer = stores.load_tokenizer()
+        tokenizer = stores.load_tokenizer(config.data.tokenizer)
         train_blocks, eval_sets = data_plan.plan(config.data, stores, tokenizer, do_train=config.do_train,
                                                  do_eval=config.do_eval)
         masker = data_plan.make_masker(config.data, tokenizer) if config.task == "mlm" else None
@@ -153,7 +158,10 @@ class Run:
         dist.rank0_then_others(lambda: checkpoints.verify_checkpoint(resume_dir / tag, saved.get("files")), rank=rank,
                                what="verify the checkpoint")
         checkpoints.check_resumable(saved, checkpoints.resume_settings(self.config), layout, rank=rank)
-        tag, universal = checkpoints.universal_if_resharded(resume_dir, tag, world_size=self.world_size, rank=rank)
+        dist.rank0_then_others(lambda: scan_checkpoint(resume_dir / tag), rank=rank,
+                               what="check the checkpoint for pickled code")
+        with weights_only_loads():  # ds_to_universal calls torch.load(weights_only=False) itself
+            tag, universal = checkpoints.universal_if_resharded(resume_dir, tag, world_size=self.world_size, rank=rank)
         return resume_dir, tag, universal
 
     def engine(self, plan, ds_config, clip):
@@ -169,6 +177,7 @@ class Run:
         token_flops = flops_per_token(model, config.data.block_size)
         engine, *_ = deepspeed.initialize(model=model, config=ds_config, lr_scheduler=schedule,
                                           model_parameters=param_groups(model, config.optim.weight_decay))
+        install_safe_checkpoint_engine(engine)  # loads weights-only: nothing a checkpoint holds runs
         if clip is not None and self.world_size == 1:
             # Nothing to all-reduce, yet DeepSpeed's ZeRO-0 path would still copy every gradient into a flat
             # bucket, "reduce" it and copy it back, every step.
@@ -178,17 +187,37 @@ class Run:
     def load(self, engine, resume, state):
         """Load a checkpoint into the engine; the state it saved (data position, sums) and its RNG state."""
         resume_dir, tag, universal = resume
-        _, client_state = engine.load_checkpoint(str(resume_dir), tag=tag)
+        with weights_only_loads():
+            _, client_state = engine.load_checkpoint(str(resume_dir), tag=tag)
         if universal:  # a one-off bridge between rank counts; the run's own checkpoints are ordinary ones
             dist.barrier()  # every rank has read it
             dist.rank0_then_others(lambda: shutil.rmtree(resume_dir / tag), rank=self.rank,
                                    what="remove the converted checkpoint")
         state = state.resumed(client_state)
-        checkpoints.set_rng_state(client_state["rng"])
+        set_rng_state(client_state["rng"])
         if self.rank == 0:
             print(f"[fastlm] resumed from {resume_dir / tag}: step {state.step}, epoch {state.epoch}, sample "
                   f"{state.sample}", flush=True)
         return state
+
+    def open_trackers(self, engine, plan):
+        """The --report_to trackers, started on rank 0 (every rank stops together when one cannot start)."""
+        opened = [open_trackers([], output_dir=self.out)]
+
+        def start():
+            logging = self.config.logging
+            try:
+                opened[0] = open_trackers(
+                    logging.report_to, output_dir=self.out, run_name=logging.run_name, project=logging.project,
+                    config=run_config.as_flags(self.config), model_config=engine.module.config.to_dict(),
+                    logging_dir=logging.logging_dir, steps_per_epoch=plan.steps_per_epoch or None)
+            except TrackerError as error:
+                raise ConfigError(str(error)) from None
+
+        if self.config.logging.report_to:
+            dist.rank0_then_others(start if self.rank == 0 else lambda: None, rank=self.rank,
+                                   what="start the --report_to trackers")
+        return opened[0]
 
     def start_metrics(self, *, resumed, step):
         if self.rank == 0:
@@ -226,6 +255,7 @@ class Run:
         try:
             times = trainer.run()
         except Diverged as error:
+            self.trackers.finish("failed")
             self.diverged(error)
         finally:
             log.bar.close()
@@ -272,8 +302,6 @@ class Run:
                                  intervals=intervals, eval_runtime=eval_runtime, steps_per_epoch=plan.steps_per_epoch,
                                  total_steps=plan.total_steps, world_size=self.world_size,
                                  metrics_path=self.metrics_path)
-        if log.board:
-            log.board.close()
         for eval_set in plan.eval_sets:
             result = {key: final_eval.get(f"eval_{eval_set.name}_{key}")
                       for key in ("loss", "perplexity", "tokens", "bits_per_byte")}

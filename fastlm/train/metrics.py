@@ -1,5 +1,5 @@
 """The loop's bookkeeping: each step's token NLL, targets and tokens, summed over ranks at a log line, checked
-for divergence, and written to metrics.jsonl (and tensorboard) as token-weighted losses.
+for divergence, and written to metrics.jsonl (and the --report_to trackers) as token-weighted losses.
 
 Each step's summed token NLL stays on the device until a log line, a checkpoint or the end needs it, so the
 loop makes no host sync of its own per step; then one all_reduce sums the pending steps over ranks, a step
@@ -28,10 +28,10 @@ def check_finite(steps, nll, targets, norms):
 
 
 class StepLog:
-    def __init__(self, state, *, device, rank, metrics_path, bar, flops_per_token, world_size, source_names=("train",),
-                 board=None):
+    def __init__(self, state, *, device, rank, metrics_path, bar, flops_per_token, world_size, trackers,
+                 source_names=("train",)):
         self.state, self.device, self.rank, self.world_size = state, device, rank, world_size
-        self.board = board  # outputs.TensorBoard on rank 0 with --report_to tensorboard
+        self.trackers = trackers  # the --report_to trackers (trackers.Trackers; none open on other ranks)
         self.metrics_path, self.bar, self.flops_per_token = metrics_path, bar, flops_per_token
         self.pending = []  # (step, summed NLL on the device, targets, tokens, grad norm) since the last flush
         self.peak = None
@@ -108,5 +108,4 @@ class StepLog:
             record = {"step": self.state.step, **record}
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            if self.board:
-                self.board.write(record)
+            self.trackers.log(record)

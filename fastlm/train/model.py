@@ -15,6 +15,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 from fastlm.tokenizer import vocab_size as tokenizer_vocab_size
 from fastlm.train import outputs
 from fastlm.train.errors import ConfigError, warn
+from fastlm.train.safe_load import from_pretrained
 
 # Model shapes to train from scratch with the store's tokenizer: (model_type, config overrides).
 PRESETS = {
@@ -110,8 +111,8 @@ def build_model(model, tokenizer, *, block_size, ds_config):
                   if ds_config["zero_optimization"]["stage"] == 3 else None)
     try:
         if model.model_name_or_path:
-            built = auto.from_pretrained(model.model_name_or_path, config=config, revision=model.model_revision,
-                                         trust_remote_code=model.trust_remote_code)
+            built = from_pretrained(auto, model.model_name_or_path, config=config, revision=model.model_revision,
+                                    trust_remote_code=model.trust_remote_code)
         else:
             built = auto.from_config(config, trust_remote_code=model.trust_remote_code)
     except ValueError as error:  # e.g. a GPT-2 config for --task mlm

@@ -1,7 +1,7 @@
 """What a run leaves in --output_dir in Hugging Face's layout, beside fastlm's own metrics.jsonl, results.json
 and loss.png: the model and tokenizer at the top (`from_pretrained(output_dir)`, as after run_clm.py),
 all_results.json / train_results.json / eval_results.json with Trainer's keys, a trainer_state.json-like log
-history, tensorboard event files; and the upkeep of the checkpoints directory.
+history and the loss plot; and the upkeep of the checkpoints directory (experiment trackers: trackers.py).
 
 Every file is written atomically (temporary name, then rename).
 """
@@ -10,11 +10,8 @@ import math
 import os
 import re
 import shutil
-import socket
-import time
 from pathlib import Path
 
-from fastlm.train.errors import warn
 
 # from_pretrained needs config.json: it goes last when a model is published and first when one is replaced.
 MODEL_CONFIG = "config.json"
@@ -160,45 +157,6 @@ def plot_losses(metrics, path):
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
-
-
-# --- tensorboard --------------------------------------------------------------------------------------
-
-class TensorBoard:
-    """Event files under Trainer's tags (train/loss, train/learning_rate, eval/loss, ...)."""
-
-    _TAGS = {"lr": "train/learning_rate", "eval_loss": "eval/loss", "perplexity": "eval/perplexity",
-             "eval_tokens": "eval/tokens"}
-
-    def __init__(self, log_dir):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(log_dir=str(log_dir))
-
-    def write(self, record):
-        step = record["step"]
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(self._TAGS.get(key, f"train/{key}"), value, step)
-        self.writer.flush()
-
-    def close(self):
-        self.writer.close()
-
-
-def open_tensorboard(logging, out):
-    """A TensorBoard for --report_to tensorboard (in --logging_dir, default <output_dir>/runs/<time>_<host>
-    as Trainer names it), or None: not asked for, or the tensorboard package is not installed (a warning)."""
-    if "tensorboard" not in logging.report_to:
-        return None
-    try:
-        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it; the import error says nothing useful)
-    except ImportError:
-        warn("--report_to tensorboard: the tensorboard package is not installed (pip install tensorboard); "
-             "metrics go to metrics.jsonl only")
-        return None
-    log_dir = logging.logging_dir or out / "runs" / f"{time.strftime('%b%d_%H-%M-%S')}_{socket.gethostname()}"
-    return TensorBoard(log_dir)
 
 
 # --- checkpoints --------------------------------------------------------------------------------------

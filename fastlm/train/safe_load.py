@@ -22,6 +22,8 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
+from fastlm.train.errors import ConfigError
+
 REFUSAL = "fastlm does not load code from checkpoints"
 
 # Objects DeepSpeed pickles into ZeRO optimizer states (and the universal optimizer_state.pt): plain
@@ -45,8 +47,8 @@ LEGACY_RNG_GLOBALS = {
 _CLIENT_STATE_FILE = "model_states.pt"  # DeepSpeed's mp_rank_XX_model_states.pt (ZeRO-3: zero_pp_rank_X_...)
 
 
-class UnsafeCheckpoint(ValueError):
-    """A checkpoint or model file holds something that loading it would have to run."""
+class UnsafeCheckpoint(ConfigError):
+    """A checkpoint or model file holds something that loading it would have to run (one line, exit status 2)."""
 
 
 def scan_checkpoint(directory):

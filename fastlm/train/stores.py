@@ -6,10 +6,11 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastlm import cache as cache_lib
+from fastlm.megatron import MegatronStore
 from fastlm.prepare import prepare
 from fastlm.store import StoreError, TokenStore
 from fastlm.tokenizer import load_tokenizer
@@ -25,25 +26,23 @@ class Stores:
     train: list
     eval: list
 
-    def load_tokenizer(self):
-        """The tokenizer every store was made with (check_tokenizers compares them), checked against it."""
+    def load_tokenizer(self, given=None):
+        """The tokenizer every store was made with (check_tokenizers compares them), checked against it; for
+        stores that record none (a Megatron dataset), `given` (--tokenizer_name, else --model_name_or_path)."""
+        stores = [store for _, store in self.train + self.eval]
+        own = next((store for store in stores if not isinstance(store, MegatronStore)), None)
         try:
-            return (self.train or self.eval)[0][1].load_tokenizer()
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+            if own is not None:
+                return own.load_tokenizer()
+            if given is None:
+                return stores[0].load_tokenizer()  # says which flag names the tokenizer
+            return load_tokenizer(given)
+        except (OSError, ValueError) as error:
+            raise ConfigError(" ".join(str(error).split())) from None
 
 
 # Bump when what a cached store holds for the same key changes (its readers or encoding).
 _CACHE_FORMAT = 2
-
-
-def cache_root(data):
-    """Where prepared stores live: --cache_dir, else one user cache shared by every run (like datasets'
-    cache), so a second run with a new --output_dir does not tokenize the same text again."""
-    if data.cache_dir:
-        return Path(data.cache_dir)
-    base = os.environ.get("FASTLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastlm"
-    return Path(base) / "stores"
 
 
 def _file_identity(name, flag):
@@ -87,23 +86,27 @@ def _open_given(source, flag):
         raise ConfigError(f"{flag} {source.path}: {error}") from None
 
 
-def open_or_prepare(data, rank):
-    """The training and evaluation stores. Text sources are prepared into the cache first: once per
-    filesystem that holds the cache (by rank 0 where every node shares it, else by one rank on each
-    node; one run at a time per cache entry) while the other ranks wait; then every rank opens the
-    stores it sees."""
+def open_or_prepare(data, rank, held):
+    """The training and evaluation stores. Text sources are prepared into the cache first (one user cache
+    shared by every run, like datasets': fastlm.cache): once per filesystem that holds the cache (by rank 0
+    where every node shares it, else by one rank on each node; one run at a time per cache entry) while the
+    other ranks wait; then every rank opens the stores it sees. The cache entry is marked in use (`held`, an
+    ExitStack the run keeps open) so `fastlm cache clean` leaves it alone."""
     if data.given_stores:
         return Stores([(s, _open_given(s, "--train_store")) for s in data.train_stores],
                       [(s, _open_given(s, "--eval_store")) for s in data.eval_stores])
-    cache = cache_root(data) / _cache_key(data)
+    cache = cache_lib.stores_root(data.cache_dir) / _cache_key(data)
     train = list(data.train_files) or ([Source("train", data.dataset_name)] if data.dataset_name else [])
     # the dataset's validation split, if any
     evals = list(data.validation_files) or ([Source("validation", data.dataset_name)] if data.dataset_name else [])
     train_dirs, eval_dirs = _store_dirs(cache, "train", len(train)), _store_dirs(cache, "validation", len(evals))
+    held.enter_context(cache_lib.using(cache))
 
     def prepare_locked():
         with _locked(cache):
-            _prepare_into(data, train, evals, train_dirs, eval_dirs)
+            if _prepare_into(data, train, evals, train_dirs, eval_dirs):
+                cache_lib.record(cache, sources=_cache_sources(data, train + evals, train_dirs + eval_dirs),
+                                 tokenizer=_tokenizer_description(data))
 
     dist.once_per_filesystem(prepare_locked, cache, rank=rank, what="prepare the data")
     stores = Stores([(s, TokenStore.open(d)) for s, d in zip(train, train_dirs)],
@@ -132,7 +135,24 @@ def _check_same_on_every_rank(stores):
                               "and preparing gave different tokens); give --cache_dir a directory every node shares")
 
 
+def _cache_sources(data, sources, dirs):
+    """What each store of a cache entry was prepared from, for `fastlm cache list`."""
+    if data.dataset_name:
+        return {d.name: {"dataset": data.dataset_name, "config": data.dataset_config_name, "split": d.name}
+                for d in dirs if d.is_dir()}
+    return {d.name: s.path for s, d in zip(sources, dirs)}
+
+
+def _tokenizer_description(data):
+    if data.train_tokenizer:
+        return f"byte-level BPE trained on the sources (vocab_size={data.vocab_size})"
+    return str(data.tokenizer)
+
+
 def _prepare_into(data, train, evals, train_dirs, eval_dirs):
+    """Prepare every store of the entry that is not ready; whether any was prepared."""
+    prepared = False
+
     def ready(path):
         if data.overwrite_cache:
             return False
@@ -156,23 +176,38 @@ def _prepare_into(data, train, evals, train_dirs, eval_dirs):
         if ready(path):
             continue
         files = [] if data.dataset_name else [source.path]
-        print(f"[fastlm] preparing {files or data.dataset_name} -> {path}", flush=True)
+        print(f"[fastlm] preparing {files or data.dataset_name} -> {path} (the data cache: `fastlm cache list` "
+              "shows it, `fastlm cache clean` removes it)", flush=True)
         trains = data.train_tokenizer and i == 0
-        prepare(files, path, tokenizer=None if trains else tokenizer, train_tokenizer=trains,
-                vocab_size=data.vocab_size if trains else None,
-                **common, **({"split": "train"} if data.dataset_name else {}))
+        _prepare(f"--dataset_name {data.dataset_name}" if data.dataset_name else f"--train_file {source.path}", files, path,
+                 tokenizer=None if trains else tokenizer, train_tokenizer=trains,
+                 vocab_size=data.vocab_size if trains else None,
+                 **common, **({"split": "train"} if data.dataset_name else {}))
+        prepared = True
     if train_dirs:  # the evaluation text in the training stores' tokenizer
         tokenizer = str(TokenStore.open(train_dirs[0]).tokenizer_dir)
     for source, path in zip(evals, eval_dirs):
         if ready(path):
             continue
         if data.validation_files:
-            prepare([source.path], path, tokenizer=tokenizer, **common)
+            _prepare(f"--validation_file {source.path}", [source.path], path, tokenizer=tokenizer, **common)
+            prepared = True
         elif data.dataset_name:
             try:
                 prepare([], path, tokenizer=tokenizer, split="validation", **common)
+                prepared = True
             except (ValueError, KeyError):
                 pass  # no validation split: --validation_split_percentage holds out train documents
+    return prepared
+
+
+def _prepare(source, files, path, **settings):
+    """fastlm.prepare, its refusals (an empty file, invalid UTF-8, a missing column) as one ConfigError line
+    naming the flag and source."""
+    try:
+        prepare(files, path, **settings)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{source}: {' '.join(str(error).split())}") from None
 
 
 def content_id(store):

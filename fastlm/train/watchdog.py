@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 
+import torch.distributed as dist
+
 _PREFIX = "fastlm/watchdog"
 
 
@@ -30,8 +32,6 @@ class RankWatchdog:
         """A running watchdog over the default process group's store, or None with a single rank."""
         if world_size == 1:
             return None
-        import torch.distributed as dist
-
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(datetime.timedelta(seconds=timeout))
         watchdog = cls(timeout, rank=rank, world_size=world_size, store=store)

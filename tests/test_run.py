@@ -881,3 +881,49 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(damage, message, clm_ru
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_checkpoint_with_pickled_code_is_refused_and_the_code_never_runs(clm_run, clm_stores, tmp_path, capsys):
+    """A hostile writer plants a pickled os.system call in the model states and updates fastlm.json's size and
+    sha256 to match (the checksums catch damage, not a hostile writer): --resume refuses in one line, before
+    loading anything, and the command never runs."""
+    from fastlm.store import sha256_file
+    from tests.test_safe_load import Payload, plant
+
+    out, _ = clm_run
+    _resume_from(out, 15, tmp_path)
+    step = tmp_path / "checkpoints" / "step15"
+    marker = tmp_path / "ran"
+    plant(step / "mp_rank_00_model_states.pt", Payload("system", marker))
+    record = json.loads((step / checkpoints.CHECKPOINT_SETTINGS).read_text())
+    path = step / "mp_rank_00_model_states.pt"
+    record["files"]["mp_rank_00_model_states.pt"] = [path.stat().st_size, sha256_file(path)]
+    (step / checkpoints.CHECKPOINT_SETTINGS).write_text(json.dumps(record))
+    with _deadline(120), pytest.raises(SystemExit) as exit_:
+        run.train(_clm_args(clm_stores, tmp_path, "--max_steps", "30", "--warmup_steps", "3", "--resume"))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "mp_rank_00_model_states.pt holds a pickled posix.system: fastlm does not load code from checkpoints" in err
+    assert "Traceback" not in err and not marker.exists()
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "config.json").exists()
+
+
+def test_report_to_mlflow_leaves_a_finished_run_with_a_point_per_logging_step(clm_stores, tmp_path, monkeypatch):
+    """The runner drives the tracker: MLFLOW_TRACKING_URI=file:./mlruns leaves a FINISHED run whose loss history
+    has one point per logging step under Trainer's names, and the final evaluation beside it."""
+    pytest.importorskip("mlflow")  # the trackers extra (installed by the test set-up)
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:./mlruns")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 asks for it to use a file store
+    run.train(_clm_args(clm_stores, tmp_path / "out", "--max_steps", "6", "--report_to", "mlflow",
+                        "--run_name", "tiny", "--logging_steps", "2"))
+    client = MlflowClient(tracking_uri="file:./mlruns")
+    (found,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert found.info.status == "FINISHED" and found.info.run_name == "tiny"
+    losses = client.get_metric_history(found.info.run_id, "loss")
+    logged = {m["step"]: m["loss"] for m in _metrics(tmp_path / "out") if "loss" in m}
+    assert [m.step for m in losses] == sorted(logged) == [2, 4, 6]
+    assert [m.value for m in losses] == pytest.approx([logged[step] for step in sorted(logged)])
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "eval_loss")] == [6]

@@ -478,3 +478,17 @@ def test_hand_built_results_are_checked_before_reaching_the_kernels():
         replace(packed, block_size=2)
     with pytest.raises(ValueError, match="block_offsets"):
         replace(packed, block_offsets=packed.block_offsets[::-1].copy())
+
+
+@pytest.mark.parametrize("pack", [
+    lambda t, o: pack_blocks(t, o, 2**40, remainder="keep", pad_id=0),
+    lambda t, o: pack_blocks(t, o, 2**40, break_mode="eos", pad_id=0),
+    lambda t, o: pack_documents(t, o, 2**40),
+])
+def test_a_batch_larger_than_memory_is_refused_before_allocating(pack):
+    """Issue 18 row 8: one short block padded to 2**40 tokens is 8 TiB per array; refused in one line
+    (numpy's MemoryError named no argument)."""
+    tokens, offsets = np.arange(10, dtype=np.int32), np.array([0, 4, 10])
+    refusal = r"gathering 1 block\(s\) of block_size 1099511627776 needs \d+\.\d GiB of int64 rows, more than"
+    with pytest.raises(ValueError, match=refusal):
+        pack(tokens, offsets).gather([0])

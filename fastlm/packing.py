@@ -277,7 +277,8 @@ def pack_blocks(tokens, offsets, block_size, *, remainder=None, separator=None, 
         return _pack_whole_documents(tokens, offsets, block_size, break_mode, overlong, separator, pad_id,
                                      remainder=remainder, stride=stride, group_size=group_size)
     if overlong is not None:
-        raise ValueError('overlong applies to break_mode="complete" or "eos" (with "none" blocks cut documents anywhere)')
+        raise ValueError('overlong applies to break_mode="complete" or "eos" (with "none" blocks cut documents '
+                         'anywhere)')
     remainder = "drop" if remainder is None else remainder
     _check_choice("remainder", remainder, REMAINDER_MODES)
     if remainder == "pad" and pad_id is None:
@@ -544,8 +545,8 @@ def pack_documents(tokens, offsets, block_size, *, overlong="split", pad_id=0, c
     np.cumsum(np.bincount(piece_block, minlength=n_blocks), out=block_offsets[1:])
     n_dropped = int(offsets[-1] - offsets[0]) - int(piece_lengths.sum())
     return PackedDocuments(
-        tokens, _width(block_size, piece_lengths, overlong), block_offsets, piece_starts[order], piece_lengths[order], pad_id, n_dropped,
-        _check_columns(columns, tokens.shape[0]),
+        tokens, _width(block_size, piece_lengths, overlong), block_offsets, piece_starts[order], piece_lengths[order],
+        pad_id, n_dropped, _check_columns(columns, tokens.shape[0]),
     )
 
 

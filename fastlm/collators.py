@@ -279,8 +279,10 @@ class DataCollatorForMLM:
     Whole words (``whole_word_mask=True``): word boundaries come from the features' ``word_ids`` when given;
     else from the vocabulary's word marks for byte-level BPE (``Ġ``) and SentencePiece (``▁``); else (WordPiece,
     whose ``##`` cannot tell "word," from "word ,", or a vocabulary with no marks) from ``offset_mapping``
-    by transformers' rule. As in transformers every selected token becomes the mask token, unless
-    ``mask_replace_prob`` / ``random_replace_prob`` are given.
+    by transformers' rule. For byte-level BPE this gives RoBERTa the words transformers' offsets give it, and
+    GPT-2 the same words, where transformers' offsets (which include the space before a word) make each
+    GPT-2 row one word, masked whole or not at all. As in transformers every selected token becomes the
+    mask token, unless ``mask_replace_prob`` / ``random_replace_prob`` are given.
 
     Random streams: with ``seed=None`` each batch draws its stream key from torch's global RNG (numpy's for
     ``return_tensors="np"``), the RNG transformers' collator uses, so ``transformers.set_seed`` reproduces

@@ -249,9 +249,9 @@ def pack_blocks(tokens, offsets, block_size, *, remainder=None, separator=None, 
         tokens: 1-D uint16/uint32/int32/int64 array or read-only memmap (never copied).
         offsets: int64 document boundaries, n_docs + 1 entries, non-decreasing, within ``tokens``.
         block_size: tokens per block.
-        remainder: what to do with the tokens after the last full block: ``"drop"`` them (the tutorial),
-            ``"pad"`` the last block to ``block_size`` (``pad_id`` required; label -100, attention 0), or
-            ``"keep"`` it short.
+        remainder: what to do with the tokens after the last full block: ``"drop"`` them (the default, as
+            the tutorial), ``"pad"`` the last block to ``block_size`` (``pad_id`` required; label -100,
+            attention 0), or ``"keep"`` it short.
         separator: a token id (e.g. EOS) appended after every document, or None.
         stride: distance between block starts; smaller than ``block_size`` gives overlapping evaluation
             windows whose overlap is context only (label -100), as in HF's strided perplexity.

@@ -270,6 +270,26 @@ def best_fit_decreasing(const int64_t[::1] piece_lengths, int64_t block_size, in
     return n_blocks
 
 
+def next_fit(const int64_t[::1] piece_lengths, int64_t block_size, int64_t[::1] piece_block):
+    """Assign pieces to blocks in input order (fairseq's "complete" break mode); returns the block count.
+
+    A piece joins the current block if it fits there, or if the block is empty (a piece longer than
+    block_size gets a block of its own); otherwise it starts the next block.
+    """
+    cdef Py_ssize_t p, n = piece_lengths.shape[0]
+    cdef int64_t block = 0, filled = 0
+    if n == 0:
+        return 0
+    with nogil:
+        for p in range(n):
+            if filled > 0 and filled + piece_lengths[p] > block_size:
+                block += 1
+                filled = 0
+            filled += piece_lengths[p]
+            piece_block[p] = block
+    return block + 1
+
+
 def gather_packed(const token_t[::1] tokens, const int64_t[::1] block_offsets,
                   const int64_t[::1] seg_starts, const int64_t[::1] seg_lengths,
                   const int64_t[::1] indices, int64_t pad_id,

@@ -11,17 +11,12 @@ import numbers
 import numpy as np
 
 from fastlm._kernels import load
+from fastlm._validation import check_non_negative_int
 
 _k = load("_blending")
 
 # Source ids are int16, as in Megatron's index.
 MAX_SOURCES = np.iinfo(np.int16).max
-
-
-def _check_count(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
 
 
 def normalized_weights(weights):
@@ -54,8 +49,8 @@ def blending_index(weights, n_samples, *, start=0, counts=None):
     (None: start must be 0); the third result is the counts after the last position, to continue from.
     """
     w = normalized_weights(weights)
-    n_samples = _check_count("n_samples", n_samples)
-    start = _check_count("start", start)
+    n_samples = check_non_negative_int("n_samples", n_samples)
+    start = check_non_negative_int("start", start)
     if counts is None:
         if start:
             raise ValueError("counts (each source's samples before start) are needed when start > 0")

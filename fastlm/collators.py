@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fastlm._kernels import load
+from fastlm._validation import check_flag, check_int_type, check_non_negative_int, check_positive_int, is_int
 from fastlm.masking import Masker, word_scheme
 from fastlm.packing import IGNORE_INDEX
 
@@ -40,17 +41,9 @@ def _check_return_tensors(return_tensors):
 def _check_multiple(pad_to_multiple_of):
     if pad_to_multiple_of is None:
         return None
-    if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, (int, np.integer)):
+    if not is_int(pad_to_multiple_of):
         raise TypeError(f"pad_to_multiple_of must be None or a positive int, got {pad_to_multiple_of!r}")
-    if pad_to_multiple_of <= 0:
-        raise ValueError(f"pad_to_multiple_of must be a positive int (e.g. 8), got {pad_to_multiple_of}")
-    return int(pad_to_multiple_of)
-
-
-def _check_flag(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
+    return check_positive_int("pad_to_multiple_of", pad_to_multiple_of)
 
 
 def _int_row(name, i, row):
@@ -154,12 +147,43 @@ def _pad_word_ids(rows, lengths, width, padding_side):
     return _pad_column("word_ids", rows, lengths, width, -1, padding_side)
 
 
-def pad_features(features, *, pad_id, pad_to_multiple_of=None, padding_side="right", pad_token_type_id=0, skip=()):
+def _other_feature(name, rows, return_tensors):
+    """A feature passed through unpadded (a score, a class label), stacked as transformers stacks it:
+    ``np.asarray`` for "np", ``torch.tensor`` for "pt", so Python floats become torch's default float
+    dtype (float32) there, as in transformers. Text is refused by name: no tensor holds it."""
+    try:
+        array = np.asarray(rows)
+    except ValueError:
+        raise ValueError(f"feature {name!r} has rows of different lengths and is not a token feature: give "
+                         "every example the same shape, or drop it before collating") from None
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"feature {name!r} holds {type(rows[0]).__name__} values (example 0: {rows[0]!r:.40}); a "
+                        "batch holds numbers only: drop text columns before collating (dataset.remove_columns, "
+                        "or the Trainer's remove_unused_columns=True)")
+    if return_tensors == "pt" and isinstance(rows[0], (bool, int, float, list, tuple)):
+        import torch
+
+        return torch.tensor(rows)
+    return array
+
+
+def _is_token_row(row, n_tokens):
+    """One integer per token (padded like input_ids), rather than a value passed through."""
+    if row is None or np.isscalar(row) or len(row) != n_tokens:
+        return False
+    first = row[0] if n_tokens else 0
+    return not isinstance(first, (float, np.floating, str, bytes)) and not getattr(first, "is_floating_point",
+                                                                                   lambda: False)()
+
+
+def pad_features(features, *, pad_id, pad_to_multiple_of=None, padding_side="right", pad_token_type_id=0, skip=(),
+                 return_tensors="np"):
     """Stack HF-style features (dicts of id lists, arrays or tensors, or bare id lists) into int64 arrays,
     padding like ``tokenizer.pad``: input_ids with ``pad_id``, attention_mask 0 (added when missing),
     special_tokens_mask 1, token_type_ids ``pad_token_type_id``, labels -100; offset_mapping becomes
     (B, L, 2) and word_ids (B, L) with -1 for tokens of no word. Features named in ``skip`` are left out
-    (reading a batch's offsets costs more than masking it)."""
+    (reading a batch's offsets costs more than masking it). Other features (one value or one non-integer
+    row per example) are stacked unpadded, as for ``return_tensors`` transformers stacks them."""
     pad_to_multiple_of = _check_multiple(pad_to_multiple_of)
     if not features:
         raise ValueError("cannot collate an empty list of features")
@@ -190,10 +214,10 @@ def pad_features(features, *, pad_id, pad_to_multiple_of=None, padding_side="rig
             batch[key] = _pad_offsets(rows, lengths, width, padding_side)
         elif key == "word_ids":
             batch[key] = _pad_word_ids(rows, lengths, width, padding_side)
-        elif key in fills or (rows[0] is not None and not np.isscalar(rows[0]) and len(rows[0]) == lengths[0]):
+        elif key in fills or _is_token_row(rows[0], lengths[0]):
             batch[key] = _pad_column(key, rows, lengths, width, fills.get(key, 0), padding_side)
         else:
-            batch[key] = np.asarray(rows)
+            batch[key] = _other_feature(key, rows, return_tensors)
     if with_attention and "attention_mask" not in batch:
         batch["attention_mask"] = _padding_mask(lengths, width, padding_side)
     return batch
@@ -208,9 +232,9 @@ def _clm_pad_id(tokenizer):
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else getattr(tokenizer, "eos_token_id", None)
 
 
-def _causal_lm_batch(features, *, pad_id, pad_to_multiple_of, padding_side):
+def _causal_lm_batch(features, *, pad_id, pad_to_multiple_of, padding_side, return_tensors):
     batch = pad_features(features, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side,
-                         skip=_DROPPED_KEYS)
+                         skip=_DROPPED_KEYS, return_tensors=return_tensors)
     labels = batch["input_ids"].copy()
     # Padding by position, not by pad id: an EOS used as pad keeps its labels where it is real.
     attention = batch.get("attention_mask")
@@ -255,8 +279,10 @@ class DataCollatorForMLM:
     Whole words (``whole_word_mask=True``): word boundaries come from the features' ``word_ids`` when given;
     else from the vocabulary's word marks for byte-level BPE (``Ġ``) and SentencePiece (``▁``); else (WordPiece,
     whose ``##`` cannot tell "word," from "word ,", or a vocabulary with no marks) from ``offset_mapping``
-    by transformers' rule. As in transformers every selected token becomes the mask token, unless
-    ``mask_replace_prob`` / ``random_replace_prob`` are given.
+    by transformers' rule. For byte-level BPE this gives RoBERTa the words transformers' offsets give it, and
+    GPT-2 the same words, where transformers' offsets (which include the space before a word) make each
+    GPT-2 row one word, masked whole or not at all. As in transformers every selected token becomes the
+    mask token, unless ``mask_replace_prob`` / ``random_replace_prob`` are given.
 
     Random streams: with ``seed=None`` each batch draws its stream key from torch's global RNG (numpy's for
     ``return_tensors="np"``), the RNG transformers' collator uses, so ``transformers.set_seed`` reproduces
@@ -280,7 +306,7 @@ class DataCollatorForMLM:
                  random_replace_prob=None, pad_to_multiple_of=None, return_tensors="pt", seed=None, *, exact=False,
                  span=None, fixed=False, random_ids="vocab", rank=None, world_size=None):
         self.tokenizer = tokenizer
-        if not isinstance(mlm, (bool, np.bool_)):
+        if not isinstance(mlm, (bool, np.bool_)):  # check_flag's words plus the positional-argument hint
             raise TypeError(f"mlm must be True or False, got {mlm!r}; the second positional argument is mlm, as in "
                             "transformers (pass mlm_probability= by keyword)")
         self.mlm = bool(mlm)
@@ -300,13 +326,12 @@ class DataCollatorForMLM:
         self.random_replace_prob = (0.0 if whole else 0.1) if random_replace_prob is None else random_replace_prob
         self.pad_to_multiple_of = _check_multiple(pad_to_multiple_of)
         self.return_tensors = _check_return_tensors(return_tensors)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise ValueError(f"seed must be None or a non-negative int, got {seed!r}")
-        self.seed = seed
+        # transformers' name and meaning: seed=None draws from the global RNG (see the class docstring).
+        self.seed = None if seed is None else check_non_negative_int("seed", seed)
         self.exact, self.span, self.fixed, self.random_ids = exact, span, bool(fixed), random_ids
         if (rank is None) != (world_size is None):
             raise ValueError("pass both rank and world_size, or neither")
-        if world_size is not None and not (isinstance(world_size, int) and isinstance(rank, int) and 0 <= rank < world_size):
+        if world_size is not None and not (is_int(world_size) and is_int(rank) and 0 <= rank < world_size):
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
         self.rank, self.world_size = rank, world_size
         self.pad_id = getattr(tokenizer, "pad_token_id", None) if self.mlm else _clm_pad_id(tokenizer)
@@ -327,9 +352,7 @@ class DataCollatorForMLM:
     def set_epoch(self, epoch):
         """Key the next batches by ``epoch``, numbered from 0 (call before the epoch's DataLoader iterator
         is created, as with ``DistributedSampler``)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
-        self.epoch = int(epoch)
+        self.epoch = check_non_negative_int("epoch", epoch)
         self._epoch_given = True
         self._calls = 0
 
@@ -412,13 +435,14 @@ class DataCollatorForMLM:
         return_tensors = _check_return_tensors(self.return_tensors if return_tensors is None else return_tensors)
         if not self.mlm:
             batch = _causal_lm_batch(features, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of,
-                                     padding_side=self.padding_side)
+                                     padding_side=self.padding_side, return_tensors=return_tensors)
             return _to_tensors(batch, return_tensors)
         masker = self._sync_masker()
         word_features = self._word_features()
         batch = pad_features(features, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of,
                              padding_side=self.padding_side, pad_token_type_id=self.pad_token_type_id,
-                             skip=[key for key in _DROPPED_KEYS if key not in word_features + ("special_tokens_mask",)])
+                             skip=[key for key in _DROPPED_KEYS if key not in word_features + ("special_tokens_mask",)],
+                             return_tensors=return_tensors)
         word_starts = self._word_start_mask(batch)
         special = batch.pop("special_tokens_mask", None)
         ids, attention = batch["input_ids"], batch.get("attention_mask")
@@ -512,19 +536,19 @@ class DataCollatorForCLM:
     """
 
     def __init__(self, tokenizer=None, mlm=False, *, pad_id=None, padding_free=False, return_position_ids=True,
-                 separator_id=-100, position_ids_start=0, return_flash_attn_kwargs=False, return_seq_idx=False,
+                 separator_id=IGNORE_INDEX, position_ids_start=0, return_flash_attn_kwargs=False, return_seq_idx=False,
                  pad_to_multiple_of=None, return_tensors="pt"):
-        if _check_flag("mlm", mlm):
+        if check_flag("mlm", mlm):
             raise ValueError("DataCollatorForCLM makes causal-LM batches (mlm=False); use DataCollatorForMLM for "
                              "masked LM")
         self.tokenizer = tokenizer
         self.mlm = False
         self.pad_id = _clm_pad_id(tokenizer) if pad_id is None else pad_id
         self.padding_side = getattr(tokenizer, "padding_side", "right")
-        self.padding_free = _check_flag("padding_free", padding_free)
-        self.return_position_ids = _check_flag("return_position_ids", return_position_ids)
-        self.return_flash_attn_kwargs = _check_flag("return_flash_attn_kwargs", return_flash_attn_kwargs)
-        self.return_seq_idx = _check_flag("return_seq_idx", return_seq_idx)
+        self.padding_free = check_flag("padding_free", padding_free)
+        self.return_position_ids = check_flag("return_position_ids", return_position_ids)
+        self.return_flash_attn_kwargs = check_flag("return_flash_attn_kwargs", return_flash_attn_kwargs)
+        self.return_seq_idx = check_flag("return_seq_idx", return_seq_idx)
         self.separator_id = separator_id
         self.position_ids_start = position_ids_start
         self.pad_to_multiple_of = _check_multiple(pad_to_multiple_of)
@@ -535,15 +559,15 @@ class DataCollatorForCLM:
         if self.padding_free:
             separator_id = self.separator_id if separator_id is None else separator_id
             return _to_tensors(self._flatten(features, separator_id), return_tensors)
-        return _to_tensors(_causal_lm_batch(features, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of,
-                                            padding_side=self.padding_side), return_tensors)
+        batch = _causal_lm_batch(features, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of,
+                                 padding_side=self.padding_side, return_tensors=return_tensors)
+        return _to_tensors(batch, return_tensors)
 
     def _flatten(self, features, separator_id):
         if not features:
             raise ValueError("cannot collate an empty list of features")
-        for name, value in (("separator_id", separator_id), ("position_ids_start", self.position_ids_start)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"{name} must be an int, got {value!r}")
+        check_int_type("separator_id", separator_id)
+        check_int_type("position_ids_start", self.position_ids_start)
         as_dicts = isinstance(features[0], Mapping)
         rows = [_int_row("input_ids", i, f["input_ids"] if as_dicts else f) for i, f in enumerate(features)]
         keep = [i for i, row in enumerate(rows) if len(row)]  # empty examples are dropped, as in transformers

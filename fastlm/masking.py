@@ -21,6 +21,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastlm._kernels import load
+from fastlm._validation import (
+    bit_generator_of,
+    check_int_in,
+    check_non_negative_int,
+    check_probability,
+    check_rng,
+    is_int,
+)
 from fastlm.packing import TOKEN_DTYPES
 from fastlm.tokenizer import vocab_size as tokenizer_vocab_size
 
@@ -85,25 +93,11 @@ def _gap_tables(probability):
     return table, guess
 
 
-def _check_probability(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    return float(value)
-
-
 def _check_id(name, value, vocab_size):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int token id, got {value!r}")
     if not 0 <= value < vocab_size:
         raise ValueError(f"{name} {value} is outside the vocabulary [0, {vocab_size})")
-    return int(value)
-
-
-def _check_non_negative_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     return int(value)
 
 
@@ -122,17 +116,23 @@ def _as_token_matrix(input_ids):
 
         if input_ids.device.type != "cpu":
             raise ValueError(f"input_ids must be on the CPU, got device {input_ids.device}")
+        # Checked before .numpy(): a float tensor that requires grad would fail there with torch's message.
+        _check_token_dtype(str(input_ids.dtype).removeprefix("torch."))
         input_ids = input_ids.numpy()
     if not isinstance(input_ids, np.ndarray):
         raise TypeError(f"input_ids must be a numpy array, memmap or torch tensor, got {type(input_ids).__name__}")
-    if input_ids.dtype not in TOKEN_DTYPES:
-        raise TypeError(f"input_ids dtype {input_ids.dtype} is not supported; use one of uint16, uint32, int32, int64")
+    _check_token_dtype(input_ids.dtype)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be 2-D (batch, sequence), got shape {input_ids.shape}")
     if not input_ids.flags.c_contiguous:
         # A silent ascontiguousarray would copy a memmap; the caller decides.
         raise ValueError("input_ids must be C-contiguous (got a strided view)")
     return input_ids, torch
+
+
+def _check_token_dtype(dtype):
+    if not any(dtype == np.dtype(allowed).name for allowed in TOKEN_DTYPES):
+        raise TypeError(f"input_ids dtype {dtype} is not supported; use one of uint16, uint32, int32, int64")
 
 
 def _as_flags(name, flags, shape):
@@ -192,21 +192,19 @@ class Masker:
                  random_replace_prob=0.1, exact=False, whole_word=None, word_starts=None, span=None, seed=0,
                  valid_ids=None, random_ids=None, strict_ids=True):
         # Per-id tables are vocab_size bytes each: past _MAX_TABLE_IDS they would only waste memory.
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or not 0 < vocab_size <= _MAX_TABLE_IDS:
-            raise ValueError(f"vocab_size must be an int in [1, 2**24], got {vocab_size!r}")
-        self.vocab_size = int(vocab_size)
+        self.vocab_size = check_int_in("vocab_size", vocab_size, 1, _MAX_TABLE_IDS, shown="[1, 2**24]")
         if mask_id is None:
             raise ValueError("no mask id: masked-LM masking needs the tokenizer's mask token (e.g. <mask>, [MASK])")
         self.mask_id = _check_id("mask_id", mask_id, self.vocab_size)
-        self.mlm_probability = _check_probability("mlm_probability", mlm_probability)
-        self.mask_replace_prob = _check_probability("mask_replace_prob", mask_replace_prob)
-        self.random_replace_prob = _check_probability("random_replace_prob", random_replace_prob)
+        self.mlm_probability = check_probability("mlm_probability", mlm_probability)
+        self.mask_replace_prob = check_probability("mask_replace_prob", mask_replace_prob)
+        self.random_replace_prob = check_probability("random_replace_prob", random_replace_prob)
         if self.mask_replace_prob + self.random_replace_prob > 1.0 + 1e-12:
             raise ValueError(
                 f"mask_replace_prob + random_replace_prob must not exceed 1, got "
                 f"{self.mask_replace_prob} + {self.random_replace_prob}"
             )
-        self.seed = _check_non_negative_int("seed", seed)
+        self.seed = check_non_negative_int("seed", seed)
 
         if whole_word not in (None,) + WORD_SCHEMES:
             raise ValueError(f"whole_word must be None, 'wordpiece', 'bpe' or 'sentencepiece', got {whole_word!r}")
@@ -220,14 +218,12 @@ class Masker:
         if span is not None and not isinstance(span, Span):
             raise TypeError(f"span must be None, True or a fastlm.masking.Span, got {span!r}")
         if span is not None:
-            if _check_probability("Span.p", span.p) < SPAN_MIN_P:
+            if check_probability("Span.p", span.p) < SPAN_MIN_P:
                 raise ValueError(
                     f"Span.p must be at least {SPAN_MIN_P} (a span length costs about 1/p random draws), "
                     f"got {span.p!r}; at p = {SPAN_MIN_P} lengths are already within 1% of uniform for max_length <= 100"
                 )
-            if (isinstance(span.max_length, bool) or not isinstance(span.max_length, (int, np.integer))
-                    or not 1 <= span.max_length < 2**63):
-                raise ValueError(f"Span.max_length must be an int in [1, 2**63), got {span.max_length!r}")
+            check_int_in("Span.max_length", span.max_length, 1, 2**63 - 1, shown="[1, 2**63)")
             if exact:
                 raise ValueError("span masking already selects a fixed budget of tokens; drop exact=True")
         self.span = span
@@ -316,16 +312,14 @@ class Masker:
         replaces the id-based specials; ``word_start_mask`` (1 = this position begins a word) gives whole
         words by position, whatever the tokenizer.
         """
-        epoch = _check_non_negative_int("epoch", epoch)
-        batch_index = _check_non_negative_int("batch_index", batch_index)
+        epoch = check_non_negative_int("epoch", epoch)
+        batch_index = check_non_negative_int("batch_index", batch_index)
         return self.mask_with(input_ids, attention_mask, np.random.PCG64([batch_index, epoch, self.seed]),
                               special_tokens_mask=special_tokens_mask, word_start_mask=word_start_mask)
 
     def mask_with(self, input_ids, attention_mask, rng, *, special_tokens_mask=None, word_start_mask=None):
         """Mask with draws from ``rng`` (a numpy Generator or BitGenerator), advancing it; not keyed."""
-        bit_generator = rng.bit_generator if isinstance(rng, np.random.Generator) else rng
-        if not isinstance(bit_generator, np.random.BitGenerator):
-            raise TypeError(f"rng must be a numpy Generator or BitGenerator, got {type(rng).__name__}")
+        bit_generator = bit_generator_of(rng)
         ids, torch = _as_token_matrix(input_ids)
         attention, starts, eligible, word_starts = self._prepare(ids, attention_mask, special_tokens_mask,
                                                                  word_start_mask)
@@ -440,18 +434,26 @@ def word_start_table(tokens, ids, vocab_size, scheme):
     return table
 
 
-def mask_tokens(input_ids, attention_mask=None, *, rng=None, seed=None, epoch=0, batch_index=0, tokenizer=None,
+def mask_tokens(input_ids, attention_mask=None, *, rng=None, epoch=0, batch_index=0, tokenizer=None, seed=None,
                 **masker_kwargs):
     """Mask a (batch, seq) numpy array or torch tensor in one call: returns (masked ids, labels).
 
     The masker comes from ``tokenizer`` (``Masker.from_tokenizer``) or from ``masker_kwargs``
-    (``vocab_size``, ``mask_id``, ``special_ids``, ...; see :class:`Masker`). Draws come from ``rng`` when
-    given (a numpy Generator, advanced), else from the stream keyed by (seed or 0, epoch, batch_index).
-    For many batches build one :class:`Masker` and call it: that skips rebuilding the vocabulary tables.
+    (``vocab_size``, ``mask_id``, ``special_ids``, ...; see :class:`Masker`). ``rng`` is taken as numpy's
+    ``default_rng`` takes it: a Generator (or BitGenerator) is drawn from and advanced; an int is a seed,
+    and the draws come from the stream keyed by (seed, epoch, batch_index), as :class:`Masker` keys its
+    batches; None is seed 0, so a call without ``rng`` is reproducible. ``seed=`` is the older spelling of
+    an int ``rng`` and still works. For many batches build one :class:`Masker` and call it: that skips
+    rebuilding the vocabulary tables.
     """
-    if seed is not None:
-        masker_kwargs["seed"] = seed
+    if seed is not None and rng is not None:
+        raise TypeError("pass rng or seed, not both (seed=s is the older spelling of rng=s)")
+    rng = check_rng(rng)
+    keyed = rng is None or isinstance(rng, int)
+    if keyed:
+        # Masker checks the seed (an old-style seed= may be anything).
+        masker_kwargs["seed"] = seed if seed is not None else rng or 0
     masker = Masker.from_tokenizer(tokenizer, **masker_kwargs) if tokenizer is not None else Masker(**masker_kwargs)
-    if rng is not None:
-        return masker.mask_with(input_ids, attention_mask, rng)
-    return masker(input_ids, attention_mask, epoch=epoch, batch_index=batch_index)
+    if keyed:
+        return masker(input_ids, attention_mask, epoch=epoch, batch_index=batch_index)
+    return masker.mask_with(input_ids, attention_mask, rng)

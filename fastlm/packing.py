@@ -8,15 +8,20 @@ blocks into preallocated arrays.
 - :func:`pack_blocks` cuts the concatenated document stream into ``block_size`` blocks (the tutorial's
   ``group_texts``), optionally per group of documents (``group_size=1000`` reproduces ``datasets.map``'s
   per-batch remainder exactly), with a separator after each document and strided evaluation windows.
-- :func:`pack_documents` packs whole documents into blocks by best-fit decreasing, so no document is cut
-  at a block edge unless it is longer than a block; ``position_ids`` restart at each document.
+  ``break_mode="complete"`` / ``"eos"`` are fairseq's TokenBlockDataset modes: blocks of whole documents
+  in order, or one document per block.
+- :func:`pack_documents` packs whole documents into blocks by best-fit decreasing (or in order, or one per
+  block), so no document is cut at a block edge unless it is longer than a block; ``position_ids`` restart
+  at each document.
 - :func:`group_texts` is a drop-in for the tutorial's function inside ``datasets.map(batched=True)``.
 """
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from fastlm._kernels import load
+from fastlm._validation import check_positive_int, is_int
 
 _k = load("_packing")
 _lists = load("_lists")
@@ -25,7 +30,11 @@ TOKEN_DTYPES = (np.uint16, np.uint32, np.int32, np.int64)
 IGNORE_INDEX = -100
 _INT64_LIMIT = 2**63
 REMAINDER_MODES = ("drop", "pad", "keep")
-OVERLONG_MODES = ("split", "truncate")
+OVERLONG_MODES = ("split", "truncate", "keep")
+# fairseq's TokenBlockDataset break modes: "none" cuts the stream anywhere, "complete" fills blocks with
+# whole documents in order, "eos" gives each document a block of its own.
+BREAK_MODES = ("none", "complete", "eos")
+PACKING_MODES = ("best_fit", "complete", "eos")
 
 
 # --- validation ---------------------------------------------------------------------------------------
@@ -51,7 +60,7 @@ def _check_offsets(offsets, n_tokens):
         offsets = np.asarray(offsets)
         if offsets.size == 0:
             offsets = offsets.astype(np.int64)  # numpy makes [] float64; the count is what is wrong
-        elif offsets.dtype.kind in "fO" and offsets.ndim == 1 and all(_is_int(x) for x in given):
+        elif offsets.dtype.kind in "fO" and offsets.ndim == 1 and all(is_int(x) for x in given):
             # Python ints past int64 become float64 or object arrays: integers, but too large for an offset.
             raise ValueError(f"offsets must lie in [0, {n_tokens}] (the token count), got values beyond 2**63")
     if offsets.dtype != np.int64:
@@ -76,14 +85,8 @@ def _check_offsets(offsets, n_tokens):
     return offsets
 
 
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _check_positive(name, value):
-    if not _is_int(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return _check_int64(name, value)
+    return _check_int64(name, check_positive_int(name, value))
 
 
 def _check_int64(name, value):
@@ -102,7 +105,7 @@ def _check_choice(name, value, choices):
 def _check_token_id(name, value, optional=True):
     if value is None and optional:
         return None
-    if not _is_int(value) or value < 0:
+    if not is_int(value) or value < 0:
         raise ValueError(f"{name} must be a non-negative token id, got {value!r}")
     return _check_int64(name, value)
 
@@ -125,7 +128,7 @@ def _check_indices(indices, n_blocks):
     indices = np.atleast_1d(np.asarray(indices))
     if indices.size == 0 and indices.dtype.kind == "f":
         indices = indices.astype(np.int64)  # numpy makes [] float64; no index, no batch rows
-    if indices.dtype.kind == "O" and indices.ndim == 1 and all(_is_int(x) for x in indices):
+    if indices.dtype.kind == "O" and indices.ndim == 1 and all(is_int(x) for x in indices):
         raise BlockIndexError(f"block index out of range for {n_blocks} blocks (got integers beyond 2**64)")
     if indices.dtype.kind not in "iu" or indices.ndim != 1:
         raise TypeError(f"indices must be a 1-D array of integers, got dtype {indices.dtype} and shape {indices.shape}")
@@ -137,12 +140,29 @@ def _check_indices(indices, n_blocks):
 
 def _batch_arrays(n_rows, width, keys, out):
     if out is None:
+        _check_batch_fits(n_rows, width, len(keys))
         return {key: np.empty((n_rows, width), dtype=np.int64) for key in keys}
     for key in keys:
         array = out.get(key)
         if array is None or array.shape != (n_rows, width) or array.dtype != np.int64 or not array.flags.c_contiguous:
             raise ValueError(f"out[{key!r}] must be a C-contiguous int64 array of shape {(n_rows, width)}")
     return out
+
+
+def _physical_memory():
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_batch_fits(n_rows, width, n_arrays):
+    """Refuse a batch larger than this machine's memory before numpy is asked for it (a block_size far past
+    the documents, with remainder="keep" or "pad", pads every row to that width)."""
+    needed = n_rows * width * 8 * n_arrays
+    if needed > _physical_memory():
+        raise ValueError(
+            f"gathering {n_rows} block(s) of block_size {width} needs {needed / 2**30:.1f} GiB of int64 rows, more "
+            f"than this machine's memory ({_physical_memory() / 2**30:.1f} GiB): use a block_size near the "
+            "model's context length"
+        )
 
 
 # --- pack_blocks --------------------------------------------------------------------------------------
@@ -221,17 +241,17 @@ class BlockIndex:
         return self.tokens[base:base + n * self.block_size].reshape(n, self.block_size)
 
 
-def pack_blocks(tokens, offsets, block_size, *, remainder="drop", separator=None, stride=None,
-                group_size=None, pad_id=None):
+def pack_blocks(tokens, offsets, block_size, *, remainder=None, separator=None, stride=None,
+                group_size=None, pad_id=None, break_mode="none", overlong=None):
     """Cut the concatenated documents into ``block_size`` blocks.
 
     Args:
         tokens: 1-D uint16/uint32/int32/int64 array or read-only memmap (never copied).
         offsets: int64 document boundaries, n_docs + 1 entries, non-decreasing, within ``tokens``.
         block_size: tokens per block.
-        remainder: what to do with the tokens after the last full block: ``"drop"`` them (the tutorial),
-            ``"pad"`` the last block to ``block_size`` (``pad_id`` required; label -100, attention 0), or
-            ``"keep"`` it short.
+        remainder: what to do with the tokens after the last full block: ``"drop"`` them (the default, as
+            the tutorial), ``"pad"`` the last block to ``block_size`` (``pad_id`` required; label -100,
+            attention 0), or ``"keep"`` it short.
         separator: a token id (e.g. EOS) appended after every document, or None.
         stride: distance between block starts; smaller than ``block_size`` gives overlapping evaluation
             windows whose overlap is context only (label -100), as in HF's strided perplexity.
@@ -239,10 +259,27 @@ def pack_blocks(tokens, offsets, block_size, *, remainder="drop", separator=None
             each group's remainder: ``group_size=1000`` gives exactly the blocks of the tutorial's
             ``group_texts`` under ``datasets.map(batched=True)``.
         pad_id: padding token id, needed when blocks can be shorter than ``block_size``.
+        break_mode: where blocks may end, as fairseq's TokenBlockDataset: ``"none"`` anywhere in the
+            stream (the default; everything above), ``"complete"`` only at document ends, each block
+            holding as many whole documents (with their separators) as fit, in order, or ``"eos"``: each
+            non-empty document a block of its own (run_mlm's ``--line_by_line``). No document is cut
+            unless it is longer than ``block_size``; then ``overlong`` decides.
+        overlong: (``"complete"`` and ``"eos"`` only) a document longer than ``block_size`` is ``"split"``
+            into ``block_size`` pieces (the default), ``"truncate"``\\ d to its first ``block_size`` tokens,
+            or kept whole in a block of its own (``"keep"``, fairseq's behaviour): the index's
+            ``block_size``, the width of the rows ``gather`` returns, is then the longest such document.
     """
     tokens = _check_tokens(tokens)
     offsets = _check_offsets(offsets, tokens.shape[0])
     block_size = _check_positive("block_size", block_size)
+    _check_choice("break_mode", break_mode, BREAK_MODES)
+    if break_mode != "none":
+        return _pack_whole_documents(tokens, offsets, block_size, break_mode, overlong, separator, pad_id,
+                                     remainder=remainder, stride=stride, group_size=group_size)
+    if overlong is not None:
+        raise ValueError('overlong applies to break_mode="complete" or "eos" (with "none" blocks cut documents '
+                         'anywhere)')
+    remainder = "drop" if remainder is None else remainder
     _check_choice("remainder", remainder, REMAINDER_MODES)
     if remainder == "pad" and pad_id is None:
         raise ValueError('remainder="pad" needs a pad_id (e.g. the tokenizer\'s pad or eos id)')
@@ -266,6 +303,63 @@ def pack_blocks(tokens, offsets, block_size, *, remainder="drop", separator=None
     else:
         starts, lengths, context = _stream_windows(_stream_length(offsets, has_sep), block_size, stride, keep_partial)
     return BlockIndex(tokens, offsets, block_size, starts, lengths, context, separator, pad_id)
+
+
+def _pack_whole_documents(tokens, offsets, block_size, break_mode, overlong, separator, pad_id, **cut_options):
+    """pack_blocks' "complete" and "eos" modes: blocks are runs of whole documents in the stream."""
+    given = [name for name, value in cut_options.items() if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} applies to break_mode=\"none\" only: with break_mode={break_mode!r} "
+                         "blocks end where documents end")
+    separator = _check_token_id("separator", separator)
+    pad_id = _check_token_id("pad_id", pad_id)
+    overlong = _check_choice("overlong", "split" if overlong is None else overlong, OVERLONG_MODES)
+    has_sep = int(separator is not None)
+    # Document i with its separator, in stream positions.
+    stream_offsets = offsets - offsets[0] + np.arange(offsets.shape[0], dtype=np.int64) * has_sep
+    piece_starts, piece_lengths = _pieces(stream_offsets, block_size, overlong)
+    piece_block, n_blocks = _assign_blocks(piece_lengths, block_size, break_mode)
+    # Pieces of a block are consecutive in the stream (a truncated or kept overlong piece fills its block alone).
+    first = np.flatnonzero(np.diff(piece_block, prepend=-1))
+    starts = np.ascontiguousarray(piece_starts[first])
+    lengths = np.add.reduceat(piece_lengths, first) if n_blocks else np.zeros(0, dtype=np.int64)
+    width = _width(block_size, piece_lengths, overlong)
+    return BlockIndex(tokens, offsets, width, starts, lengths.astype(np.int64), np.zeros(n_blocks, dtype=np.int64),
+                      separator, pad_id)
+
+
+def _pieces(offsets, block_size, overlong):
+    """(starts, lengths) of the non-empty documents delimited by ``offsets``, overlong ones split, truncated
+    or kept whole."""
+    if overlong == "keep":
+        lengths = np.diff(offsets)
+        non_empty = lengths > 0
+        return np.ascontiguousarray(offsets[:-1][non_empty]), np.ascontiguousarray(lengths[non_empty])
+    split = overlong == "split"
+    n_pieces = _k.count_pieces(offsets, block_size, split)
+    starts = np.empty(n_pieces, dtype=np.int64)
+    lengths = np.empty(n_pieces, dtype=np.int64)
+    _k.fill_pieces(offsets, block_size, split, starts, lengths)
+    return starts, lengths
+
+
+def _assign_blocks(piece_lengths, block_size, mode):
+    """(block of each piece, block count): best-fit decreasing, in order (fairseq's "complete"), or one
+    piece per block ("eos")."""
+    piece_block = np.empty(piece_lengths.shape[0], dtype=np.int64)
+    if mode == "eos":
+        piece_block[:] = np.arange(piece_lengths.shape[0])
+        return piece_block, piece_lengths.shape[0]
+    if mode == "complete":
+        return piece_block, _k.next_fit(piece_lengths, block_size, piece_block)
+    return piece_block, _k.best_fit_decreasing(piece_lengths, block_size, piece_block)
+
+
+def _width(block_size, piece_lengths, overlong):
+    """Rows are block_size wide, or as wide as the longest document kept whole."""
+    if overlong == "keep" and piece_lengths.size:
+        return max(block_size, int(piece_lengths.max()))
+    return block_size
 
 
 def _stream_length(offsets, has_separator):
@@ -415,14 +509,20 @@ def _flatten(batch, columns=None):
     return flat
 
 
-def pack_documents(tokens, offsets, block_size, *, overlong="split", pad_id=0, columns=None):
-    """Pack whole documents into ``block_size`` blocks by best-fit decreasing.
+def pack_documents(tokens, offsets, block_size, *, overlong="split", pad_id=0, columns=None, break_mode="best_fit"):
+    """Pack whole documents into ``block_size`` blocks by best-fit decreasing (or in order, or one per block).
 
     Within a block, documents keep their input order (TRL's bfd keeps the order it placed them in).
+    Empty documents are skipped.
 
     Args:
         overlong: documents longer than a block are ``"split"`` into ``block_size`` pieces (no token
-            lost) or ``"truncate"``\\ d to their first ``block_size`` tokens (``n_dropped`` counts the rest).
+            lost) or ``"truncate"``\\ d to their first ``block_size`` tokens (``n_dropped`` counts the rest);
+            with ``break_mode="complete"`` or ``"eos"`` also kept whole (``"keep"``) in a block of their own,
+            the rows then as wide as the longest one (``block_size`` of the result).
+        break_mode: ``"best_fit"`` (best-fit decreasing: the fewest blocks), ``"complete"`` (fairseq's mode:
+            documents in input order, each block taking the next ones while they fit) or ``"eos"`` (one
+            document per block: run_mlm's ``--line_by_line`` with ``overlong="truncate"``).
         pad_id: fills the unused tail of each block (label -100, attention 0).
         columns: other per-token arrays aligned with ``tokens`` (``{"attention_mask": ..., "labels": ...}``),
             packed the same way, as TRL's ``pack_dataset`` packs every column of a dataset.
@@ -430,16 +530,14 @@ def pack_documents(tokens, offsets, block_size, *, overlong="split", pad_id=0, c
     tokens = _check_tokens(tokens)
     offsets = _check_offsets(offsets, tokens.shape[0])
     block_size = _check_positive("block_size", block_size)
+    _check_choice("break_mode", break_mode, PACKING_MODES)
     _check_choice("overlong", overlong, OVERLONG_MODES)
+    if overlong == "keep" and break_mode == "best_fit":
+        raise ValueError('overlong="keep" needs break_mode="complete" or "eos" (best fit packs into block_size)')
     pad_id = _check_token_id("pad_id", pad_id, optional=False)
-    split = overlong == "split"
 
-    n_pieces = _k.count_pieces(offsets, block_size, split)
-    piece_starts = np.empty(n_pieces, dtype=np.int64)
-    piece_lengths = np.empty(n_pieces, dtype=np.int64)
-    _k.fill_pieces(offsets, block_size, split, piece_starts, piece_lengths)
-    piece_block = np.empty(n_pieces, dtype=np.int64)
-    n_blocks = _k.best_fit_decreasing(piece_lengths, block_size, piece_block)
+    piece_starts, piece_lengths = _pieces(offsets, block_size, overlong)
+    piece_block, n_blocks = _assign_blocks(piece_lengths, block_size, break_mode)
 
     # Group the pieces by block; a stable sort keeps each block's pieces in input order.
     order = np.argsort(piece_block, kind="stable")
@@ -447,8 +545,8 @@ def pack_documents(tokens, offsets, block_size, *, overlong="split", pad_id=0, c
     np.cumsum(np.bincount(piece_block, minlength=n_blocks), out=block_offsets[1:])
     n_dropped = int(offsets[-1] - offsets[0]) - int(piece_lengths.sum())
     return PackedDocuments(
-        tokens, block_size, block_offsets, piece_starts[order], piece_lengths[order], pad_id, n_dropped,
-        _check_columns(columns, tokens.shape[0]),
+        tokens, _width(block_size, piece_lengths, overlong), block_offsets, piece_starts[order], piece_lengths[order],
+        pad_id, n_dropped, _check_columns(columns, tokens.shape[0]),
     )
 
 

@@ -94,6 +94,51 @@ def ref_pieces(tokens, offsets, block_size, overlong="split"):
     return pieces
 
 
+def ref_document_units(tokens, offsets, block_size, overlong="split", separator=None):
+    """The units the break modes place: each non-empty document (with its separator), overlong ones split
+    into block_size pieces, truncated to the first block_size tokens, or kept whole."""
+    units = []
+    for doc in documents(tokens, offsets):
+        unit = stream([doc], separator)
+        if not unit:
+            continue
+        if overlong == "split":
+            units += [unit[i:i + block_size] for i in range(0, len(unit), block_size)]
+        elif overlong == "truncate":
+            units.append(unit[:block_size])
+        else:
+            units.append(unit)
+    return units
+
+
+def ref_break_mode(units, block_size, break_mode):
+    """fairseq's TokenBlockDataset rule as lists of the units in each block: "eos" one unit per block;
+    "complete" adds the next unit to the current block if it fits or the block is empty, else starts a
+    new one."""
+    if break_mode == "eos":
+        return [[unit] for unit in units]
+    blocks = []
+    for unit in units:
+        if blocks and sum(map(len, blocks[-1])) + len(unit) <= block_size:
+            blocks[-1].append(unit)
+        else:
+            blocks.append([unit])
+    return blocks
+
+
+def ref_one_document_per_block(offsets, block_size):
+    """The runner's --line_by_line layout, restated: every non-empty document alone in a block, truncated
+    to block_size. Returns (segment starts, segment lengths, tokens dropped)."""
+    starts, lengths, dropped = [], [], 0
+    for i in range(len(offsets) - 1):
+        length = int(offsets[i + 1]) - int(offsets[i])
+        if length > 0:
+            starts.append(int(offsets[i]))
+            lengths.append(min(length, block_size))
+            dropped += length - lengths[-1]
+    return starts, lengths, dropped
+
+
 def ref_best_fit_decreasing(lengths, block_size):
     """Block count of best-fit decreasing, by scanning every open block for each piece."""
     capacities = []

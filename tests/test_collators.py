@@ -561,3 +561,93 @@ def test_features_whose_lengths_disagree_are_refused():
         collator([{"input_ids": [1, 2], "labels": [1, 2, 3, 9]}, {"input_ids": [5], "labels": [5]}])
     with pytest.raises(ValueError, match="labels of example 0 have 4 entries, its input_ids 2 tokens"):
         DataCollatorForCLM(pad_id=0, padding_free=True)([{"input_ids": [1, 2], "labels": [1, 2, 3, 9]}])
+
+
+# --- issue 18 row 9: drop-in fidelity --------------------------------------------------------------------
+
+OTHER_FEATURES = {
+    "score": [0.5, 1.5, 2.0],  # Python floats: float32 tensors in transformers, float64 arrays for "np"
+    "weights": [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]],
+    "label": [0, 1, 1],
+    "numpy_score": [np.float64(0.5), np.float64(1.5), np.float64(2.0)],  # float64 in both
+    "flag": [True, False, True],
+}
+
+
+@pytest.mark.parametrize("return_tensors", ["pt", "np"])
+@pytest.mark.parametrize("mlm", [True, False])
+def test_other_features_come_back_with_transformers_dtypes(roberta_tok, return_tensors, mlm):
+    rows = [[0, 100, 200, 2], [0, 300, 2], [0, 400, 500, 600, 2]]
+    features = [{"input_ids": row, **{name: values[i] for name, values in OTHER_FEATURES.items()}}
+                for i, row in enumerate(rows)]
+    hf = transformers.DataCollatorForLanguageModeling(roberta_tok, mlm=mlm, return_tensors=return_tensors)(
+        [dict(f) for f in features])
+    ours = DataCollatorForMLM(roberta_tok, mlm=mlm, seed=0, return_tensors=return_tensors)([dict(f) for f in features])
+    for name in OTHER_FEATURES:
+        assert ours[name].dtype == hf[name].dtype, name
+        assert ours[name].tolist() == hf[name].tolist(), name
+    if not mlm:
+        clm = DataCollatorForCLM(roberta_tok, return_tensors=return_tensors)([dict(f) for f in features])
+        assert all(clm[name].dtype == hf[name].dtype for name in OTHER_FEATURES)
+
+
+def test_a_text_feature_is_refused_by_name(roberta_tok):
+    features = [{"input_ids": [0, 100, 2], "text": "a line"}, {"input_ids": [0, 2], "text": "another"}]
+    for collator in (DataCollatorForMLM(roberta_tok, seed=0), DataCollatorForCLM(roberta_tok)):
+        with pytest.raises(TypeError, match=r"feature 'text' holds str values \(example 0: 'a line'\); a batch holds "
+                                            r"numbers only: drop text columns"):
+            collator([dict(f) for f in features])
+    ragged = [{"input_ids": [0, 100, 2], "weights": [0.5]}, {"input_ids": [0, 2], "weights": [0.5, 1.0, 2.0]}]
+    with pytest.raises(ValueError, match="feature 'weights' has rows of different lengths"):
+        DataCollatorForCLM(roberta_tok)(ragged)
+
+
+def test_byte_level_bpe_whole_words_are_words_for_gpt2_as_for_roberta(lines):
+    """transformers finds words by offsets: RoBERTa's exclude the space before a word, GPT-2's include it
+    (trim_offsets=False), so for GPT-2 every token continues the previous one and a row is one "word",
+    masked whole or not at all. fastlm reads word starts from the Ġ mark both vocabularies share: the same
+    words for GPT-2 as for RoBERTa (and as transformers finds for RoBERTa), a word's trailing punctuation
+    included."""
+    from tests.data import gpt2_tokenizer, roberta_tokenizer
+
+    gpt2, roberta = gpt2_tokenizer(), roberta_tokenizer()
+    gpt2.add_special_tokens({"mask_token": "<|mask|>", "pad_token": "<|endoftext|>"})
+    text = [" ".join(line.split()[:30]) for line in lines[:24]]
+    words = {}
+    for name, tok in (("gpt2", gpt2), ("roberta", roberta)):
+        enc = tok(text, padding="max_length", max_length=128, return_offsets_mapping=True,
+                  return_special_tokens_mask=True)
+        assert all(len(ids) == 128 for ids in enc["input_ids"]), "no row is cut: both tokenizers see the same text"
+        hf_word_ids = [hf_words(enc, r) for r in range(len(text))]
+        collator = DataCollatorForMLM(tok, whole_word_mask=True, mlm_probability=0.2, seed=0, return_tensors="np")
+        assert collator.masker.whole_word == "bpe"
+        tokens = [tok.convert_ids_to_tokens(ids) for ids in enc["input_ids"]]
+        specials = [set(np.flatnonzero(mask)) for mask in enc["special_tokens_mask"]]
+        # fastlm's words: a run starting at a token marked Ġ (or at the row's first real token).
+        ours = [[i for i, t in enumerate(row) if i not in special and (t.startswith("\u0120") or i - 1 in special
+                                                                       or i == 0)]
+                for row, special in zip(tokens, specials)]
+        words[name] = (ours, hf_word_ids, enc, collator)
+
+    gpt2_starts, gpt2_hf, gpt2_enc, gpt2_collator = words["gpt2"]
+    roberta_starts, roberta_hf, _, _ = words["roberta"]
+    # transformers: one word per GPT-2 row; RoBERTa rows have as many words as fastlm finds.
+    assert all(len(set(w[w >= 0].tolist())) == 1 for w in gpt2_hf)
+    for starts, hf in zip(roberta_starts, roberta_hf):
+        hf_starts = [i for i in range(len(hf)) if hf[i] >= 0 and (i == 0 or hf[i] != hf[i - 1])]
+        assert starts == hf_starts
+    # fastlm: GPT-2 rows (no <s>) have RoBERTa's words, one token earlier.
+    assert gpt2_starts == [[i - 1 for i in row] for row in roberta_starts]
+
+    # And the collator masks those words whole, several per row, never the whole row at once.
+    features = [{"input_ids": ids, "attention_mask": mask}
+                for ids, mask in zip(gpt2_enc["input_ids"], gpt2_enc["attention_mask"])]
+    labels = gpt2_collator(features)["labels"]
+    lengths = [sum(mask) for mask in gpt2_enc["attention_mask"]]
+    for r, starts in enumerate(gpt2_starts):
+        bounds = starts + [lengths[r]]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            picked = labels[r, a:b] != IGNORE_INDEX
+            assert picked.all() or not picked.any(), "a word is masked whole or not at all"
+    targets = labels != IGNORE_INDEX
+    assert targets.any() and not any(targets[r, :n].all() for r, n in enumerate(lengths))

@@ -24,6 +24,8 @@ from tests.reference import (
     RefBits,
     documents,
     ref_best_fit_decreasing,
+    ref_break_mode,
+    ref_document_units,
     ref_clm_labels,
     ref_flattened,
     ref_mask,
@@ -211,8 +213,9 @@ TOKEN_POOLS = dict(tokens=st.sampled_from(HOSTILE_TOKENS), offsets=st.sampled_fr
 def pack_blocks_cases(draw):
     case = token_cases(draw)
     block_size = draw(st.integers(1, 12))
-    mode = draw(st.sampled_from(["plain", "stride", "group"]))
-    remainder = draw(st.sampled_from(["drop", "pad", "keep"]))
+    mode = draw(st.sampled_from(["plain", "stride", "group", "complete", "eos"]))
+    whole_documents = mode in ("complete", "eos")
+    remainder = None if whole_documents else draw(st.sampled_from(["drop", "pad", "keep"]))
     case.update(
         api="pack_blocks", block_size=block_size, remainder=remainder,
         separator=draw(st.one_of(st.none(), st.integers(0, 65535))),
@@ -220,9 +223,12 @@ def pack_blocks_cases(draw):
         group_size=draw(st.integers(1, 4)) if mode == "group" else None,
         # Short blocks need a pad id to gather; "drop" leaves none.
         pad_id=draw(st.integers(0, 65535)) if remainder != "drop" else None,
+        break_mode=mode if whole_documents else "none",
+        overlong=draw(st.sampled_from(["split", "truncate", "keep"])) if whole_documents else None,
     )
     pools = dict(TOKEN_POOLS, block_size=hostile_sizes, stride=hostile_sizes, group_size=hostile_sizes,
-                 separator=hostile_sizes, pad_id=hostile_sizes, remainder=st.sampled_from(["wrap", None, 0]))
+                 separator=hostile_sizes, pad_id=hostile_sizes, remainder=st.sampled_from(["wrap", "", 0]),
+                 break_mode=st.sampled_from(["sentence", None, 1]), overlong=st.sampled_from(["drop", "", 1]))
     return maybe_hostile(draw, case, pools)
 
 
@@ -234,7 +240,7 @@ def build_pack_blocks(case, workdir):
     def call():
         blocks = pack_blocks(tokens, offsets, case["block_size"], remainder=case["remainder"],
                              separator=case["separator"], stride=case["stride"], group_size=case["group_size"],
-                             pad_id=case["pad_id"])
+                             pad_id=case["pad_id"], break_mode=case["break_mode"], overlong=case["overlong"])
         indices = pick_indices(case, len(blocks))
         batch = blocks.gather(indices) if small_enough(blocks, indices) else None
         return tokens, offsets, blocks, indices, batch
@@ -244,6 +250,8 @@ def build_pack_blocks(case, workdir):
 
 def check_pack_blocks(case, result):
     tokens, offsets, blocks, indices, batch = result
+    if case["break_mode"] != "none":
+        return check_whole_document_blocks(case, result)
     args = (tokens, offsets, int(case["block_size"]), case["remainder"], case["separator"], case["stride"],
             case["group_size"])
     windows = ref_windows(*args)
@@ -253,6 +261,21 @@ def check_pack_blocks(case, result):
         rows = ref_pack_blocks(*args, pad_id=case["pad_id"])
         keys = ("input_ids", "labels", "attention_mask")
         assert [tuple(batch[k][r].tolist() for k in keys) for r in range(len(indices))] == [rows[i] for i in indices]
+
+
+def check_whole_document_blocks(case, result):
+    tokens, offsets, blocks, indices, batch = result
+    block_size = int(case["block_size"])
+    units = ref_document_units(tokens, offsets, block_size, case["overlong"], case["separator"])
+    expected = [[t for unit in block for t in unit] for block in ref_break_mode(units, block_size, case["break_mode"])]
+    assert blocks.lengths.tolist() == [len(ids) for ids in expected]
+    if batch is not None:
+        width = blocks.block_size
+        assert width == max([block_size] + [len(unit) for unit in units])
+        for r, i in enumerate(indices):
+            pad = width - len(expected[i])
+            assert batch["input_ids"][r].tolist() == expected[i] + [case["pad_id"]] * pad
+            assert batch["attention_mask"][r].tolist() == [1] * len(expected[i]) + [0] * pad
 
 
 @FUZZ

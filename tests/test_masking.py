@@ -462,3 +462,33 @@ def test_span_p_too_small_to_finish_is_refused():
     # At the floor a span costs ~1e4 draws: the batch is masked, up to its budget.
     _, labels = Masker(**ok, span=Span(p=1e-4, max_length=10))(np.full((4, 16), 7, dtype=np.int64))
     assert ((labels != IGNORE_INDEX).sum(axis=1) >= round(0.15 * 16)).all()
+
+
+def test_float_tensor_that_requires_grad_gets_the_float_ids_error(roberta_tok):
+    """Issue 18 row 7: the dtype is checked before the tensor becomes a numpy array, so a float tensor
+    that requires grad is refused in fastlm's words, not with torch's "Can't call numpy()"."""
+    torch = pytest.importorskip("torch")
+    masker = Masker.from_tokenizer(roberta_tok)
+    for tensor in (torch.zeros(4, 16, requires_grad=True), torch.zeros(4, 16, dtype=torch.bfloat16),
+                   torch.zeros(4, 16, dtype=torch.bool)):
+        with pytest.raises(TypeError, match=r"input_ids dtype \w+ is not supported; use one of uint16"):
+            masker(tensor)
+
+
+def test_mask_tokens_rng_takes_what_default_rng_takes(big_batch):
+    """Issue 16 item 4: one rng argument. An int is the seed of the keyed stream (what seed= was, and
+    still is), None is seed 0, a Generator is drawn from; anything else is refused by name."""
+    ids, _ = big_batch
+    kwargs = dict(vocab_size=VOCAB, mask_id=MASK, special_ids=SPECIALS)
+    keyed = Masker(**kwargs, seed=7)(ids[:4], epoch=1, batch_index=3)[1]
+    assert (mask_tokens(ids[:4], rng=7, epoch=1, batch_index=3, **kwargs)[1] == keyed).all()
+    assert (mask_tokens(ids[:4], seed=7, epoch=1, batch_index=3, **kwargs)[1] == keyed).all()
+    assert (mask_tokens(ids[:4], **kwargs)[1] == Masker(**kwargs)(ids[:4])[1]).all()
+    bit_generator = np.random.PCG64(5)
+    assert (mask_tokens(ids[:4], rng=bit_generator, **kwargs)[1]
+            == mask_tokens(ids[:4], rng=np.random.Generator(np.random.PCG64(5)), **kwargs)[1]).all()
+    for bad in (-1, 2.5, "7", True):
+        with pytest.raises(TypeError, match="rng must be a numpy Generator or BitGenerator, a non-negative int seed"):
+            mask_tokens(ids[:4], rng=bad, **kwargs)
+    with pytest.raises(TypeError, match="pass rng or seed, not both"):
+        mask_tokens(ids[:4], rng=1, seed=1, **kwargs)

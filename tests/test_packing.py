@@ -13,7 +13,11 @@ from tests.reference import (
     chain_group_texts,
     documents,
     ref_best_fit_decreasing,
+    ref_break_mode,
+    ref_document_units,
+    ref_one_document_per_block,
     ref_pack_blocks,
+    ref_packed_row,
     ref_pieces,
     seed_group_texts,
 )
@@ -142,6 +146,96 @@ def test_pack_documents_matches_reference(memmap_dir, docs, dtype, container, bl
     assert sorted(found) == sorted(pieces), "every piece placed exactly once, no token lost or invented"
     assert packed.n_tokens == sum(map(len, pieces))
     assert packed.n_dropped == sum(map(len, documents(tokens, offsets))) - packed.n_tokens
+
+
+# --- break modes (fairseq's TokenBlockDataset "complete" and "eos") -----------------------------------
+
+def _width(block_size, expected_blocks):
+    """Rows are block_size wide, or as wide as the longest unit (a document kept whole)."""
+    return max([block_size] + [len(unit) for block in expected_blocks for unit in block])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    docs=docs_strategy,
+    dtype=st.sampled_from(DTYPES),
+    container=st.sampled_from(CONTAINERS),
+    block_size=st.integers(1, 20),
+    break_mode=st.sampled_from(["complete", "eos"]),
+    overlong=st.sampled_from(["split", "truncate", "keep"]),
+    separator=st.one_of(st.none(), st.integers(0, 65535)),
+)
+def test_pack_blocks_break_modes_match_reference(memmap_dir, docs, dtype, container, block_size, break_mode,
+                                                 overlong, separator):
+    tokens, offsets = make_tokens(docs, dtype, container, memmap_dir)
+    blocks = pack_blocks(tokens, offsets, block_size, break_mode=break_mode, overlong=overlong,
+                         separator=separator, pad_id=7)
+    units = ref_document_units(tokens, offsets, block_size, overlong, separator)
+    expected = ref_break_mode(units, block_size, break_mode)
+    width = _width(block_size, expected)
+    assert blocks.block_size == width
+    rows = []
+    for block in expected:
+        ids = [t for unit in block for t in unit]
+        pad = width - len(ids)
+        rows.append((ids + [7] * pad, ids + [IGNORE_INDEX] * pad, [1] * len(ids) + [0] * pad))
+    assert rows_of(blocks.gather(np.arange(len(blocks)))) == rows
+    assert np.shares_memory(blocks.tokens, tokens) or tokens.size == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    docs=docs_strategy,
+    dtype=st.sampled_from(DTYPES),
+    container=st.sampled_from(CONTAINERS),
+    block_size=st.integers(1, 20),
+    break_mode=st.sampled_from(["complete", "eos"]),
+    overlong=st.sampled_from(["split", "truncate", "keep"]),
+)
+def test_pack_documents_break_modes_match_reference(memmap_dir, docs, dtype, container, block_size, break_mode,
+                                                    overlong):
+    tokens, offsets = make_tokens(docs, dtype, container, memmap_dir)
+    packed = pack_documents(tokens, offsets, block_size, break_mode=break_mode, overlong=overlong, pad_id=5)
+    expected = ref_break_mode(ref_document_units(tokens, offsets, block_size, overlong), block_size, break_mode)
+    width = _width(block_size, expected)
+    assert packed.block_size == width
+    batch = packed.gather(np.arange(len(packed)))
+    got = [tuple(batch[key][r].tolist() for key in ("input_ids", "labels", "attention_mask", "position_ids"))
+           for r in range(len(packed))]
+    assert got == [ref_packed_row(block, width, 5) for block in expected]
+    assert packed.n_dropped == sum(map(len, documents(tokens, offsets))) - packed.n_tokens
+
+
+@settings(max_examples=100, deadline=None)
+@given(docs=docs_strategy, dtype=st.sampled_from(DTYPES), container=st.sampled_from(CONTAINERS),
+       block_size=st.integers(1, 20), skip=st.integers(0, 3))
+def test_eos_mode_truncated_is_the_runners_line_by_line_layout(memmap_dir, docs, dtype, container, block_size, skip):
+    """pack_documents(break_mode="eos", overlong="truncate") is field for field the layout the runner's
+    --line_by_line builds by hand (one non-empty document per block, truncated), so it can replace it."""
+    tokens, offsets = make_tokens(docs, dtype, container, memmap_dir)
+    offsets = offsets[min(skip, len(offsets) - 1):]  # documents need not start at token 0
+    packed = pack_documents(tokens, offsets, block_size, break_mode="eos", overlong="truncate", pad_id=3)
+    starts, lengths, dropped = ref_one_document_per_block(offsets, block_size)
+    assert packed.block_size == block_size and packed.pad_id == 3 and packed.columns is None
+    assert packed.block_offsets.tolist() == list(range(len(starts) + 1))
+    assert packed.seg_starts.tolist() == starts and packed.seg_lengths.tolist() == lengths
+    assert packed.n_dropped == dropped
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda t, o: pack_blocks(t, o, 4, break_mode="sentence"), "break_mode must be one of 'none', 'complete', 'eos'"),
+    (lambda t, o: pack_blocks(t, o, 4, break_mode="complete", remainder="pad", pad_id=0),
+     'remainder applies to break_mode="none" only'),
+    (lambda t, o: pack_blocks(t, o, 4, break_mode="eos", stride=2, group_size=1),
+     'stride, group_size applies to break_mode="none" only'),
+    (lambda t, o: pack_blocks(t, o, 4, overlong="keep"), 'overlong applies to break_mode="complete" or "eos"'),
+    (lambda t, o: pack_blocks(t, o, 4, break_mode="eos", overlong="drop"), "overlong must be one of"),
+    (lambda t, o: pack_documents(t, o, 4, break_mode="none"), "break_mode must be one of 'best_fit'"),
+    (lambda t, o: pack_documents(t, o, 4, overlong="keep"), 'overlong="keep" needs break_mode="complete" or "eos"'),
+])
+def test_break_mode_arguments_are_checked(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(np.arange(10, dtype=np.int32), np.array([0, 4, 10]))
 
 
 def test_pack_documents_fills_better_than_first_come():
@@ -478,3 +572,17 @@ def test_hand_built_results_are_checked_before_reaching_the_kernels():
         replace(packed, block_size=2)
     with pytest.raises(ValueError, match="block_offsets"):
         replace(packed, block_offsets=packed.block_offsets[::-1].copy())
+
+
+@pytest.mark.parametrize("pack", [
+    lambda t, o: pack_blocks(t, o, 2**40, remainder="keep", pad_id=0),
+    lambda t, o: pack_blocks(t, o, 2**40, break_mode="eos", pad_id=0),
+    lambda t, o: pack_documents(t, o, 2**40),
+])
+def test_a_batch_larger_than_memory_is_refused_before_allocating(pack):
+    """Issue 18 row 8: one short block padded to 2**40 tokens is 8 TiB per array; refused in one line
+    (numpy's MemoryError named no argument)."""
+    tokens, offsets = np.arange(10, dtype=np.int32), np.array([0, 4, 10])
+    refusal = r"gathering 1 block\(s\) of block_size 1099511627776 needs \d+\.\d GiB of int64 rows, more than"
+    with pytest.raises(ValueError, match=refusal):
+        pack(tokens, offsets).gather([0])

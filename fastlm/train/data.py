@@ -10,7 +10,7 @@ import numpy as np
 
 from fastlm import pack_blocks, pack_documents
 from fastlm.masking import Masker
-from fastlm.packing import BlockIndex, PackedDocuments
+from fastlm.packing import BlockIndex
 from fastlm.tokenizer import padding_id, special_ids
 from fastlm.train.errors import ConfigError
 from fastlm.train.sampling import Mixture, TrainSource
@@ -120,8 +120,8 @@ def plan(data, stores, tokenizer, *, do_train, do_eval):
 
 def pack(data, tokens, offsets, tokenizer, *, stride=None):
     pad_id = padding_id(special_ids(tokenizer))
-    if data.line_by_line:
-        return _one_document_per_block(tokens, offsets, data.block_size, pad_id)
+    if data.line_by_line:  # run_mlm's --line_by_line: each non-empty document alone in a block, truncated
+        return pack_documents(tokens, offsets, data.block_size, break_mode="eos", overlong="truncate", pad_id=pad_id)
     if data.packing == "documents" and not stride:
         return pack_documents(tokens, offsets, data.block_size, pad_id=pad_id)
     separator = tokenizer.eos_token_id if data.separator == "eos" else None
@@ -131,20 +131,6 @@ def pack(data, tokens, offsets, tokenizer, *, stride=None):
     remainder = "pad" if stride else "drop"
     return pack_blocks(tokens, offsets, data.block_size, separator=separator, stride=stride,
                        remainder=remainder, pad_id=pad_id)
-
-
-def _one_document_per_block(tokens, offsets, block_size, pad_id):
-    """run_mlm.py's --line_by_line: each non-empty document alone in a block, truncated to block_size and
-    padded. Laid out as whole-document packing with one segment per block, so batches get the same
-    position ids and per-document attention."""
-    offsets = np.asarray(offsets, dtype=np.int64)
-    lengths = np.diff(offsets)
-    keep = lengths > 0
-    kept = np.minimum(lengths[keep], block_size)
-    return PackedDocuments(tokens=tokens, block_size=block_size,
-                           block_offsets=np.arange(kept.shape[0] + 1, dtype=np.int64),
-                           seg_starts=np.ascontiguousarray(offsets[:-1][keep]), seg_lengths=kept,
-                           pad_id=pad_id, n_dropped=int(lengths[keep].sum() - kept.sum()))
 
 
 def first_blocks(blocks, n):

@@ -21,8 +21,8 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from fastlm.train.safe_load import (DEEPSPEED_GLOBALS, LEGACY_RNG_GLOBALS, REFUSAL, SafeCheckpointEngine,
-                                    UnsafeCheckpoint, from_pretrained, install_safe_checkpoint_engine, rng_state,
-                                    scan_checkpoint, set_rng_state, weights_only_loads)
+                                    UnsafeCheckpoint, _unsafe_globals, from_pretrained, install_safe_checkpoint_engine,
+                                    rng_state, scan_checkpoint, set_rng_state, weights_only_loads)
 
 # The fixture's model: see tests/fixtures/previous_release_checkpoint/README.md
 MODEL = dict(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8)
@@ -41,9 +41,10 @@ def process_group():
             patch.setenv(name, value)
         # Only inference all-reduce uses DeepSpeed's shm op: skip its ~30 s compile.
         patch.setattr(sys.modules["deepspeed.comm.torch"], "build_shm_op", lambda: None)
+        # Kept after the module (as the runner's in-process tests keep theirs): DeepSpeed caches its groups,
+        # and a destroyed default group would break the next engine built in this process.
         deepspeed.init_distributed(dist_backend="gloo")
         yield
-        torch.distributed.destroy_process_group()
 
 
 def make_engine(stage, seed, *, universal=False, scheduler=True):
@@ -264,7 +265,7 @@ def test_converting_a_planted_checkpoint_to_universal_never_runs_it(tmp_path):
 def test_a_previous_release_checkpoint_resumes(tmp_path):
     ckpt_dir = shutil.copytree(PREVIOUS_RELEASE, tmp_path / "checkpoints")
     (model_states,) = (ckpt_dir / "step1").glob("*model_states.pt")
-    assert "numpy.ndarray" in torch.serialization.get_unsafe_globals_in_checkpoint(model_states)
+    assert "numpy.ndarray" in _unsafe_globals(model_states)
     scan_checkpoint(ckpt_dir / "step1")
     resumed = make_engine(1, seed=0, scheduler=False)  # as the fixture was saved
     scramble_rngs()

@@ -62,10 +62,23 @@ def scan_checkpoint(directory):
             raise UnsafeCheckpoint(f"{path} holds a pickled {', '.join(sorted(refused))}: {REFUSAL}")
 
 
+@contextlib.contextmanager
+def _judged_by_our_lists_alone():
+    """Other libraries add to torch's process-wide allow-list (transformers and accelerate add numpy's array
+    globals for their RNG states): the scan judges by fastlm's lists alone, whatever was imported before."""
+    added = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        yield
+    finally:
+        torch.serialization.add_safe_globals(added)
+
+
 def _unsafe_globals(path):
     """The globals the pickle in `path` names beyond torch's weights-only defaults."""
     try:
-        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        with _judged_by_our_lists_alone():
+            return torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except ValueError:
         # torch's legacy (non-zip) format ("checkpoint_serialization": false), which the opcode reader does
         # not take: a weights-only load checks it instead, running nothing either.

@@ -146,10 +146,10 @@ class LMLoss(nn.Module):
         if task == "clm" and base is not None and zero_stage == 3:
             # ZeRO-3 gathers a partitioned weight only inside its own module's forward; the fused loss reads
             # the head's weight outside it, so this module's forward (and backward) must gather it too.
-            from deepspeed.zero import register_external_parameter
+            import deepspeed
 
             for parameter in head.parameters():
-                register_external_parameter(self, parameter)
+                deepspeed.zero.register_external_parameter(self, parameter)
 
     @property
     def config(self):

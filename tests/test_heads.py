@@ -273,7 +273,7 @@ def test_a_deepspeed_engine_around_the_wrapper_trains_as_the_dense_model(single_
     model.load_state_dict(state)
     wrapper = LMLoss(model, task, chunk_rows=5, zero_stage=stage)
     config = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": stage}, "gradient_clipping": 0.0, "steps_per_print": 10**9}
+              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}, "gradient_clipping": 0.0, "steps_per_print": 10**9}
     engine, *_ = single_process_deepspeed.initialize(model=wrapper, optimizer=adamw(wrapper),
                                                      config=config)
     for _ in range(2):

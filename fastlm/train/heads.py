@@ -24,41 +24,52 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 
 def default_chunk_rows(vocab_size):
-    """Rows per chunk: about 2**22 float32 logits (16 MiB) a chunk, at least 32 rows so the matmuls stay efficient."""
-    return max(32, 2**22 // vocab_size)
+    """Rows per chunk: about 2**23 float32 logits (32 MiB) a chunk, at least 32 rows so the matmuls stay efficient."""
+    return max(32, 2**23 // vocab_size)
 
 
 def _fused_pass(hidden, weight, bias, targets, chunk_rows, *, grads, token_scale=None):
     """Per-token NLL (float32) of `hidden @ weight.T + bias` against `targets` (all real tokens), chunk by chunk,
     and, for each of (hidden, weight, bias) that `grads` asks for, the gradient of sum(token_scale x NLL)
     (token_scale: one per row; None for 1). Softmax and gradient math in float32 whatever the input dtype."""
-    want_hidden, want_weight, want_bias = grads
     n = hidden.shape[0]
     nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden) if want_hidden else None
+    grad_hidden = torch.empty_like(hidden) if grads[0] else None
     # Summed over chunks in float32: a bf16 running sum would lose the small chunks' contributions.
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
-    grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads[1] else None
+    grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if grads[2] else None
     for start in range(0, n, chunk_rows):
         rows = slice(start, start + chunk_rows)
-        h, t = hidden[rows], targets[rows, None]
-        logits = F.linear(h, weight, bias).float()  # as the dense head computes them (autocast included)
-        lse = torch.logsumexp(logits, dim=1, keepdim=True)
-        nll[rows] = (lse - logits.gather(1, t)).squeeze(1)
-        if not any(grads):
-            continue
-        with torch.autocast(hidden.device.type, enabled=False):
-            grad_logits = logits.sub_(lse).exp_()  # softmax, in place of the logits
-            grad_logits.scatter_add_(1, t, torch.full_like(t, -1, dtype=grad_logits.dtype))
-            if token_scale is not None:
-                grad_logits.mul_(token_scale[rows, None])
-            if want_hidden:
-                torch.mm(grad_logits.to(weight.dtype), weight, out=grad_hidden[rows])
-            if want_weight:
-                grad_weight.addmm_(grad_logits.T, h.float())
-            if want_bias:
-                grad_bias += grad_logits.sum(0)
+        _chunk(hidden[rows], weight, bias, targets[rows, None], None if token_scale is None else token_scale[rows, None],
+               nll=nll[rows], grad_hidden=None if grad_hidden is None else grad_hidden[rows], grad_weight=grad_weight,
+               grad_bias=grad_bias)
     return nll, grad_hidden, grad_weight, grad_bias
+
+
+def _chunk(h, weight, bias, t, scale, *, nll, grad_hidden, grad_weight, grad_bias):
+    """One chunk of rows, into the given outputs. A function of its own so that its chunk-sized buffer is freed
+    before the next chunk allocates one."""
+    # One chunk-sized buffer, worked in place: the logits (as the dense head computes them, autocast included),
+    # then exp(logits - max), then the softmax and the logits' gradient. logsumexp would allocate another.
+    logits = F.linear(h, weight, bias).float()
+    target_logit = logits.gather(1, t)
+    top = logits.amax(dim=1, keepdim=True)
+    exp = logits.sub_(top).exp_()
+    total = exp.sum(dim=1, keepdim=True)
+    nll.copy_((top + total.log() - target_logit).squeeze(1))
+    if grad_hidden is None and grad_weight is None and grad_bias is None:
+        return
+    with torch.autocast(h.device.type, enabled=False):
+        grad_logits = exp.div_(total)
+        grad_logits.scatter_add_(1, t, torch.full_like(t, -1, dtype=grad_logits.dtype))
+        if scale is not None:
+            grad_logits.mul_(scale)
+        if grad_hidden is not None:
+            torch.mm(grad_logits.to(weight.dtype), weight, out=grad_hidden)
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_logits.T, h.float())
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(0)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -69,26 +80,31 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grads = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         nll, grad_hidden, grad_weight, grad_bias = _fused_pass(hidden, weight, bias, targets, chunk_rows, grads=grads)
         ctx.save_for_backward(hidden, weight, bias, targets, grad_hidden, grad_weight, grad_bias)
-        ctx.chunk_rows, ctx.grads = chunk_rows, grads
+        ctx.chunk_rows, ctx.grads, ctx.used = chunk_rows, grads, False
         return nll
 
     @staticmethod
     def backward(ctx, grad_nll):
         hidden, weight, bias, targets, grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         scale = grad_nll[:1].float() if grad_nll.numel() else grad_nll.new_zeros(1, dtype=torch.float32)
-        # The runner's loss weighs every token alike (sum x a constant): the stored gradients, scaled, are exact.
-        # Any other weighting is computed again, chunk by chunk, with the tokens' own weights.
-        if grad_nll.numel() and not torch.equal(grad_nll, grad_nll[:1].expand_as(grad_nll)):
+        # The runner's loss weighs every token alike (sum x a constant): the stored gradients, scaled in place,
+        # are exact. Any other weighting, or a second backward (retain_graph), computes them again.
+        if ctx.used or (grad_nll.numel() and not torch.equal(grad_nll, grad_nll[:1].expand_as(grad_nll))):
             _, grad_hidden, grad_weight, grad_bias = _fused_pass(hidden, weight, bias, targets, ctx.chunk_rows,
                                                                  grads=ctx.grads, token_scale=grad_nll.float())
-            scale = torch.ones_like(scale)
+            scale = None
+        ctx.used = True
         return (_scaled(grad_hidden, scale, hidden), _scaled(grad_weight, scale, weight), _scaled(grad_bias, scale, bias),
                 None, None)
 
 
 def _scaled(grad, scale, like):
-    """grad x scale in float32, in the dtype of the tensor it is the gradient of."""
-    return None if grad is None else (grad.float() * scale).to(like.dtype)
+    """grad x scale (in place: grad is float32 or like's dtype, and used once), in the dtype of `like`."""
+    if grad is None:
+        return None
+    if scale is not None:
+        grad = grad.mul_(scale) if grad.dtype == torch.float32 else (grad.float() * scale)
+    return grad.to(like.dtype)
 
 
 def fused_linear_cross_entropy(hidden, weight, bias, targets, *, chunk_rows=None):
@@ -144,8 +160,9 @@ class LMLoss(nn.Module):
         self.dense_reason = head if base is None else None
         self._base, self._head = (base, head) if base is not None else (None, None)
         if task == "clm" and base is not None and zero_stage == 3:
-            # ZeRO-3 gathers a partitioned weight only inside its own module's forward; the fused loss reads
-            # the head's weight outside it, so this module's forward (and backward) must gather it too.
+            # ZeRO-3 gathers a partitioned weight inside its own module's forward; the fused loss reads the
+            # head's weight outside it, so this module's forward (and backward) gathers it too. (DeepSpeed 0.19
+            # also gathers a parameter read during any module's forward; older versions need this.)
             import deepspeed
 
             for parameter in head.parameters():

@@ -219,6 +219,7 @@ def test_the_wrapper_exposes_the_hf_model_to_save(tmp_path):
     torch.manual_seed(0)
     loss = LMLoss(gpt2(), "clm")
     assert loss.config is loss.model.config and loss.dtype == torch.float32
+    assert loss.state_dict().keys() == {f"model.{key}" for key in loss.model.state_dict()}
     loss.model.save_pretrained(tmp_path)
     inputs, labels = make_batch(loss.model, "clm", packed=False)
     reloaded = LMLoss(AutoModelForCausalLM.from_pretrained(tmp_path), "clm")
@@ -272,10 +273,11 @@ def test_a_deepspeed_engine_around_the_wrapper_trains_as_the_dense_model(single_
     model = build()
     model.load_state_dict(state)
     wrapper = LMLoss(model, task, chunk_rows=5, zero_stage=stage)
-    config = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}, "gradient_clipping": 0.0, "steps_per_print": 10**9}
-    engine, *_ = single_process_deepspeed.initialize(model=wrapper, optimizer=adamw(wrapper),
-                                                     config=config)
+    # Every parameter partitioned (none kept whole for being small); no clipping (DeepSpeed's default clips)
+    zero = {"stage": stage, "stage3_param_persistence_threshold": 0}
+    config = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1, "zero_optimization": zero,
+              "gradient_clipping": 0.0, "steps_per_print": 10**9}
+    engine, *_ = single_process_deepspeed.initialize(model=wrapper, optimizer=adamw(wrapper), config=config)
     for _ in range(2):
         rows_nll, _ = engine(labels=labels, **inputs)
         engine.backward(rows_nll.sum() * 0.1)

@@ -117,32 +117,32 @@ def fused_linear_cross_entropy(hidden, weight, bias, targets, *, chunk_rows=None
 
 
 def _mlm_head(model):
-    """(base model, head module) of a *ForMaskedLM whose head is one module holding the output embeddings, else
-    (None, the reason)."""
+    """(base model, head module, None) of a *ForMaskedLM whose head is one module holding the output embeddings,
+    else (None, None, the reason)."""
     base = model.base_model
     if base is model:
-        return None, f"{type(model).__name__} has no separate base model"
+        return None, None, f"{type(model).__name__} has no separate base model"
     others = [child for child in model.children() if child is not base and any(True for _ in child.parameters())]
     if len(others) != 1:
-        return None, f"{type(model).__name__}'s head is not one module ({len(others)} modules beside the base model)"
+        return None, None, f"{type(model).__name__}'s head is not one module ({len(others)} modules beside the base model)"
     head, decoder = others[0], model.get_output_embeddings()
     if decoder is None or not any(m is decoder for m in head.modules()):
-        return None, f"{type(model).__name__}'s output embeddings are not in its head"
-    return base, head
+        return None, None, f"{type(model).__name__}'s output embeddings are not in its head"
+    return base, head, None
 
 
 def _clm_head(model):
-    """(base model, output projection) of a causal LM whose logits are a plain linear map of the base model's
-    last hidden states, else (None, the reason)."""
+    """(base model, output projection, None) of a causal LM whose logits are a plain linear map of the base
+    model's last hidden states, else (None, None, the reason)."""
     base, head = model.base_model, model.get_output_embeddings()
     if base is model:
-        return None, f"{type(model).__name__} has no separate base model"
+        return None, None, f"{type(model).__name__} has no separate base model"
     if not isinstance(head, nn.Linear):
-        return None, f"{type(model).__name__}'s output embeddings are not an nn.Linear"
+        return None, None, f"{type(model).__name__}'s output embeddings are not an nn.Linear"
     transforms = [name for name in _LOGIT_TRANSFORMS if getattr(model.config, name, None) not in (None, 1, 1.0)]
     if transforms:
-        return None, f"{type(model).__name__} transforms its logits ({', '.join(transforms)})"
-    return base, head
+        return None, None, f"{type(model).__name__} transforms its logits ({', '.join(transforms)})"
+    return base, head, None
 
 
 class LMLoss(nn.Module):
@@ -155,10 +155,10 @@ class LMLoss(nn.Module):
         if task not in ("clm", "mlm"):
             raise ValueError(f"task must be 'clm' or 'mlm', not {task!r}")
         self.model, self.task = model, task
-        base, head = (_clm_head if task == "clm" else _mlm_head)(model)
+        base, head, self.dense_reason = (_clm_head if task == "clm" else _mlm_head)(model)
         self.chunk_rows = chunk_rows or default_chunk_rows(model.config.vocab_size)
-        self.dense_reason = head if base is None else None
-        self._base, self._head = (base, head) if base is not None else (None, None)
+        # A tuple, not attributes: nn.Module would register them again, beside .model, in the state dict.
+        self._parts = (base, head)
         if task == "clm" and base is not None and zero_stage == 3:
             # ZeRO-3 gathers a partitioned weight inside its own module's forward; the fused loss reads the
             # head's weight outside it, so this module's forward (and backward) gathers it too. (DeepSpeed 0.19
@@ -187,19 +187,19 @@ class LMLoss(nn.Module):
 
     def forward(self, labels, **inputs):
         shift = self.task == "clm"
-        if self._base is None:
+        base, head = self._parts
+        if base is None:
             return row_nll(self.model(**inputs).logits, labels, shift=shift)
         if shift:  # the labels shift, not the hidden states (HF's ForCausalLMLoss)
             labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
-        hidden = self._base(**inputs)[0]
+        hidden = base(**inputs)[0]
         flat_labels = labels.reshape(-1)
         rows = flat_labels.ne(IGNORE).nonzero().squeeze(1)
         selected, targets = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), flat_labels.index_select(0, rows)
         if shift:
-            nll = fused_linear_cross_entropy(selected, self._head.weight, self._head.bias, targets,
-                                             chunk_rows=self.chunk_rows)
+            nll = fused_linear_cross_entropy(selected, head.weight, head.bias, targets, chunk_rows=self.chunk_rows)
         else:  # the head as one batch row, for heads that expect (batch, length, width)
-            logits = self._head(selected.unsqueeze(0)).squeeze(0)
+            logits = head(selected.unsqueeze(0)).squeeze(0)
             nll = F.cross_entropy(logits.float(), targets, reduction="none")
         token_nll = nll.new_zeros(labels.numel()).index_add(0, rows, nll)
         return token_nll.view(labels.shape).sum(1).double(), labels.ne(IGNORE).sum(1)

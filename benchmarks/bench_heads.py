@@ -111,7 +111,7 @@ def _in_fresh_process(call):
 def test_clm_loss(benchmark, path):
     """The loss alone (forward and backward), GPT-2's vocabulary; extra_info: its peak memory."""
     benchmark.group = f"heads: clm loss alone, vocab {VOCAB['clm']}, {BATCH}x{LENGTH} tokens (CPU)"
-    benchmark.pedantic(clm_loss(path), rounds=1 if benchmark.disabled else 5, iterations=1)
+    benchmark.pedantic(clm_loss(path), rounds=1 if benchmark.disabled else 3, iterations=1)
     benchmark.extra_info["loss_peak_mib"] = _in_fresh_process(f"loss_peak({path!r})")
 
 
@@ -124,7 +124,7 @@ def test_training_step(benchmark, task, path, bf16):
                        f"{'bf16 autocast' if bf16 else 'fp32'} (CPU)")
     step = training_step(task, path, bf16=bf16)
     step()  # warm-up: the optimizer's state, the allocator's pools
-    benchmark.pedantic(step, rounds=1 if benchmark.disabled else 5, iterations=1)
+    benchmark.pedantic(step, rounds=1 if benchmark.disabled else 3, iterations=1)
     if not benchmark.disabled:
         benchmark.extra_info["tokens_per_s"] = BATCH * LENGTH / benchmark.stats.stats.median
         if not bf16:

@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastlm.evaluation import row_nll
-from fastlm.model import model_inputs, position_offset
-from fastlm.train.heads import LMLoss, fused_linear_cross_entropy
+from fastlm.train.model import model_inputs, position_offset
+from fastlm.train.heads import LMLoss, fused_linear_cross_entropy, row_nll
 
 VOCAB, BATCH, LENGTH = 1000, 3, 24
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)

@@ -19,6 +19,7 @@ from fastlm.train import dist as run_dist
 from fastlm.train import main as run_main
 from fastlm.train import model as model_lib
 from fastlm.train.errors import Diverged
+from fastlm.train.heads import LMLoss, row_nll
 from tests.data import wikitext_lines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,18 +103,24 @@ def test_perplexity_is_token_weighted_and_overflows_to_inf():
         evaluation.perplexity(0.0, 0)
 
 
+def _token_nll(logits, labels, *, shift):
+    """A batch's summed token NLL and target count, from the dense loss's rows."""
+    nll, n = row_nll(logits, labels, shift=shift)
+    return nll.sum(), n.sum()
+
+
 def test_token_nll_counts_only_targets_and_shifts_for_clm():
     import torch
 
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[1, 2, -100, 4, 5], [6, -100, -100, -100, -100]])
-    nll, n = evaluation.token_nll(logits, labels, shift=True)
+    nll, n = _token_nll(logits, labels, shift=True)
     logp = torch.log_softmax(logits, -1)
     expected = [-logp[b, t - 1, labels[b, t]] for b in range(2) for t in range(1, 5) if labels[b, t] != -100]
     assert int(n) == 3 == len(expected)
     assert float(nll) == pytest.approx(float(sum(expected)), rel=1e-6)
-    nll, n = evaluation.token_nll(logits, labels, shift=False)
+    nll, n = _token_nll(logits, labels, shift=False)
     assert int(n) == 5
 
 
@@ -158,10 +165,10 @@ def test_cross_rank_sums_are_built_on_the_engine_device(monkeypatch):
 
 
 class _PlainEngine:
-    """The slice of a DeepSpeed engine that evaluation.evaluate uses, over a bare HF model."""
+    """The slice of a DeepSpeed engine that evaluation.evaluate uses, over a bare HF model with its loss."""
 
-    def __init__(self, model):
-        self.module, self.device = model, "cpu"
+    def __init__(self, model, task="clm"):
+        self.module, self.device = LMLoss(model, task), "cpu"
 
     def eval(self):
         self.module.eval()
@@ -256,7 +263,7 @@ def test_the_model_is_saved_at_the_output_dir_and_never_half_replaced(gpt2_tok, 
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert AutoTokenizer.from_pretrained(tmp_path).get_vocab() == gpt2_tok.get_vocab()
     for name, tensor in model.state_dict().items():
-        assert tensor.equal(engine.module.state_dict()[name]), name
+        assert tensor.equal(engine.module.model.state_dict()[name]), name
     assert (tmp_path / "metrics.jsonl").read_text() == "{}\n" and not (tmp_path / ".tmp-model").exists()
 
 
@@ -324,7 +331,7 @@ def test_strided_evaluation_matches_the_hf_sliding_window_recipe(clm_stores):
             end = min(begin + 64, ids.shape[1])
             target = ids[:, begin:end].clone()
             target[:, : -(end - prev_end)] = -100
-            nll, n = evaluation.token_nll(model(ids[:, begin:end]).logits, target, shift=True)
+            nll, n = _token_nll(model(ids[:, begin:end]).logits, target, shift=True)
             nll_sum, count, prev_end = nll_sum + float(nll), count + int(n), end
             if end == ids.shape[1]:
                 break
@@ -725,7 +732,8 @@ def test_packed_documents_feed_roberta_its_own_position_numbering(mlm_stores, tm
 
     def recording_build_model(*args, **kwargs):
         model, keep_alive = build_model(*args, **kwargs)
-        model.register_forward_pre_hook(lambda module, _, inputs: seen.append(
+        # The base model: the loss (heads.LMLoss) runs it, then the MLM head only where labels are.
+        model.base_model.register_forward_pre_hook(lambda module, _, inputs: seen.append(
             (module.training, inputs["position_ids"].clone(), inputs["attention_mask"].clone())), with_kwargs=True)
         return model, keep_alive
 

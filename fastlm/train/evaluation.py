@@ -8,7 +8,6 @@ the tokenizer.
 import math
 
 import torch
-import torch.nn.functional as F
 
 from fastlm.train import dist
 from fastlm.train.model import model_inputs, position_offset
@@ -36,26 +35,6 @@ def bits_per_byte(nll_sum, n_targets, *, n_tokens, n_bytes):
     if n_targets <= 0 or n_tokens <= 0 or n_bytes <= 0:
         raise ValueError("bits per byte needs scored tokens and text with tokens and bytes")
     return nll_sum / math.log(2) / (n_bytes * n_targets / n_tokens)
-
-
-def row_nll(logits, labels, *, shift):
-    """(each row's sum of token negative log-likelihoods in float64, each row's number of target tokens).
-
-    CLM predicts token t+1 from position t (shift=True), as HF's models do with `labels`; MLM scores
-    each masked position in place. Logits are upcast to float32 like HF's loss. The labels shift, not
-    the logits (HF's ForCausalLMLoss): slicing the logits would copy all batch x length x vocab of them.
-    """
-    if shift:
-        labels = F.pad(labels[:, 1:], (0, 1), value=-100)
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                          ignore_index=-100, reduction="none")
-    return nll.view(labels.shape).sum(1).double(), (labels != -100).sum(1)
-
-
-def token_nll(logits, labels, *, shift):
-    """(sum of token negative log-likelihoods in float64, number of target tokens) of one batch (row_nll)."""
-    nll, targets = row_nll(logits, labels, shift=shift)
-    return nll.sum(), targets.sum()
 
 
 def evaluate_sets(engine, eval_sets, *, task, batch_size, rank, world_size, masker=None):
@@ -88,11 +67,10 @@ def evaluate(engine, blocks, *, task, batch_size, rank, world_size, masker=None)
                                           position_offset=position_offset(engine.module.config)):
             batch = {k: torch.from_numpy(v).to(engine.device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            logits = engine(**model_inputs(batch, config, task=task, dtype=dtype)).logits
+            rows_nll, rows_targets = engine(labels=labels, **model_inputs(batch, config, task=task, dtype=dtype))
             if counts:
-                nll, n = token_nll(logits, labels, shift=task == "clm")
-                totals[0] += nll
-                totals[1] += n
+                totals[0] += rows_nll.sum()
+                totals[1] += rows_targets.sum()
     if was_training:
         engine.train()
     nll_sum, n_targets = dist.sum_in_place(totals).tolist()

@@ -15,12 +15,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlm.evaluation import row_nll
+from fastlm.packing import IGNORE_INDEX as IGNORE
 
-IGNORE = -100
 # Config fields with which a causal LM rescales or caps its logits after the projection (Gemma 2, Cohere,
 # Granite): the fused loss would miss that step.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def row_nll(logits, labels, *, shift):
+    """The dense loss: (each row's sum of token negative log-likelihoods in float64, each row's number of
+    target tokens) from the logits.
+
+    CLM predicts token t+1 from position t (shift=True), as HF's models do with `labels`; MLM scores
+    each masked position in place. Logits are upcast to float32 like HF's loss. The labels shift, not
+    the logits (HF's ForCausalLMLoss): slicing the logits would copy all batch x length x vocab of them.
+    """
+    if shift:
+        labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                          ignore_index=IGNORE, reduction="none")
+    return nll.view(labels.shape).sum(1).double(), (labels != IGNORE).sum(1)
 
 
 def default_chunk_rows(vocab_size):
@@ -171,6 +185,14 @@ class LMLoss(nn.Module):
     @property
     def config(self):
         return self.model.config
+
+    # Checkpoints hold the HF model's own names (no "model." prefix), so one saved before the loss wrapped the
+    # model, or from the model alone, loads as it is.
+    def state_dict(self, *args, **kwargs):
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
 
     @property
     def dtype(self):

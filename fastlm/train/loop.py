@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader
 
 from fastlm.packing import IGNORE_INDEX
 from fastlm.train import dist
-from fastlm.train.evaluation import row_nll
 from fastlm.train.model import model_inputs, position_offset
 from fastlm.train.sampling import TrainBatches
 
@@ -116,9 +115,8 @@ class Trainer:
             sources = batch.pop("source", None)  # a mixture's row sources
             tokens += int(batch["attention_mask"].sum())
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
-            labels = batch.pop("labels")  # the model computes no loss of its own: ours is summed
-            logits = engine(**model_inputs(batch, config, task=self.task, dtype=dtype)).logits
-            rows_nll, rows_targets = row_nll(logits, labels, shift=shift)
+            labels = batch.pop("labels")  # the engine's module is heads.LMLoss: each row's summed NLL, targets
+            rows_nll, rows_targets = engine(labels=labels, **model_inputs(batch, config, task=self.task, dtype=dtype))
             nll = rows_nll.sum()
             if sources is not None:
                 self.log.add_source_rows(sources.to(engine.device), rows_nll.detach(), rows_targets,

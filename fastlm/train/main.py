@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from fastlm.train import checkpoints, config as run_config, data as data_plan, demo, deepspeed_config, dist, outputs
 from fastlm.train.errors import ConfigError, Diverged, fail, is_rank0
 from fastlm.train.evaluation import evaluate_sets
+from fastlm.train.heads import LMLoss
 from fastlm.train.loop import Trainer, TrainState, clipping_in_the_loop
 from fastlm.train.metrics import StepLog
 from fastlm.train.model import build_model, flops_per_token, param_groups, save_model
@@ -175,7 +176,11 @@ class Run:
                                         ds_config=ds_config)
         check_token_ids(plan.stores, model.get_input_embeddings().num_embeddings)
         token_flops = flops_per_token(model, config.data.block_size)
-        engine, *_ = deepspeed.initialize(model=model, config=ds_config, lr_scheduler=schedule,
+        # The engine trains the model with its loss: the fused CLM loss or the sparse MLM head (heads.LMLoss).
+        loss = LMLoss(model, config.task, zero_stage=config.optim.zero_stage)
+        if self.rank == 0:
+            print(f"[fastlm] {loss.summary}", flush=True)
+        engine, *_ = deepspeed.initialize(model=loss, config=ds_config, lr_scheduler=schedule,
                                           model_parameters=param_groups(model, config.optim.weight_decay))
         install_safe_checkpoint_engine(engine)  # loads weights-only: nothing a checkpoint holds runs
         if clip is not None and self.world_size == 1:

@@ -134,12 +134,14 @@ def save_model(engine, tokenizer, directory, rank):
     temporary directory first; ZeRO-3 first gathers the partitioned weights (every rank takes part)."""
     state_dict = None
     if engine.zero_optimization_partition_weights():
-        state_dict = engine._zero3_consolidated_16bit_state_dict()
+        # Named as the engine's module (heads.LMLoss) holds them: "model.<name>"
+        state_dict = {name.removeprefix("model."): tensor
+                      for name, tensor in engine._zero3_consolidated_16bit_state_dict().items()}
     if rank != 0:
         return
     tmp = directory / ".tmp-model"
     shutil.rmtree(tmp, ignore_errors=True)
-    engine.module.save_pretrained(tmp, state_dict=state_dict)
+    engine.module.model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     outputs.publish_model(tmp, directory)
 

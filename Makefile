@@ -1,5 +1,6 @@
 # make demo  - set up .venv from nothing and run the offline demo (the main job)
-# make test  - set up .venv from nothing and run the whole test suite (benchmarks as smoke tests)
+# make test  - set up .venv from nothing and run the whole test suite (benchmarks as smoke tests): what CI runs
+# make test-fast - every test not marked slow (conftest.py marks them), no benchmarks: the everyday loop
 # make bench - run the benchmarks for real and print the comparison tables
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -11,7 +12,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR := cpu
 
-.PHONY: build demo test bench clean
+.PHONY: build demo test test-fast bench clean
 
 # torch goes in first and pinned: any bare `torch` requirement with no torch installed
 # pulls a multi-GB CUDA build.
@@ -37,6 +38,9 @@ demo: build
 
 test: build
 	$(PY) -m pytest -q -p no:cacheprovider --benchmark-disable
+
+test-fast: build
+	$(PY) -m pytest tests -q -p no:cacheprovider -m "not slow"
 
 bench: build
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-only --benchmark-columns=min,median,mean,rounds --benchmark-sort=name

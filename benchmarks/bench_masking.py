@@ -1,6 +1,6 @@
 """Masking benchmarks: the fastlm kernel vs transformers' torch_mask_tokens, and the collators end to end.
 
-Data: WikiText-2 validation (../shared/data), RoBERTa tokenizer, at 8x128 and 64x512.
+Data: WikiText-2 validation (tests/fixtures), RoBERTa tokenizer, at 8x128 and 64x512.
 - "mask": the same int64 tensors, each side with its persistent generator (HF: torch.Generator; fastlm:
   numpy PCG64). HF given the special_tokens_mask tensor (its fast path), and without it (the tutorial's
   path: its dataset has none, so HF builds it with the tokenizer). "fastlm keyed" is the call a

@@ -1,6 +1,6 @@
 """Packing benchmarks: fastlm vs the tutorial's group_texts, HF's chain version, numpy, and TRL's bfd.
 
-Data: WikiText-2 valid + test (../shared/data), GPT-2 tokenizer, rows repeated 8x (about 4.3 M tokens).
+Data: WikiText-2 valid + test (tests/fixtures), GPT-2 tokenizer, rows repeated 8x (about 4.3 M tokens).
 Under `--benchmark-disable` (make test) the corpus is not repeated, so the smoke run stays quick.
 
     make bench     # or: .venv/bin/python -m pytest benchmarks/bench_packing.py --benchmark-only

@@ -1,7 +1,7 @@
 """Corpus to tokens: `fastlm prepare` against the tutorial pipeline, datatrove and Megatron, and its
 encoders against each other.
 
-Data: WikiText-2 valid + test raw (../shared/data), GPT-2 tokenizer. Groups:
+Data: WikiText-2 valid + test raw (tests/fixtures), GPT-2 tokenizer. Groups:
 
 - corpus -> 128-token blocks (x8, about 4.3 M tokens, 2 workers on every side): fastlm prepare (tiktoken
   path, and --encoder hf) + pack_blocks, from the raw text file to a store and its block index, vs the
@@ -35,7 +35,7 @@ import pytest
 
 import fastlm
 from fastlm.encoding import Batch, TiktokenEncoder, encode_batches
-from tests.data import shared_path, wikitext_lines
+from tests.data import fixture_path, wikitext_lines
 from tests.reference import chain_group_texts
 
 BLOCK = 128
@@ -70,7 +70,7 @@ def scales(request):
 def corpus(scales, tmp_path_factory):
     """Raw text files at each scale, and the tutorial's rows at the first scale."""
     raw = "".join(
-        lzma.open(shared_path("wikitext-2-raw", f"wiki.{split}.raw.xz"), "rt", encoding="utf-8").read()
+        lzma.open(fixture_path("wikitext-2-raw", f"wiki.{split}.raw.xz"), "rt", encoding="utf-8").read()
         for split in ("valid", "test")
     )
     root = tmp_path_factory.mktemp("bench_prepare")
@@ -119,7 +119,7 @@ def _throughput(benchmark, n_tokens):
 def _peak_rss_mb(source, output):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
-        [sys.executable, "-c", PEAK_RSS, str(source), str(output), str(shared_path("tokenizers", "gpt2")), str(NUM_PROC)],
+        [sys.executable, "-c", PEAK_RSS, str(source), str(output), str(fixture_path("tokenizers", "gpt2")), str(NUM_PROC)],
         env=env, capture_output=True, text=True, check=True,
     )
     return float(result.stdout.strip().splitlines()[-1])

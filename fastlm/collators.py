@@ -8,7 +8,7 @@
   mask, so an EOS used as pad keeps its labels), or ``padding_free=True``: transformers'
   ``DataCollatorWithFlattening`` (one (1, total) row, ``position_ids`` restarting per example).
 
-Deliberate differences from transformers are listed in the README ("Where fastlm differs").
+Deliberate differences from transformers are listed in docs/collators.md ("Where fastlm differs").
 """
 import os
 import sys

@@ -12,7 +12,7 @@ import pytest
 from fastlm import pack_blocks, pack_documents
 from fastlm.cli import main
 from fastlm.store import TokenStore
-from tests.data import shared_path, wikitext_lines
+from tests.data import fixture_path, wikitext_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gpt2_dir():
-    return str(shared_path("tokenizers", "gpt2"))
+    return str(fixture_path("tokenizers", "gpt2"))
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ TRL's row, the runs of ``position_ids`` restarting at 0 its ``seq_lengths``. ``s
 ``overlong="truncate"``, ``"bfd_split"`` is ``overlong="split"``.
 
 Of TRL's 7 bfd tests, 4 pass with TRL's exact expectations, 2 are adapted and 1 does not apply:
-- adapted (README, "Where fastlm differs"): within a block fastlm keeps documents in input order, TRL in
-  the order it placed them (longest first), so those tests compare each block's documents as a multiset.
+- adapted (docs/packing.md): within a block fastlm keeps documents in input order, TRL in the order it
+  placed them (longest first), so those tests compare each block's documents as a multiset.
 - adapted: TRL packs float32 columns as they come; fastlm refuses float token arrays (a float id is a
   truncation waiting to happen), so that test packs int64 and checks that float32 is refused.
 - not applicable: ``test_with_iterable_dataset`` repeats ``test_with_dataset`` through datasets'

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from fastlm.prepare import prepare
 from fastlm.store import StoreError, StoreWriter, TokenStore, merge_stores
-from tests.data import shared_path, wikitext_lines
+from tests.data import fixture_path, wikitext_lines
 from tests.reference import ref_file_documents, ref_line_documents, ref_paragraph_documents
 
 prepare_module = sys.modules["fastlm.prepare"]
@@ -108,7 +108,7 @@ def test_every_format_round_trips(tmp_path, gpt2_tok, docs, fmt):
 def test_wikitext_raw_file_gives_the_tutorial_token_stream(tmp_path, gpt2_tok):
     # The tutorial tokenizes the HF rows one by one ("" for blank lines) and concatenates them.
     rows = wikitext_lines("valid")
-    store = prepare([shared_path("wikitext-2-raw", "wiki.valid.raw.xz")], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
+    store = prepare([fixture_path("wikitext-2-raw", "wiki.valid.raw.xz")], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
     expected = np.fromiter((t for row in ids(gpt2_tok, rows) for t in row), np.int64)
     np.testing.assert_array_equal(store.tokens, expected)
     # GPT-2 takes the tiktoken path by default; every document's text bytes are recorded.
@@ -217,7 +217,7 @@ def test_eos_and_bos_around_every_document(tmp_path, gpt2_tok, docs):
 
 def test_wordpiece_vocab_file_with_its_own_template(tmp_path, bert_tok, docs):
     path = write_text(tmp_path / "c.txt", "".join(docs[:20]))
-    vocab = shared_path("tokenizers", "bert-base-uncased", "vocab.txt")
+    vocab = fixture_path("tokenizers", "bert-base-uncased", "vocab.txt")
     store = prepare([path], tmp_path / "s", tokenizer=str(vocab), add_special_tokens=True, progress=False)
     assert store_docs(store) == ids(bert_tok, docs[:20], add_special_tokens=True)
     assert store.meta["special_ids"]["mask"] == 103 and store.meta["special_ids"]["cls"] == 101
@@ -231,7 +231,7 @@ def test_wordpiece_vocab_file_with_its_own_template(tmp_path, bert_tok, docs):
 
 def test_bpe_vocab_and_merges_files(tmp_path, roberta_tok, docs):
     path = write_text(tmp_path / "c.txt", "".join(docs[:20]))
-    vocab = shared_path("tokenizers", "roberta", "vocab.json")
+    vocab = fixture_path("tokenizers", "roberta", "vocab.json")
     store = prepare([path], tmp_path / "s", tokenizer=str(vocab), progress=False)
     assert store_docs(store) == ids(roberta_tok, docs[:20])
     # RoBERTa's vocabulary has gaps: ids run up to <mask> = 50264, past its 50262 entries.
@@ -429,7 +429,7 @@ def test_a_long_blank_line_is_skipped_like_any_blank_line_unless_blank_ones_are_
 def test_a_long_line_is_refused_naming_file_and_line_when_it_cannot_be_cut(tmp_path, gpt2_tok, bert_tok, small_pieces, long_line):
     # WordPiece (BERT) cannot be cut safely: a line over the limit is refused, not read whole.
     path = write_text(tmp_path / "c.txt", "first\n" + long_line + "last\n")
-    vocab = str(shared_path("tokenizers", "bert-base-uncased", "vocab.txt"))
+    vocab = str(fixture_path("tokenizers", "bert-base-uncased", "vocab.txt"))
     with pytest.raises(ValueError, match=r"c.txt, line 2: a document of more than 5,000 characters"):
         prepare([path], tmp_path / "s", tokenizer=vocab, progress=False)
     # Nor can a byte-level BPE cut a run with no space after text in it.
@@ -695,7 +695,7 @@ prepare_module.prepare([sys.argv[1]], sys.argv[2], tokenizer=sys.argv[3], progre
 def test_a_killed_prepare_leaves_no_valid_store(tmp_path, docs):
     path = write_text(tmp_path / "c.txt", "".join(docs))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    gpt2 = shared_path("tokenizers", "gpt2")
+    gpt2 = fixture_path("tokenizers", "gpt2")
     result = subprocess.run(
         [sys.executable, "-c", KILL_MIDWAY, str(path), str(tmp_path / "s"), str(gpt2)], env=env, capture_output=True
     )

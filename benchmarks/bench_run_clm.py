@@ -18,7 +18,7 @@ Not part of fastlm, so never committed here, and skipped when absent:
 The scripts' `evaluate.load("accuracy")` needs the hub; a local accuracy stands in for it (see _EVALUATE_SHIM).
 FASTLM_QUALITY_STEPS and FASTLM_QUALITY_SEEDS (e.g. "0,1,2") shorten a trial run.
 
-Why the printed numbers differ even for equally good models (README, "Perplexity next to run_clm and Trainer"):
+Why the printed numbers differ even for equally good models (docs/from-run-clm.md):
 Trainer 5.24 divides GPT-2's summed evaluation loss by every label of a block (128), fastlm by the 127
 next-token targets (so Trainer's perplexity is exp(fastlm loss x 127/128)); run_mlm evaluates with fresh
 random masks each time (about 5% of perplexity between draws), fastlm with fixed masks keyed by the tokens.
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.data import gpt2_tokenizer, shared_path
+from tests.data import gpt2_tokenizer, fixture_path
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = int(os.environ.get("FASTLM_QUALITY_STEPS", "300"))
@@ -73,7 +73,7 @@ def wikitext(tmp_path_factory):
     """run_clm.py's loader wants .txt files: WikiText-2 valid (train) and test (validation), as they are."""
     root = tmp_path_factory.mktemp("wikitext")
     for split, name in (("valid", "train.txt"), ("test", "validation.txt")):
-        with lzma.open(shared_path("wikitext-2-raw", f"wiki.{split}.raw.xz"), "rt", encoding="utf-8") as f:
+        with lzma.open(fixture_path("wikitext-2-raw", f"wiki.{split}.raw.xz"), "rt", encoding="utf-8") as f:
             (root / name).write_text(f.read(), encoding="utf-8")
     return root / "train.txt", root / "validation.txt"
 

@@ -32,7 +32,6 @@ def fixture_path(*parts):
 
 
 # The name the runner's tests and benchmarks still import (the data used to live in ../shared/data).
-shared_path = fixture_path
 
 
 def wikitext_lines(split):

@@ -16,7 +16,7 @@ import pytest
 from fastlm import cache
 from fastlm.cli import _size, main
 from fastlm.store import StoreWriter, TokenStore
-from tests.data import shared_path
+from tests.data import fixture_path
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("0123456789abcdef", "0123456789abcd00", "fedcba9876543210")
@@ -151,7 +151,7 @@ def test_an_entry_made_before_manifests_lists_from_its_stores_meta(tmp_path, gpt
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("one line\nanother line\n")
     entry = tmp_path / "stores" / KEYS[0]
-    gpt2 = str(shared_path("tokenizers", "gpt2"))
+    gpt2 = str(fixture_path("tokenizers", "gpt2"))
     prepare([corpus], entry / "train", tokenizer=gpt2, progress=False)
     prepare([corpus], entry / "validation", tokenizer=str(entry / "train" / "tokenizer"), progress=False)
     row = listed(tmp_path / "stores")[KEYS[0]]

@@ -1,7 +1,7 @@
 """Hugging Face run_clm.py / run_mlm.py command lines and the tutorial's TrainingArguments, run unchanged
 through the runner (local files and tiny local models instead of hub data and hub models, a few steps
 each): they parse, train, leave their outputs where HF users look, and their numbers relate to
-run_clm's and Trainer's as the README says. Plus the runner's behaviour when a rank stops."""
+run_clm's and Trainer's as docs/from-run-clm.md says. Plus the runner's behaviour when a rank stops."""
 import json
 import lzma
 import math
@@ -17,7 +17,7 @@ import pytest
 
 from fastlm import run
 from fastlm.train.dist import free_port
-from tests.data import shared_path
+from tests.data import fixture_path
 
 HF_TRAIN_KEYS = {"epoch", "total_flos", "train_loss", "train_runtime", "train_samples", "train_samples_per_second",
                  "train_steps_per_second"}
@@ -27,7 +27,7 @@ HF_EVAL_KEYS = {"epoch", "eval_loss", "perplexity", "eval_runtime", "eval_sample
 
 def _raw_lines(split, n):
     """The first n lines of a WikiText-2 raw file as they are on disk (blank lines are " \\n")."""
-    with lzma.open(shared_path("wikitext-2-raw", f"wiki.{split}.raw.xz"), "rt", encoding="utf-8") as f:
+    with lzma.open(fixture_path("wikitext-2-raw", f"wiki.{split}.raw.xz"), "rt", encoding="utf-8") as f:
         return [line for _, line in zip(range(n), f)]
 
 

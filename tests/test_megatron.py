@@ -18,7 +18,7 @@ from fastlm.export import export_store
 from fastlm.megatron import MegatronStore
 from fastlm.prepare import prepare
 from fastlm.store import StoreError, StoreWriter, TokenStore
-from tests.data import shared_path, wikitext_lines
+from tests.data import fixture_path, wikitext_lines
 from tests.reference import ref_nanogpt_tokens
 
 indexed_dataset = pytest.importorskip("megatron.core.datasets.indexed_dataset")
@@ -381,7 +381,7 @@ def test_prepare_jsonl_with_append_eos_gives_megatrons_tokens_and_documents(tmp_
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines), encoding="utf-8")
     megatron_preprocess(corpus, tmp_path / "megatron_text_document", megatron_gpt2)
-    gpt2 = str(shared_path("tokenizers", "gpt2"))
+    gpt2 = str(fixture_path("tokenizers", "gpt2"))
     assert main(["prepare", str(corpus), "-o", str(tmp_path / "fastlm"), "--tokenizer", gpt2, "--append-eos",
                  "--no-progress"]) == 0
     ours, theirs = TokenStore.open(tmp_path / "fastlm"), TokenStore.open(tmp_path / "megatron_text_document")
@@ -399,7 +399,7 @@ def open_lines():
     """WikiText-2 valid's raw lines, each with its newline, the blank ones (" \\n") too."""
     import lzma
 
-    with lzma.open(shared_path("wikitext-2-raw", "wiki.valid.raw.xz"), "rt", encoding="utf-8") as f:
+    with lzma.open(fixture_path("wikitext-2-raw", "wiki.valid.raw.xz"), "rt", encoding="utf-8") as f:
         yield from f
 
 
@@ -423,7 +423,7 @@ def test_inspect_a_megatron_dataset(tmp_path, gpt2_tok, capsys):
     assert main(["inspect", f"{prefix}.bin"]) == 0
     out = capsys.readouterr().out
     assert '"format": "megatron-indexed-dataset"' in out and "records no tokenizer; pass --tokenizer" in out
-    assert main(["inspect", prefix, "--tokenizer", str(shared_path("tokenizers", "gpt2"))]) == 0
+    assert main(["inspect", prefix, "--tokenizer", str(fixture_path("tokenizers", "gpt2"))]) == 0
     assert "--- document 0 (2 tokens)\nHello world\n" in capsys.readouterr().out
 
 
@@ -442,9 +442,9 @@ def test_inspect_tokenizer_must_be_the_one_a_fastlm_store_was_made_with(tmp_path
     corpus = tmp_path / "c.txt"
     corpus.write_text("Hello world\n", encoding="utf-8")
     prepare([corpus], tmp_path / "s", tokenizer=gpt2_tok, progress=False)
-    assert main(["inspect", str(tmp_path / "s"), "--tokenizer", str(shared_path("tokenizers", "gpt2"))]) == 0
+    assert main(["inspect", str(tmp_path / "s"), "--tokenizer", str(fixture_path("tokenizers", "gpt2"))]) == 0
     assert "Hello world" in capsys.readouterr().out
-    bert = str(shared_path("tokenizers", "bert-base-uncased", "vocab.txt"))
+    bert = str(fixture_path("tokenizers", "bert-base-uncased", "vocab.txt"))
     assert main(["inspect", str(tmp_path / "s"), "--tokenizer", bert]) == 2
     assert "is not the tokenizer" in capsys.readouterr().err
 

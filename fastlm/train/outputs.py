@@ -58,7 +58,7 @@ def train_metrics(results, *, train_samples, global_batch):
 
 
 def eval_metrics(final_eval, *, epoch, eval_samples, runtime, eval_steps):
-    """run_clm.py's eval_results.json: Trainer's keys plus perplexity = exp(eval_loss) (see the README for
+    """run_clm.py's eval_results.json: Trainer's keys plus perplexity = exp(eval_loss) (see docs/from-run-clm.md for
     how fastlm's token-weighted eval_loss relates to Trainer's), and fastlm's own eval_* values (tokens,
     bits per byte, each evaluation set's as eval_<name>_*). Samples and steps count every set."""
     return {**{key: value for key, value in final_eval.items() if key.startswith("eval_")},

@@ -95,7 +95,8 @@ class TiktokenEncoder:
     SEPARATOR = "\U0010fffe fastlm document end \U0010ffff"
 
     def __init__(self, tokenizer_json, dtype):
-        bpe = _tiktoken_bpe(tokenizer_json, self.SEPARATOR)
+        self.built = _tiktoken_bpe(tokenizer_json, self.SEPARATOR)
+        bpe = self.built.bpe
         self.encoding = bpe.encoding
         self.dtype = np.dtype(dtype)
         self.ids = bpe.ids.astype(self.dtype)
@@ -128,12 +129,23 @@ class TiktokenEncoder:
         return np.concatenate([tokens for tokens, _ in parts]), np.concatenate([lengths for _, lengths in parts])
 
 
+class _Built:
+    """A TiktokenBPE, and whether it has given the tokenizer's ids (choose_encoder)."""
+
+    def __init__(self, bpe, checked):
+        self.bpe = bpe
+        self.checked = checked
+
+
 @functools.lru_cache(maxsize=2)
 def _tiktoken_bpe(tokenizer_json, separator):
-    # Building it takes ~0.4 s for GPT-2; the runner prepares a training and an evaluation store in a row.
+    """The _Built encoding: from the user's cache, where it went once checked, else built (~0.4 s for
+    GPT-2). Kept in memory too for the runner, which prepares a training and an evaluation store in a row."""
     from fastlm.tokenizer import tiktoken_encoding
+    from fastlm.tokenizer_cache import load_tiktoken
 
-    return tiktoken_encoding(tokenizer_json, [separator])
+    cached = load_tiktoken(tokenizer_json, [separator])
+    return _Built(cached, True) if cached is not None else _Built(tiktoken_encoding(tokenizer_json, [separator]), False)
 
 
 def choose_encoder(requested, tokenizer_json, dtype, sample, byte_level_problem):
@@ -141,7 +153,8 @@ def choose_encoder(requested, tokenizer_json, dtype, sample, byte_level_problem)
     is not tiktoken (None when it is).
 
     tiktoken is used only where it gives the Hugging Face tokenizer's ids on ``sample`` (texts from the
-    corpus) and on _PROBES. "auto" falls back to the Hugging Face tokenizer, with a warning when the
+    corpus) and on _PROBES; once it has, it is kept in the user's cache (fastlm.tokenizer_cache) and later
+    runs with the same tokenizer use it unchecked. "auto" falls back to the Hugging Face tokenizer, with a warning when the
     tokenizer is a byte-level BPE that should have worked; "tiktoken" raises ValueError instead.
     """
     hf = HFEncoder(tokenizer_json, dtype)
@@ -159,8 +172,14 @@ def choose_encoder(requested, tokenizer_json, dtype, sample, byte_level_problem)
     except ValueError as error:
         why = str(error)
     else:
-        why = _first_difference(fast, hf, [*_PROBES, *sample])
+        # Checked once per tokenizer, on the corners of the split and the first corpus's sample: building
+        # the Hugging Face tokenizer and encoding with it costs more than encoding a small corpus.
+        why = None if fast.built.checked else _first_difference(fast, hf, [*_PROBES, *sample])
         if why is None:
+            from fastlm.tokenizer_cache import store_tiktoken
+
+            store_tiktoken(tokenizer_json, [fast.SEPARATOR], fast.built.bpe)
+            fast.built.checked = True
             return fast, None
     if requested == "tiktoken":
         raise ValueError(f"encoder='tiktoken' cannot encode with this tokenizer: {why}")

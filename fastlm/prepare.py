@@ -36,7 +36,7 @@ import numpy as np
 from fastlm import parallel
 from fastlm.encoding import ENCODERS, Batch, choose_encoder, encode_batches, verification_sample
 from fastlm.store import TOKENIZER_DIR, StoreWriter, check_destination
-from fastlm.tokenizer import check_trained_vocab_size
+from fastlm.tokenizer import byte_level_bpe_problem, check_trained_vocab_size
 
 DOC_BOUNDARIES = ("line", "paragraph", "file")
 ERRORS = ("strict", "replace")
@@ -127,20 +127,25 @@ def prepare(
     units = sum(source.size for source in inputs) // shard[1]
     slices = parallel.plan(inputs, parallel.slice_count(units, num_proc, _BATCH_ROWS if dataset else _BATCH_BYTES), shard)
 
-    from fastlm import tokenizer as tokenizer_lib
+    from fastlm import tokenizer_cache
 
     if train_tokenizer:
+        from fastlm.tokenizer import train_bpe_tokenizer
+
         # A trained tokenizer is a byte-level BPE with GPT-2's split: it learns from the same safe pieces.
         texts = (batch.texts for piece in slices for batch in _safe_pieces(reading.batches(piece), keep_blank))
-        tok = tokenizer_lib.train_bpe_tokenizer(texts, vocab_size)
+        tok = tokenizer_cache.describe(train_bpe_tokenizer(texts, vocab_size))
         tokenizer_name = f"byte-level BPE trained by fastlm prepare (vocab_size={vocab_size})"
     else:
-        tok = tokenizer_lib.load_tokenizer(tokenizer)
-        tokenizer_name = str(tokenizer) if isinstance(tokenizer, (str, Path, tuple, list)) else (tok.name_or_path or type(tok).__name__)
+        # Local tokenizer files are described from the user's cache after the first run: no transformers.
+        tok = tokenizer_cache.tokenizer_info(tokenizer)
+        tokenizer_name = str(tokenizer) if isinstance(tokenizer, (str, Path, tuple, list)) else tok.name
     bos = _required_special(tok, "bos", prepend_bos)
     eos = _required_special(tok, "eos", append_eos)
-    template_prefix, template_suffix = tokenizer_lib.template_ids(tok) if add_special_tokens else ([], [])
-    total_vocab = tokenizer_lib.vocab_size(tok)
+    if add_special_tokens and tok.template is None:
+        raise ValueError(tok.template_error)
+    template_prefix, template_suffix = tok.template if add_special_tokens else ([], [])
+    total_vocab = tok.vocab_size
     if dataset_name is not None:
         source = {"dataset": str(dataset_name), "config": dataset_config, "split": split, "data_files": [str(s) for s in sources]}
     else:
@@ -149,9 +154,9 @@ def prepare(
             str(s.resolve()) for s in sources]
     meta = {
         "vocab_size": total_vocab,
-        "special_ids": tokenizer_lib.special_ids(tok),
+        "special_ids": tok.special_ids,
         "tokenizer_name": tokenizer_name,
-        "tokenizer_fingerprint": tokenizer_lib.fingerprint(tok),
+        "tokenizer_fingerprint": tok.fingerprint,
         "source": source,
         "args": {
             "doc_boundary": doc_boundary,
@@ -169,12 +174,12 @@ def prepare(
             "keep_linebreaks": keep_linebreaks,
         },
     }
-    tokenizer_json = tok.backend_tokenizer.to_str()
-    byte_level_problem = tokenizer_lib.byte_level_bpe_problem(tokenizer_json)
+    tokenizer_json = tok.tokenizer_json
+    byte_level_problem = byte_level_bpe_problem(tokenizer_json)
     # Long documents are encoded in pieces where that keeps their ids, else whole up to a limit.
     pieces = _safe_pieces if byte_level_problem is None else _whole_documents
     with StoreWriter(output, vocab_size=total_vocab, overwrite=overwrite, record_bytes=True) as writer:
-        tok.save_pretrained(writer.path / TOKENIZER_DIR)
+        tok.save(writer.path / TOKENIZER_DIR)
         start, start_cpu = time.perf_counter(), cpu_seconds()
         first = next(pieces(reading.batches(slices[0]), keep_blank), Batch([])) if slices else Batch([])
         chosen, why = choose_encoder(
@@ -338,7 +343,7 @@ def _is_count(value):
 def _required_special(tok, name, wanted):
     if not wanted:
         return None
-    token_id = getattr(tok, f"{name}_token_id", None)
+    token_id = tok.special_ids.get(name)
     if token_id is None:
         raise ValueError(
             f"{'prepend_bos' if name == 'bos' else 'append_eos'} needs a {name} token, and this tokenizer "

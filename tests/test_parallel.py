@@ -175,3 +175,48 @@ def test_plan_cuts_only_at_document_starts_and_shards_tile_the_input(tmp_path_fa
 def _write(path, data):
     path.write_bytes(data)
     return path
+
+
+def test_more_shards_than_documents_gives_empty_stores_that_merge(tmp_path, gpt2_tok):
+    path = tmp_path / "tiny.txt"
+    path.write_text("one line\nanother line\nthird\n", encoding="utf-8")
+    shards = [prepare([path], tmp_path / f"s{i}", tokenizer=gpt2_tok, shard=(i, 8), progress=False) for i in range(8)]
+    assert sorted(len(shard) for shard in shards) == [0] * 5 + [1] * 3
+    one = prepare([path], tmp_path / "one", tokenizer=gpt2_tok, progress=False)
+    assert_same_store(merge_stores(shards, tmp_path / "merged").path, one.path)
+
+
+INTERRUPT_MIDWAY = """
+import sys
+from fastlm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_during_a_run_in_processes_leaves_nothing(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.data import shared_path
+
+    path = tmp_path / "in" / "big.txt"
+    path.parent.mkdir()
+    path.write_text("".join(wikitext_lines("valid")) * 8, encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPT_MIDWAY, "prepare", str(path), "-o", str(out / "s"), "--tokenizer",
+         str(shared_path("tokenizers", "gpt2")), "--num-proc", "2", "--no-progress", "--encoder", "hf"],
+        env=env, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob(".s.tmp-*/parts/*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before its workers wrote a part"
+    os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C does: the whole foreground process group
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert stderr.decode().count("KeyboardInterrupt") <= 1  # the parent's only, not one per worker
+    assert list(out.iterdir()) == []

@@ -19,6 +19,7 @@ import shutil
 import signal
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -165,6 +166,8 @@ def prepare_in_processes(job, slices, writer, num_proc, on_part=None):
         while pending:
             wait(pending, return_when=FIRST_COMPLETED)
             failed = next((future for future in pending if future.done() and future.exception()), None)
+            if isinstance(failed and failed.exception(), BrokenProcessPool):
+                raise RuntimeError("a prepare worker process died (killed, or out of memory?); nothing was written")
             if failed is not None:
                 raise failed.exception()
             while pending and pending[0].done():

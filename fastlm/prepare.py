@@ -123,9 +123,7 @@ def prepare(
     dataset = None if dataset_name is None else _open_dataset(dataset_name, dataset_config, split, sources, text_column)
     reading = _Reading(sources, dataset, f"dataset {dataset_name}", doc_boundary, text_column, errors, keep_blank,
                        keep_linebreaks)
-    inputs = [parallel.every_unit(len(dataset))] if dataset is not None else [_input(s, doc_boundary) for s in sources]
-    units = sum(source.size for source in inputs) // shard[1]
-    slices = parallel.plan(inputs, parallel.slice_count(units, num_proc, _BATCH_ROWS if dataset else _BATCH_BYTES), shard)
+    slices = _plan(reading, num_proc, shard)
 
     from fastlm import tokenizer_cache
 
@@ -147,11 +145,12 @@ def prepare(
     template_prefix, template_suffix = tok.template if add_special_tokens else ([], [])
     total_vocab = tok.vocab_size
     if dataset_name is not None:
-        source = {"dataset": str(dataset_name), "config": dataset_config, "split": split, "data_files": [str(s) for s in sources]}
+        source = {"dataset": str(dataset_name), "config": dataset_config, "split": split,
+                  "data_files": [str(s) for s in sources]}
     else:
         # A shard names the files it holds a part of; merging shards joins a file split between two.
-        source = [str(sources[i].resolve()) for i in sorted({piece.source for piece in slices})] if shard != (0, 1) else [
-            str(s.resolve()) for s in sources]
+        held = sorted({piece.source for piece in slices}) if shard != (0, 1) else range(len(sources))
+        source = [str(sources[i].resolve()) for i in held]
     meta = {
         "vocab_size": total_vocab,
         "special_ids": tok.special_ids,
@@ -198,6 +197,16 @@ def prepare(
             "cpu_seconds": round(cpu_seconds() - start_cpu, 3),
         }
         return writer.close(meta)
+
+
+def _plan(reading, num_proc, shard):
+    """The slices this run prepares (fastlm.parallel.plan): its shard of the input, a few per worker."""
+    if reading.dataset is not None:
+        inputs, min_units = [parallel.every_unit(len(reading.dataset))], _BATCH_ROWS
+    else:
+        inputs, min_units = [_input(path, reading.doc_boundary) for path in reading.sources], _BATCH_BYTES
+    units = sum(source.size for source in inputs) // shard[1]
+    return parallel.plan(inputs, parallel.slice_count(units, num_proc, min_units), shard)
 
 
 class _Reading(NamedTuple):

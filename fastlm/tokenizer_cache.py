@@ -64,8 +64,10 @@ def describe(tok):
         template, template_error = list(tokenizer_lib.template_ids(tok)), None
     except ValueError as error:
         template, template_error = None, str(error)
-    return TokenizerInfo(tok.name_or_path or type(tok).__name__, tok.backend_tokenizer.to_str(), tokenizer_lib.vocab_size(tok), tokenizer_lib.special_ids(tok),
-                         tokenizer_lib.fingerprint(tok), template, template_error, tok.save_pretrained)
+    return TokenizerInfo(
+        tok.name_or_path or type(tok).__name__, tok.backend_tokenizer.to_str(), tokenizer_lib.vocab_size(tok),
+        tokenizer_lib.special_ids(tok), tokenizer_lib.fingerprint(tok), template, template_error, tok.save_pretrained,
+    )
 
 
 def tokenizer_info(spec):
@@ -125,7 +127,8 @@ def _files_key(spec):
         files, kind = [Path(spec[0]), Path(spec[1])], "pair"
     elif isinstance(spec, (str, os.PathLike)) and Path(spec).is_file():
         path = Path(spec)
-        files, kind = [path, *([path.with_name("merges.txt")] if path.suffix == ".json" else [])], f"file:{path.name}"
+        merges = [path.with_name("merges.txt")] if path.name == "vocab.json" else []
+        files, kind = [path, *merges], f"file:{path.name}"
     elif isinstance(spec, (str, os.PathLike)) and Path(spec).is_dir():
         files = sorted(f for f in Path(spec).iterdir() if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES))
         kind = "directory"

@@ -220,3 +220,16 @@ def test_ctrl_c_during_a_run_in_processes_leaves_nothing(tmp_path):
     assert process.returncode != 0
     assert stderr.decode().count("KeyboardInterrupt") <= 1  # the parent's only, not one per worker
     assert list(out.iterdir()) == []
+
+
+def _die(reading, encoding, piece, writer, advance=None):
+    import os
+
+    os._exit(1)  # as a worker killed for memory
+
+
+def test_a_worker_that_dies_stops_the_run_and_leaves_nothing(tmp_path, gpt2_tok, corpus, small_slices, monkeypatch):
+    monkeypatch.setattr(prepare_module, "_write_slice", _die)  # the forked workers inherit it
+    with pytest.raises(RuntimeError, match="worker process died"):
+        prepare(corpus, tmp_path / "s", tokenizer=gpt2_tok, num_proc=2, progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -273,8 +273,14 @@ def _write_slice(reading, encoding, piece, writer, advance=None):
     except ValueError as error:
         if reading.dataset is not None or not piece.start:
             raise
+        path = reading.sources[piece.source]
+        if _structured_kind(path) == "jsonl":
+            # Rows count from the slice's start and some messages look the row up: for the exact message,
+            # read the file from its start to the slice's end (only ever after an error).
+            for _ in encoding.pieces(reading.batches(piece._replace(start=0)), reading.keep_blank):
+                pass
         # Readers number lines from the slice's start; the first line of the slice is found only now.
-        raise ValueError(_from_file_start(str(error), reading.sources[piece.source], piece.start)) from None
+        raise ValueError(_from_file_start(str(error), path, piece.start)) from None
 
 
 def _from_file_start(message, path, start):
@@ -401,20 +407,25 @@ def _structured_kind(path):
 
 
 def _splittable(path, doc_boundary):
-    """Whether the file may be cut between documents: an uncompressed text file of lines or paragraphs."""
-    return _structured_kind(path) is None and path.suffix.lower() not in _COMPRESSED and doc_boundary != "file"
+    """Whether the file may be cut between documents: an uncompressed JSON-lines file, or text file of
+    lines or paragraphs."""
+    if path.suffix.lower() in _COMPRESSED:
+        return False
+    kind = _structured_kind(path)
+    return kind == "jsonl" or (kind is None and doc_boundary != "file")
 
 
 def _input(path, doc_boundary):
     """The file as a parallel.Source, cut only between files unless it is _splittable."""
     if _splittable(path, doc_boundary):
-        return parallel.text_lines(path, b"\n" if doc_boundary == "line" else b"\n\n")
+        paragraphs = doc_boundary == "paragraph" and _structured_kind(path) is None
+        return parallel.text_lines(path, b"\n\n" if paragraphs else b"\n")
     return parallel.whole(path.stat().st_size)
 
 
 def _file_batches(path, doc_boundary, text_column, errors, keep_blank=False, keep_linebreaks=True, byte_range=None):
-    """The file's Batches; only those of bytes [start, stop) of a text file with ``byte_range`` (cut at
-    document boundaries: line numbers then count from start)."""
+    """The file's Batches; only those of bytes [start, stop) of a _splittable file with ``byte_range``
+    (cut at document boundaries: line and row numbers then count from start)."""
     kind = _structured_kind(path)
     if kind is None:
         pieces = _text_pieces(path, errors, byte_range)
@@ -423,16 +434,19 @@ def _file_batches(path, doc_boundary, text_column, errors, keep_blank=False, kee
         if doc_boundary == "file":
             return _whole_file(pieces, path, keep_blank)
         return _paragraphs(pieces, path)  # blank lines end paragraphs: none is blank
+    if kind == "jsonl" and byte_range is not None:
+        return _row_batches(_jsonl_rows(path, text_column, errors, _text_chunks(path, errors, byte_range)), path,
+                            keep_blank)
     return _row_batches({"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}[kind](
         path, text_column, errors
     ), path, keep_blank)
 
 
-def _text_chunks(path, errors):
+def _text_chunks(path, errors, byte_range=None):
     """Decoded text in ~_BATCH_BYTES chunks that end at a line end (except at the end of the file), for
     readers that need whole lines; a long line is held whole."""
     long_line = []
-    for text, _, line_open in _text_pieces(path, errors):
+    for text, _, line_open in _text_pieces(path, errors, byte_range):
         if line_open:
             long_line.append(text)
             continue

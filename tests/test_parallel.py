@@ -233,3 +233,17 @@ def test_a_worker_that_dies_stops_the_run_and_leaves_nothing(tmp_path, gpt2_tok,
     with pytest.raises(RuntimeError, match="worker process died"):
         prepare(corpus, tmp_path / "s", tokenizer=gpt2_tok, num_proc=2, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_jsonl_file_is_cut_by_rows_and_errors_name_the_files_row(tmp_path, gpt2_tok, small_slices):
+    rows = [{"id": i, "text": f"row {i} of a large JSON-lines file\n"} for i in range(2000)]
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    one = prepare([path], tmp_path / "one", tokenizer=gpt2_tok, progress=False)
+    two = prepare([path], tmp_path / "two", tokenizer=gpt2_tok, num_proc=2, progress=False)
+    assert len(one) == 2000
+    assert_same_store(two.path, one.path)
+    rows[1700] = {"id": 1700, "body": "no text here"}
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"big.jsonl, row 1700: no text column 'text' \(columns: 'id', 'body'\)"):
+        prepare([path], tmp_path / "bad", tokenizer=gpt2_tok, num_proc=2, progress=False)

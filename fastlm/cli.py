@@ -67,7 +67,8 @@ def _parser():
                               "N stores into the store of the whole input")
     prepare.add_argument("--encoder", choices=("auto", "tiktoken", "hf"), default="auto",
                          help="auto (default): tiktoken for a byte-level BPE (GPT-2, RoBERTa) when it gives the "
-                              "tokenizer's ids on a sample of the corpus, else the Hugging Face tokenizer")
+                              "tokenizer's ids (checked once per tokenizer, then cached), else the Hugging Face "
+                              "tokenizer")
     prepare.add_argument("--dataset", dest="dataset_name",
                          help="Hugging Face dataset name or save_to_disk directory (sources become its data_files)")
     prepare.add_argument("--dataset-config", help="dataset configuration name")

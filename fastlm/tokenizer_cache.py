@@ -15,6 +15,7 @@ Nothing here is a pickle: JSON, the tokenizer's own files, and integer/string ar
 allow_pickle=False. Entries are written atomically; a cache that cannot be written (a read-only home)
 or an unreadable entry only costs the time of deriving them again.
 """
+import functools
 import hashlib
 import json
 import os
@@ -58,6 +59,16 @@ class TokenizerInfo(NamedTuple):
 
 def describe(tok):
     """The TokenizerInfo of a loaded transformers fast tokenizer."""
+    from fastlm.tokenizer import special_ids
+
+    # Kept in memory for the same tokenizer object while its JSON and special tokens stay the same: the
+    # fingerprint alone costs a quarter second for GPT-2, as much as encoding a million tokens.
+    key = json.dumps(special_ids(tok), sort_keys=True)
+    return _describe(tok, tok.backend_tokenizer.to_str(), key)
+
+
+@functools.lru_cache(maxsize=4)
+def _describe(tok, tokenizer_json, special_ids_key):
     from fastlm import tokenizer as tokenizer_lib
 
     try:
@@ -65,8 +76,8 @@ def describe(tok):
     except ValueError as error:
         template, template_error = None, str(error)
     return TokenizerInfo(
-        tok.name_or_path or type(tok).__name__, tok.backend_tokenizer.to_str(), tokenizer_lib.vocab_size(tok),
-        tokenizer_lib.special_ids(tok), tokenizer_lib.fingerprint(tok), template, template_error, tok.save_pretrained,
+        tok.name_or_path or type(tok).__name__, tokenizer_json, tokenizer_lib.vocab_size(tok),
+        json.loads(special_ids_key), tokenizer_lib.fingerprint(tok), template, template_error, tok.save_pretrained,
     )
 
 

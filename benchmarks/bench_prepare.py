@@ -121,21 +121,24 @@ def n_tokens(corpus, gpt2_tok):
     return sum(map(len, gpt2_tok(corpus["rows"])["input_ids"]))
 
 
-def _cpu_seconds():
-    # Children count once reaped: datasets.map's worker pool is joined before map returns.
+def _cpu_seconds(who=None):
+    """CPU seconds of this process and its children (or of ``who``: RUSAGE_SELF or RUSAGE_CHILDREN).
+    Children count once reaped: datasets.map's and prepare's worker pools are joined before they return."""
     return sum(
         usage.ru_utime + usage.ru_stime
-        for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+        for usage in map(resource.getrusage, [who] if who is not None else [resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN])
     )
 
 
 def _timed(benchmark, request, fn, rounds=3):
-    """benchmark.pedantic(fn), also recording CPU seconds per round: on a shared machine wall time
-    depends on the neighbours' load, CPU time much less."""
+    """benchmark.pedantic(fn), also recording CPU seconds per round, in all and in child processes: on a
+    shared machine wall time depends on the neighbours' load, CPU time much less."""
     rounds = 1 if _smoke(request) else rounds
-    start = _cpu_seconds()
+    start, start_children = _cpu_seconds(), _cpu_seconds(resource.RUSAGE_CHILDREN)
     result = benchmark.pedantic(fn, rounds=rounds, iterations=1)
     benchmark.extra_info["cpu_s_per_round"] = round((_cpu_seconds() - start) / rounds, 2)
+    benchmark.extra_info["children_cpu_s_per_round"] = round(
+        (_cpu_seconds(resource.RUSAGE_CHILDREN) - start_children) / rounds, 2)
     return result
 
 
@@ -268,13 +271,23 @@ def bench_prepare_num_proc(benchmark, request, corpus, gpt2_tok, n_tokens, encod
     _keep_median(benchmark, f"prepare {encoder} {num_proc}")
     one, two, encoder_alone = (_MEDIANS.get(f"prepare {encoder} 1"), _MEDIANS.get(f"prepare {encoder} 2"),
                                _MEDIANS.get("encoder"))
+    cpu = benchmark.extra_info.get("cpu_s_per_round")
+    if cpu:
+        _MEDIANS[f"prepare {encoder} {num_proc} cpu"] = cpu
+    one_cpu, two_cpu = _MEDIANS.get(f"prepare {encoder} 1 cpu"), _MEDIANS.get(f"prepare {encoder} 2 cpu")
     if num_proc == 2 and one and two:
         report(f"prepare {encoder}: 1 -> 2 worker processes: {one / two:.2f}x (target >= 1.8x)")
-        # Amdahl's law through the two points: time = serial + parallel / processes.
-        serial, parallel = max(2 * two - one, 0.0), 2 * (one - two)
-        report(f"prepare {encoder}: model for 64 processes: {serial:.2f} s serial + {parallel:.2f} s / processes -> "
-               f"{n_tokens / (serial + parallel / 64) / 1e6:.1f} M tokens/s "
-               f"({one / (serial + parallel / 64):.0f}x one process)")
+        if one_cpu and two_cpu:
+            # On a shared machine wall time follows the neighbours; CPU seconds show the workers' overhead.
+            report(f"prepare {encoder}: CPU seconds at 1 and 2 processes: {one_cpu:.2f} and {two_cpu:.2f} "
+                   f"(2 free cores would give at most {2 * one_cpu / two_cpu:.2f}x)")
+            # Amdahl's law from the 2-process run's CPU time: the parent's (set-up, joining the parts) is
+            # serial, the workers' divides among the processes.
+            workers = benchmark.extra_info["children_cpu_s_per_round"]
+            serial = two_cpu - workers
+            at_64 = serial + workers / 64
+            report(f"prepare {encoder}: model for 64 processes: {serial:.2f} s serial + {workers:.2f} s / processes "
+                   f"-> {n_tokens / at_64 / 1e6:.1f} M tokens/s ({one_cpu / at_64:.0f}x one process)")
     if num_proc == 1 and encoder == "tiktoken" and one and encoder_alone:
         report(f"prepare tiktoken at 1 process: {encoder_alone / one:.0%} of the encoder's own tokens/s "
                "(target >= 80%)")

@@ -2,6 +2,7 @@
 
     fastlm prepare wiki.train.raw -o data/wiki --tokenizer gpt2 --append-eos --num-proc 4
     fastlm prepare --dataset wikitext --dataset-config wikitext-2-raw-v1 --split train -o data/wiki --tokenizer gpt2
+    fastlm prepare big.txt -o data/part3 --tokenizer gpt2 --shard 3/8    (one job of 8; then fastlm merge)
     fastlm merge shard0 shard1 -o data/all
     fastlm inspect data/wiki --docs 3
     fastlm pack data/wiki --block-size 128
@@ -60,10 +61,16 @@ def _parser():
     prepare.add_argument("--add-special-tokens", action="store_true",
                          help="apply the tokenizer's own template to each document (e.g. [CLS] ... [SEP])")
     prepare.add_argument("--num-proc", type=int, default=1,
-                         help="threads encoding batches at once; the store is the same for any value (default: 1)")
+                         help="worker processes, each reading, encoding and writing its own slices of the input; "
+                              "the store is the same byte for byte for any value (default: 1)")
+    prepare.add_argument("--shard", type=_shard, metavar="I/N",
+                         help="prepare only the I-th (0-based) of N slices of the input, cut at document boundaries "
+                              "(e.g. --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); fastlm merge joins the "
+                              "N stores into the store of the whole input")
     prepare.add_argument("--encoder", choices=("auto", "tiktoken", "hf"), default="auto",
                          help="auto (default): tiktoken for a byte-level BPE (GPT-2, RoBERTa) when it gives the "
-                              "tokenizer's ids on a sample of the corpus, else the Hugging Face tokenizer")
+                              "tokenizer's ids (checked once per tokenizer, then cached), else the Hugging Face "
+                              "tokenizer")
     prepare.add_argument("--dataset", dest="dataset_name",
                          help="Hugging Face dataset name or save_to_disk directory (sources become its data_files)")
     prepare.add_argument("--dataset-config", help="dataset configuration name")
@@ -105,10 +112,21 @@ def _parser():
     return parser
 
 
-def _prepare(args):
-    from fastlm.prepare import prepare, summary
+def _shard(text):
+    index, _, count = text.partition("/")
+    try:
+        shard = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"I/N needs 0 <= I < N, got {text!r}")
+    return shard
 
-    start, start_cpu = time.perf_counter(), time.process_time()
+
+def _prepare(args):
+    from fastlm.prepare import cpu_seconds, prepare, summary
+
+    start, start_cpu = time.perf_counter(), cpu_seconds()
     store = prepare(
         args.sources,
         args.output,
@@ -121,6 +139,7 @@ def _prepare(args):
         prepend_bos=args.prepend_bos,
         add_special_tokens=args.add_special_tokens,
         num_proc=args.num_proc,
+        shard=args.shard,
         dataset_name=args.dataset_name,
         dataset_config=args.dataset_config,
         split=args.split,
@@ -129,7 +148,7 @@ def _prepare(args):
         progress=not args.no_progress,
         encoder=args.encoder,
     )
-    print(summary(store, time.perf_counter() - start, time.process_time() - start_cpu))
+    print(summary(store, time.perf_counter() - start, cpu_seconds() - start_cpu))
     return 0
 
 

@@ -1,21 +1,17 @@
-"""Encoding for `fastlm prepare`: batches of documents -> token ids, in input order, in threads.
+"""Encoding for `fastlm prepare`: batches of documents -> token ids, in input order.
 
 Two encoders give the same ids: the Hugging Face fast tokenizer (any tokenizer), and for byte-level BPE
 (GPT-2, RoBERTa, a trained one) tiktoken built from the tokenizer's own vocabulary and merges, several
 times faster. Prepare checks tiktoken against the Hugging Face tokenizer on a sample of the corpus
 before trusting it (`choose_encoder`).
 
-Both release the GIL while they tokenize, so ``num_proc`` threads encode ``num_proc`` batches at once
-with no pickling or worker start-up; what runs under the GIL (joining a batch's texts, numpy
-bookkeeping) is a few per cent of the time. Each thread has its own copy of the Hugging Face tokenizer:
-threads sharing one contend on its BPE cache's lock.
+One encoder encodes one stream of batches; prepare runs one per worker process (fastlm.prepare), since
+reading, decoding and counting bytes around the encoder would otherwise share one core under the GIL.
 """
 import functools
 import itertools
 import operator
-import threading
 import warnings
-from collections import deque
 from typing import NamedTuple
 
 import numpy as np
@@ -57,19 +53,22 @@ class HFEncoder:
     def __init__(self, tokenizer_json, dtype):
         self.tokenizer_json = tokenizer_json
         self.dtype = np.dtype(dtype)
-        self._local = threading.local()
+        self._backend_tokenizer = None
+
+    def __getstate__(self):
+        # A worker process started without fork rebuilds the Rust tokenizer from the JSON.
+        return {**self.__dict__, "_backend_tokenizer": None}
 
     def _backend(self):
-        backend = getattr(self._local, "backend", None)
-        if backend is None:
+        if self._backend_tokenizer is None:
             from tokenizers import Tokenizer
 
             backend = Tokenizer.from_str(self.tokenizer_json)
             # A saved tokenizer.json may carry truncation/padding settings: they must not cut documents.
             backend.no_truncation()
             backend.no_padding()
-            self._local.backend = backend
-        return backend
+            self._backend_tokenizer = backend
+        return self._backend_tokenizer
 
     def __call__(self, texts):
         """(ids of all texts back to back, length of each): the content only, no special tokens."""
@@ -96,7 +95,8 @@ class TiktokenEncoder:
     SEPARATOR = "\U0010fffe fastlm document end \U0010ffff"
 
     def __init__(self, tokenizer_json, dtype):
-        bpe = _tiktoken_bpe(tokenizer_json, self.SEPARATOR)
+        self.built = _tiktoken_bpe(tokenizer_json, self.SEPARATOR)
+        bpe = self.built.bpe
         self.encoding = bpe.encoding
         self.dtype = np.dtype(dtype)
         self.ids = bpe.ids.astype(self.dtype)
@@ -129,12 +129,23 @@ class TiktokenEncoder:
         return np.concatenate([tokens for tokens, _ in parts]), np.concatenate([lengths for _, lengths in parts])
 
 
+class _Built:
+    """A TiktokenBPE, and whether it has given the tokenizer's ids (choose_encoder)."""
+
+    def __init__(self, bpe, checked):
+        self.bpe = bpe
+        self.checked = checked
+
+
 @functools.lru_cache(maxsize=2)
 def _tiktoken_bpe(tokenizer_json, separator):
-    # Building it takes ~0.4 s for GPT-2; the runner prepares a training and an evaluation store in a row.
+    """The _Built encoding: from the user's cache, where it went once checked, else built (~0.4 s for
+    GPT-2). Kept in memory too for the runner, which prepares a training and an evaluation store in a row."""
     from fastlm.tokenizer import tiktoken_encoding
+    from fastlm.tokenizer_cache import load_tiktoken
 
-    return tiktoken_encoding(tokenizer_json, [separator])
+    cached = load_tiktoken(tokenizer_json, [separator])
+    return _Built(cached, True) if cached is not None else _Built(tiktoken_encoding(tokenizer_json, [separator]), False)
 
 
 def choose_encoder(requested, tokenizer_json, dtype, sample, byte_level_problem):
@@ -142,7 +153,8 @@ def choose_encoder(requested, tokenizer_json, dtype, sample, byte_level_problem)
     is not tiktoken (None when it is).
 
     tiktoken is used only where it gives the Hugging Face tokenizer's ids on ``sample`` (texts from the
-    corpus) and on _PROBES. "auto" falls back to the Hugging Face tokenizer, with a warning when the
+    corpus) and on _PROBES; once it has, it is kept in the user's cache (fastlm.tokenizer_cache) and later
+    runs with the same tokenizer use it unchecked. "auto" falls back to the Hugging Face tokenizer, with a warning when the
     tokenizer is a byte-level BPE that should have worked; "tiktoken" raises ValueError instead.
     """
     hf = HFEncoder(tokenizer_json, dtype)
@@ -160,8 +172,14 @@ def choose_encoder(requested, tokenizer_json, dtype, sample, byte_level_problem)
     except ValueError as error:
         why = str(error)
     else:
-        why = _first_difference(fast, hf, [*_PROBES, *sample])
+        # Checked once per tokenizer, on the corners of the split and the first corpus's sample: building
+        # the Hugging Face tokenizer and encoding with it costs more than encoding a small corpus.
+        why = None if fast.built.checked else _first_difference(fast, hf, [*_PROBES, *sample])
         if why is None:
+            from fastlm.tokenizer_cache import store_tiktoken
+
+            store_tiktoken(tokenizer_json, [fast.SEPARATOR], fast.built.bpe)
+            fast.built.checked = True
             return fast, None
     if requested == "tiktoken":
         raise ValueError(f"encoder='tiktoken' cannot encode with this tokenizer: {why}")
@@ -186,7 +204,7 @@ def _first_difference(fast, hf, texts):
     return f"tiktoken's ids differ from the tokenizer's on {texts[i][:80]!r}"
 
 
-def encode_batches(batches, encoder, *, prefix=(), suffix=(), num_proc=1):
+def encode_batches(batches, encoder, *, prefix=(), suffix=()):
     """For each Batch, in input order: (tokens, lengths, doc_bytes, open).
 
     lengths and doc_bytes (UTF-8 bytes of the text) are per text; ``prefix``/``suffix`` ids (bos, eos,
@@ -194,32 +212,13 @@ def encode_batches(batches, encoder, *, prefix=(), suffix=(), num_proc=1):
     """
     prefix = np.asarray(prefix, encoder.dtype)
     suffix = np.asarray(suffix, prefix.dtype)
-
-    def encode(batch):
+    for batch in batches:
+        if not batch.texts:
+            continue
         tokens, lengths = encoder(batch.texts)
         doc_bytes = np.fromiter(map(len, map(str.encode, batch.texts)), np.int64, count=len(batch.texts))
         tokens, lengths = _frame(tokens, lengths, prefix, suffix, batch.continues, batch.open)
-        return tokens, lengths, doc_bytes, batch.open
-
-    batches = (batch for batch in batches if batch.texts)
-    if num_proc == 1:
-        yield from map(encode, batches)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(num_proc, thread_name_prefix="fastlm-encode")
-    try:
-        # Submitting everything up front would read the whole corpus ahead; a bounded queue of
-        # 2 batches per thread keeps every core busy with memory independent of the corpus size.
-        pending = deque()
-        for batch in batches:
-            pending.append(pool.submit(encode, batch))
-            if len(pending) >= 2 * num_proc:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        yield tokens, lengths, doc_bytes, batch.open
 
 
 def _frame(tokens, lengths, prefix, suffix, continues, open_):

@@ -4,9 +4,12 @@
     store = prepare(["wiki.train.raw"], "data/wiki", tokenizer="gpt2", append_eos=True, num_proc=4)
 
 Inputs are read in ~1 MB batches of documents and encoded (fastlm.encoding: tiktoken for byte-level
-BPE, else the Hugging Face tokenizer; num_proc batches at once in threads). Each batch comes back as one
-flat numpy array plus document lengths and is appended to the store, so memory stays flat however large
-the corpus is; a document longer than a batch (a 200 MB line) is read and encoded in pieces.
+BPE, else the Hugging Face tokenizer). Each batch comes back as one flat numpy array plus document
+lengths and is appended to the store, so memory stays flat however large the corpus is; a document
+longer than a batch (a 200 MB line) is read and encoded in pieces. With num_proc > 1 the input is cut
+into slices at document boundaries and each worker process reads, decodes, encodes and writes its own
+slices, joined in order at the end (fastlm.parallel); ``shard=(i, n)`` prepares the i-th of n such
+slices of the input, for n machines whose stores `fastlm merge` joins.
 
 Every record of a structured file or dataset (JSONL, JSON, CSV, Parquet) is a document, whatever it
 holds, as in Megatron-LM's preprocess_data.py and nanoGPT's prepare.py: whitespace-only text is a
@@ -18,6 +21,7 @@ In "line" mode a document keeps its line ending (unless keep_linebreaks=False), 
 raw file gives the same token stream as tokenizing its rows one by one.
 """
 import bz2
+import functools
 import gzip
 import io
 import itertools
@@ -29,12 +33,14 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
+from fastlm import parallel
 from fastlm.encoding import ENCODERS, Batch, choose_encoder, encode_batches, verification_sample
 from fastlm.store import TOKENIZER_DIR, StoreWriter, check_destination
-from fastlm.tokenizer import check_trained_vocab_size
+from fastlm.tokenizer import byte_level_bpe_problem, check_trained_vocab_size
 
 DOC_BOUNDARIES = ("line", "paragraph", "file")
 ERRORS = ("strict", "replace")
@@ -63,6 +69,7 @@ def prepare(
     prepend_bos=False,
     add_special_tokens=False,
     num_proc=1,
+    shard=None,
     dataset_name=None,
     dataset_config=None,
     split=None,
@@ -85,9 +92,12 @@ def prepare(
         whole "file". Rows of structured files and datasets are always one document each.
     add_special_tokens: apply the tokenizer's own template (e.g. [CLS] ... [SEP]) to each document;
         append_eos / prepend_bos add the eos / bos id explicitly.
-    num_proc: threads encoding batches at once (the encoders release the GIL); the store is the same
-        whatever it is. With TOKENIZERS_PARALLELISM unset the Hugging Face tokenizer also spreads each
-        batch over the cores by itself.
+    num_proc: worker processes, each reading, encoding and writing its own slices of the input; the
+        store is the same byte for byte whatever it is. With num_proc=1 and TOKENIZERS_PARALLELISM
+        unset the Hugging Face tokenizer spreads each batch over the cores by itself.
+    shard: (i, n) prepares only the i-th (0-based) of n slices of the input, cut at document
+        boundaries (by file, and by byte range within plain text files); merging the n stores in
+        order (merge_stores) gives the store of the whole input. A shard may hold no document.
     errors: "strict" raises on invalid UTF-8 naming file and line; "replace" substitutes U+FFFD.
     encoder: "auto" (tiktoken for a byte-level BPE when it reproduces the tokenizer's ids on a sample
         of the corpus, else the Hugging Face tokenizer, with a warning saying why), "tiktoken" (or a
@@ -100,6 +110,7 @@ def prepare(
     """
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     _check_arguments(sources, tokenizer, train_tokenizer, vocab_size, doc_boundary, errors, num_proc, dataset_name)
+    shard = _check_shard(shard, train_tokenizer)
     if encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
     # Before any tokenizer is loaded or trained: a refused destination should not cost an hour first.
@@ -109,39 +120,47 @@ def prepare(
         for source in sources:
             if not source.is_file():
                 raise FileNotFoundError(f"input {source} does not exist or is not a file")
+    if num_proc > 1:
+        # Each worker encodes one batch at a time on its core: the Hugging Face tokenizer's own thread
+        # pool in every worker would oversubscribe the cores (and warns when a worker is forked).
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    dataset = None if dataset_name is None else _open_dataset(dataset_name, dataset_config, split, sources, text_column)
+    reading = _Reading(sources, dataset, f"dataset {dataset_name}", doc_boundary, text_column, errors, keep_blank,
+                       keep_linebreaks)
+    slices = _plan(reading, num_proc, shard)
 
-    def read_batches():
-        if dataset_name is not None:
-            rows = _dataset_batches(dataset_name, dataset_config, split, sources, text_column)
-            return _row_batches(rows, f"dataset {dataset_name}")
-        return itertools.chain.from_iterable(
-            _file_batches(source, doc_boundary, text_column, errors, keep_blank, keep_linebreaks) for source in sources
-        )
-
-    from fastlm import tokenizer as tokenizer_lib
+    from fastlm import tokenizer_cache
 
     if train_tokenizer:
+        from fastlm.tokenizer import train_bpe_tokenizer
+
         # A trained tokenizer is a byte-level BPE with GPT-2's split: it learns from the same safe pieces.
-        texts = (batch.texts for batch in _safe_pieces(read_batches(), keep_blank))
-        tok = tokenizer_lib.train_bpe_tokenizer(texts, vocab_size)
+        texts = (batch.texts for piece in slices for batch in _safe_pieces(reading.batches(piece), keep_blank))
+        tok = tokenizer_cache.describe(train_bpe_tokenizer(texts, vocab_size))
         tokenizer_name = f"byte-level BPE trained by fastlm prepare (vocab_size={vocab_size})"
     else:
-        tok = tokenizer_lib.load_tokenizer(tokenizer)
-        tokenizer_name = str(tokenizer) if isinstance(tokenizer, (str, Path, tuple, list)) else (tok.name_or_path or type(tok).__name__)
+        # Local tokenizer files are described from the user's cache after the first run: no transformers.
+        tok = tokenizer_cache.tokenizer_info(tokenizer)
+        tokenizer_name = str(tokenizer) if isinstance(tokenizer, (str, Path, tuple, list)) else tok.name
     bos = _required_special(tok, "bos", prepend_bos)
     eos = _required_special(tok, "eos", append_eos)
-    template_prefix, template_suffix = tokenizer_lib.template_ids(tok) if add_special_tokens else ([], [])
-    total_vocab = tokenizer_lib.vocab_size(tok)
+    if add_special_tokens and tok.template is None:
+        raise ValueError(tok.template_error)
+    template_prefix, template_suffix = tok.template if add_special_tokens else ([], [])
+    total_vocab = tok.vocab_size
+    if dataset_name is not None:
+        source = {"dataset": str(dataset_name), "config": dataset_config, "split": split,
+                  "data_files": [str(s) for s in sources]}
+    else:
+        # A shard names the files it holds a part of; merging shards joins a file split between two.
+        held = sorted({piece.source for piece in slices}) if shard != (0, 1) else range(len(sources))
+        source = [str(sources[i].resolve()) for i in held]
     meta = {
         "vocab_size": total_vocab,
-        "special_ids": tokenizer_lib.special_ids(tok),
+        "special_ids": tok.special_ids,
         "tokenizer_name": tokenizer_name,
-        "tokenizer_fingerprint": tokenizer_lib.fingerprint(tok),
-        "source": (
-            {"dataset": str(dataset_name), "config": dataset_config, "split": split, "data_files": [str(s) for s in sources]}
-            if dataset_name is not None
-            else [str(source.resolve()) for source in sources]
-        ),
+        "tokenizer_fingerprint": tok.fingerprint,
+        "source": source,
         "args": {
             "doc_boundary": doc_boundary,
             "text_column": text_column,
@@ -152,50 +171,137 @@ def prepare(
             "train_tokenizer": train_tokenizer,
             "requested_vocab_size": vocab_size,
             "num_proc": num_proc,
+            "shard": None if shard == (0, 1) else f"{shard[0]}/{shard[1]}",
             "encoder": encoder,
             "keep_blank": keep_blank,
             "keep_linebreaks": keep_linebreaks,
         },
     }
-    tokenizer_json = tok.backend_tokenizer.to_str()
-    byte_level_problem = tokenizer_lib.byte_level_bpe_problem(tokenizer_json)
+    tokenizer_json = tok.tokenizer_json
+    byte_level_problem = byte_level_bpe_problem(tokenizer_json)
     # Long documents are encoded in pieces where that keeps their ids, else whole up to a limit.
-    batches = (_safe_pieces if byte_level_problem is None else _whole_documents)(read_batches(), keep_blank)
+    pieces = _safe_pieces if byte_level_problem is None else _whole_documents
     with StoreWriter(output, vocab_size=total_vocab, overwrite=overwrite, record_bytes=True) as writer:
-        tok.save_pretrained(writer.path / TOKENIZER_DIR)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        first = next(batches, Batch([]))
+        tok.save(writer.path / TOKENIZER_DIR)
+        start, start_cpu = time.perf_counter(), cpu_seconds()
+        first = next(pieces(reading.batches(slices[0]), keep_blank), Batch([])) if slices else Batch([])
         chosen, why = choose_encoder(
             encoder, tokenizer_json, writer.dtype, verification_sample(first.texts), byte_level_problem
         )
-        framing = {
-            "prefix": ([bos] if bos is not None else []) + template_prefix,
-            "suffix": template_suffix + ([eos] if eos is not None else []),
-        }
-        encoded = encode_batches(itertools.chain([first], batches), chosen, num_proc=num_proc, **framing)
-        _write(writer, encoded, Path(output).name, progress)
-        if writer.n_docs == 0:
+        encoding = _Encoding(pieces, chosen, ([bos] if bos is not None else []) + template_prefix,
+                             template_suffix + ([eos] if eos is not None else []))
+        _write(reading, encoding, slices, writer, num_proc, Path(output).name, progress)
+        if writer.n_docs == 0 and shard == (0, 1):
             where = f"dataset {dataset_name}" if dataset_name is not None else ", ".join(map(str, sources))
             raise ValueError(f"no documents found in {where}: the input is empty or only whitespace; no store written")
         meta["encoding"] = {
             "encoder": chosen.name,
             "why_not_tiktoken": why,
             "seconds": round(time.perf_counter() - start, 3),
-            "cpu_seconds": round(time.process_time() - start_cpu, 3),
+            "cpu_seconds": round(cpu_seconds() - start_cpu, 3),
         }
         return writer.close(meta)
 
 
-def _write(writer, encoded, name, progress):
+def _plan(reading, num_proc, shard):
+    """The slices this run prepares (fastlm.parallel.plan): its shard of the input, a few per worker."""
+    if reading.dataset is not None:
+        inputs, min_units = [parallel.every_unit(len(reading.dataset))], _BATCH_ROWS
+    else:
+        inputs, min_units = [_input(path, reading.doc_boundary) for path in reading.sources], _BATCH_BYTES
+    units = sum(source.size for source in inputs) // shard[1]
+    return parallel.plan(inputs, parallel.slice_count(units, num_proc, min_units), shard)
+
+
+class _Reading(NamedTuple):
+    """How the run reads its input: ``batches(slice)`` are the Batches of one slice of it."""
+
+    sources: list
+    dataset: object
+    dataset_where: str
+    doc_boundary: str
+    text_column: str
+    errors: str
+    keep_blank: bool
+    keep_linebreaks: bool
+
+    def batches(self, piece):
+        if self.dataset is not None:
+            rows = _dataset_batches(self.dataset, self.dataset_where, self.text_column, piece.start, piece.stop)
+            return _row_batches(rows, self.dataset_where, first_row=piece.start)
+        path = self.sources[piece.source]
+        byte_range = (piece.start, piece.stop) if _splittable(path, self.doc_boundary) else None
+        return _file_batches(path, self.doc_boundary, self.text_column, self.errors, self.keep_blank,
+                             self.keep_linebreaks, byte_range)
+
+
+class _Encoding(NamedTuple):
+    """How the run encodes: ``pieces`` (_safe_pieces or _whole_documents), the encoder, and the ids
+    around every document."""
+
+    pieces: object
+    encoder: object
+    prefix: list
+    suffix: list
+
+
+def _write(reading, encoding, slices, writer, num_proc, name, progress):
     from tqdm.auto import tqdm
 
-    text_bytes = 0
     with tqdm(desc=f"prepare {name}", unit="tok", unit_scale=True, disable=not progress) as bar:
-        for tokens, lengths, doc_bytes, open_last in encoded:
-            writer.append(tokens, lengths, doc_bytes, open_last=open_last)
-            text_bytes += int(doc_bytes.sum())
-            bar.update(tokens.shape[0])
+        text_bytes = 0
+
+        def advance(tokens, n_bytes):
+            nonlocal text_bytes
+            text_bytes += n_bytes
+            bar.update(tokens)
             bar.set_postfix_str(f"{text_bytes / 1e6 / max(bar.format_dict['elapsed'], 1e-3):,.1f} MB/s", refresh=False)
+
+        if num_proc == 1 or len(slices) == 1:
+            for piece in slices:
+                _write_slice(reading, encoding, piece, writer, advance)
+            return
+        job = parallel.Job(functools.partial(_write_slice, reading, encoding), writer.vocab_size)
+        parallel.prepare_in_processes(job, slices, writer, num_proc, lambda part: advance(part.n_tokens, part.meta["n_bytes"]))
+
+
+def _write_slice(reading, encoding, piece, writer, advance=None):
+    """Read, encode and append one slice of the input to ``writer``."""
+    try:
+        batches = encoding.pieces(reading.batches(piece), reading.keep_blank)
+        for tokens, lengths, doc_bytes, open_last in encode_batches(batches, encoding.encoder, prefix=encoding.prefix,
+                                                                    suffix=encoding.suffix):
+            writer.append(tokens, lengths, doc_bytes, open_last=open_last)
+            if advance is not None:
+                advance(tokens.shape[0], int(doc_bytes.sum()))
+    except ValueError as error:
+        if reading.dataset is not None or not piece.start:
+            raise
+        path = reading.sources[piece.source]
+        if _structured_kind(path) == "jsonl":
+            # Rows count from the slice's start and some messages look the row up: for the exact message,
+            # read the file from its start to the slice's end (only ever after an error).
+            for _ in encoding.pieces(reading.batches(piece._replace(start=0)), reading.keep_blank):
+                pass
+        # Readers number lines from the slice's start; the first line of the slice is found only now.
+        raise ValueError(_from_file_start(str(error), path, piece.start)) from None
+
+
+def _from_file_start(message, path, start):
+    """``message`` with the line numbers it gives for ``path`` counted from the file's start, not from
+    byte ``start`` where the slice read began."""
+    lines_before = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(min(1 << 22, start - f.tell())), b""):
+            lines_before += block.count(b"\n")
+    return re.sub(re.escape(f"{path}, line ") + r"(\d+)",
+                  lambda match: f"{path}, line {int(match.group(1)) + lines_before}", message)
+
+
+def cpu_seconds():
+    """CPU seconds of this process and of its finished children (prepare's worker processes)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def summary(store, seconds, cpu_seconds=None):
@@ -236,10 +342,27 @@ def _check_arguments(sources, tokenizer, train_tokenizer, vocab_size, doc_bounda
         raise ValueError("vocab_size only applies with train_tokenizer=True")
 
 
+def _check_shard(shard, train_tokenizer):
+    """(index, count) of the shard to prepare; (0, 1) for the whole input."""
+    if shard is None:
+        return 0, 1
+    if not (isinstance(shard, (tuple, list)) and len(shard) == 2 and all(_is_count(value) for value in shard)
+            and 0 <= shard[0] < shard[1]):
+        raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
+    if train_tokenizer:
+        raise ValueError("a tokenizer trained on each shard would differ between shards: train one first "
+                         "(prepare a sample with --train-tokenizer) and pass its <store>/tokenizer to every shard")
+    return int(shard[0]), int(shard[1])
+
+
+def _is_count(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _required_special(tok, name, wanted):
     if not wanted:
         return None
-    token_id = getattr(tok, f"{name}_token_id", None)
+    token_id = tok.special_ids.get(name)
     if token_id is None:
         raise ValueError(
             f"{'prepend_bos' if name == 'bos' else 'append_eos'} needs a {name} token, and this tokenizer "
@@ -256,14 +379,20 @@ def _open_binary(path):
     return _COMPRESSED.get(path.suffix.lower(), open)(path, "rb")
 
 
-def _read_blocks(path):
-    """The file's bytes, decompressed, in blocks of _BATCH_BYTES. Corrupt or truncated compressed data
-    is a ValueError naming the file: gzip, lzma and bz2 raise EOFError, zlib.error, LZMAError or a bare
-    OSError that do not say which file."""
+def _read_blocks(path, byte_range=None):
+    """The file's bytes, decompressed, in blocks of _BATCH_BYTES; only bytes [start, stop) of an
+    uncompressed file with ``byte_range``. Corrupt or truncated compressed data is a ValueError naming
+    the file: gzip, lzma and bz2 raise EOFError, zlib.error, LZMAError or a bare OSError that do not
+    say which file."""
+    start, stop = byte_range or (0, None)
     with _open_binary(path) as f:
+        f.seek(start)
         while True:
+            size = _BATCH_BYTES if stop is None else min(_BATCH_BYTES, stop - f.tell())
+            if size <= 0:
+                return
             try:
-                block = f.read(_BATCH_BYTES)
+                block = f.read(size)
             except (EOFError, zlib.error, lzma.LZMAError, OSError) as error:
                 if isinstance(error, OSError) and error.errno is not None:
                     raise  # a real I/O error (disk, permissions): it names the file itself
@@ -273,27 +402,54 @@ def _read_blocks(path):
             yield block
 
 
-def _file_batches(path, doc_boundary, text_column, errors, keep_blank=False, keep_linebreaks=True):
+def _structured_kind(path):
+    """"jsonl", "json", "csv" or "parquet" for a (possibly compressed) structured file, else None."""
     kind = _STRUCTURED.get(path.suffix.lower())
     if kind is None and path.suffix.lower() in _COMPRESSED:
         kind = _STRUCTURED.get(Path(path.stem).suffix.lower())
+    return kind
+
+
+def _splittable(path, doc_boundary):
+    """Whether the file may be cut between documents: an uncompressed JSON-lines file, or text file of
+    lines or paragraphs."""
+    if path.suffix.lower() in _COMPRESSED:
+        return False
+    kind = _structured_kind(path)
+    return kind == "jsonl" or (kind is None and doc_boundary != "file")
+
+
+def _input(path, doc_boundary):
+    """The file as a parallel.Source, cut only between files unless it is _splittable."""
+    if _splittable(path, doc_boundary):
+        paragraphs = doc_boundary == "paragraph" and _structured_kind(path) is None
+        return parallel.text_lines(path, b"\n\n" if paragraphs else b"\n")
+    return parallel.whole(path.stat().st_size)
+
+
+def _file_batches(path, doc_boundary, text_column, errors, keep_blank=False, keep_linebreaks=True, byte_range=None):
+    """The file's Batches; only those of bytes [start, stop) of a _splittable file with ``byte_range``
+    (cut at document boundaries: line and row numbers then count from start)."""
+    kind = _structured_kind(path)
     if kind is None:
-        pieces = _text_pieces(path, errors)
+        pieces = _text_pieces(path, errors, byte_range)
         if doc_boundary == "line":
             return _lines(pieces, path, keep_blank, keep_linebreaks)
         if doc_boundary == "file":
             return _whole_file(pieces, path, keep_blank)
         return _paragraphs(pieces, path)  # blank lines end paragraphs: none is blank
+    if kind == "jsonl" and byte_range is not None:
+        return _row_batches(_jsonl_rows(path, text_column, errors, _text_chunks(path, errors, byte_range)), path)
     return _row_batches({"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}[kind](
         path, text_column, errors
     ), path)
 
 
-def _text_chunks(path, errors):
+def _text_chunks(path, errors, byte_range=None):
     """Decoded text in ~_BATCH_BYTES chunks that end at a line end (except at the end of the file), for
     readers that need whole lines; a long line is held whole."""
     long_line = []
-    for text, _, line_open in _text_pieces(path, errors):
+    for text, _, line_open in _text_pieces(path, errors, byte_range):
         if line_open:
             long_line.append(text)
             continue
@@ -303,13 +459,13 @@ def _text_chunks(path, errors):
         yield text
 
 
-def _text_pieces(path, errors):
+def _text_pieces(path, errors, byte_range=None):
     """(text, line, line_open): decoded text in ~_BATCH_BYTES pieces that end at a line end, and the
     number of the line text starts in. A line longer than _BATCH_BYTES is cut at a character boundary
     instead, with line_open True, so one huge line never sits in memory whole."""
     line = 1
     line_open = False
-    blocks = _read_blocks(path)
+    blocks = _read_blocks(path, byte_range)
     rest = b""
     while True:
         block = next(blocks, b"")
@@ -433,10 +589,10 @@ def _whole_file(chunks, path, keep_blank=False):
         yield Batch([previous] if i or keep_blank or not previous.isspace() else [], i > 0)
 
 
-def _row_batches(batches, where):
+def _row_batches(batches, where, first_row=0):
     """Rows of a structured file or dataset as Batches, every row a document (blank ones too), a row
     longer than _BATCH_BYTES in pieces (it is in memory already; the pieces bound the tokenizer's memory)."""
-    row = 0
+    row = first_row
     for texts in batches:
         if texts and max(map(len, texts)) > _BATCH_BYTES:
             yield from _long_rows(texts, row, where)
@@ -610,7 +766,8 @@ def _parquet_rows(path, text_column, errors):
         raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
 
 
-def _dataset_batches(name, config, split, data_files, text_column):
+def _open_dataset(name, config, split, data_files, text_column):
+    """The dataset's text column (arrow format): rows are read by slices of it (_dataset_batches)."""
     import datasets
 
     local = Path(name)
@@ -628,10 +785,15 @@ def _dataset_batches(name, config, split, data_files, text_column):
         dataset = dataset[split]
     if text_column not in dataset.column_names:
         raise _missing_column(f"dataset {name}", text_column, dataset.column_names)
-    column = dataset.select_columns([text_column]).with_format("arrow")
-    row = 0
-    for table in column.iter(batch_size=_BATCH_ROWS):
-        texts = _text_column_values(table.column(0).combine_chunks(), f"dataset {name}", text_column, row)
+    return dataset.select_columns([text_column]).with_format("arrow")
+
+
+def _dataset_batches(column, where, text_column, start, stop):
+    """Lists of the texts of rows [start, stop) of an _open_dataset column."""
+    row = start
+    # A contiguous range selects without an indices mapping: a view of the same arrow table.
+    for table in column.select(range(start, stop)).iter(batch_size=_BATCH_ROWS):
+        texts = _text_column_values(table.column(0).combine_chunks(), where, text_column, row)
         row += table.num_rows
         yield texts
 

@@ -402,6 +402,32 @@ class StoreWriter:
         self._buffer_offsets(ends[:-1] if open_last else ends)
         self._open = open_last
 
+    def append_store(self, store):
+        """Append every document of ``store`` (a TokenStore, or a slice of one, with this writer's dtype):
+        its token and byte files are copied as they are and its offsets rebased, with no work per token
+        (how prepare joins its workers' parts and merge joins shards)."""
+        if self._open:
+            raise RuntimeError("append_store: the last appended document is still open (open_last)")
+        if store.tokens.dtype != self.dtype:
+            raise ValueError(f"{store.path} holds {store.tokens.dtype} tokens; this store holds {self.dtype}")
+        if store.max_token_id is not None and store.max_token_id >= self.vocab_size:
+            raise ValueError(f"{store.path} holds token id {store.max_token_id}, outside [0, {self.vocab_size})")
+        if self.record_bytes and store.doc_bytes is None:
+            raise ValueError(f"{store.path} has no text byte counts (bytes.bin) and this store records them")
+        base = self.n_tokens - int(store.offsets[0])
+        for start in range(0, store.n_tokens, _CHUNK_ITEMS):
+            # A memmap view is written and hashed straight from the mapped file's pages.
+            chunk = store.tokens[start : start + _CHUNK_ITEMS]
+            self._tokens_file.write(chunk)
+            self._tokens_hash.update(chunk)
+        self.n_tokens += store.n_tokens
+        if store.max_token_id is not None:
+            self.max_token_id = max(store.max_token_id, -1 if self.max_token_id is None else self.max_token_id)
+        for start in range(1, len(store) + 1, _CHUNK_ITEMS):
+            self._buffer_offsets(store.offsets[start : start + _CHUNK_ITEMS] + base)
+        for start in range(0, len(store) if self.record_bytes else 0, _CHUNK_ITEMS):
+            self._write_doc_bytes(store.doc_bytes[start : start + _CHUNK_ITEMS])
+
     def _check_doc_bytes(self, doc_bytes, n):
         if not self.record_bytes:
             if doc_bytes is not None:
@@ -629,7 +655,7 @@ def _as_store(store):
 
 
 def merge_stores(stores, output, *, overwrite=False):
-    """Concatenate shard stores into one (offsets rebased, no re-tokenisation).
+    """Concatenate shard stores into one: their files are concatenated and offsets rebased, no re-tokenisation.
 
     All shards must share the tokenizer (same vocabulary fingerprint, vocab size and special ids).
     The merged store equals preparing the shards' inputs in order in one run, up to "source"/"args".
@@ -649,22 +675,20 @@ def merge_stores(stores, output, *, overwrite=False):
     record_bytes = all(shard.doc_bytes is not None for shard in shards)
     with StoreWriter(output, vocab_size=first.vocab_size, overwrite=overwrite, record_bytes=record_bytes) as writer:
         for shard in shards:
-            # Tokens and offsets are copied in independent fixed-size chunks, so one huge document
-            # cannot blow the memory bound. Ids need no range check: the vocabularies are identical.
-            base = writer.n_tokens
-            for start in range(0, shard.n_tokens, _CHUNK_ITEMS):
-                writer._write_tokens(shard.tokens[start : start + _CHUNK_ITEMS])
-            for start in range(1, len(shard) + 1, _CHUNK_ITEMS):
-                writer._buffer_offsets(shard.offsets[start : start + _CHUNK_ITEMS] + base)
-            for start in range(0, len(shard) if record_bytes else 0, _CHUNK_ITEMS):
-                writer._write_doc_bytes(shard.doc_bytes[start : start + _CHUNK_ITEMS])
+            writer.append_store(shard)
         if first.tokenizer_dir.is_dir():
             shutil.copytree(first.tokenizer_dir, writer.path / TOKENIZER_DIR)
         # Counts, checksums and the encoding run's timing describe one shard, not the merged store.
         per_shard = ("n_docs", "n_tokens", "n_bytes", "checksums", "source", "args", "encoding")
         keep = {k: v for k, v in first.meta.items() if k not in per_shard}
-        keep["source"] = [source for shard in shards for source in _as_list(shard.meta.get("source"))]
-        keep["args"] = {"merged_from": [str(shard.path) for shard in shards]}
+        sources = [source for shard in shards for source in _as_list(shard.meta.get("source"))]
+        # A file split between consecutive shards (fastlm prepare --shard) is one source.
+        keep["source"] = [source for i, source in enumerate(sources) if i == 0 or source != sources[i - 1]]
+        # Shards of one prepare run (--shard) share its arguments: the merged store keeps them.
+        shared = [{k: v for k, v in (shard.meta.get("args") or {}).items() if k not in ("num_proc", "shard")}
+                  for shard in shards]
+        keep["args"] = {**(shared[0] if all(args == shared[0] for args in shared) else {}),
+                        "merged_from": [str(shard.path) for shard in shards]}
         return writer.close(keep)
 
 

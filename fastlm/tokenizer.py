@@ -2,6 +2,7 @@
 
 transformers and tokenizers are imported inside the functions: `import fastlm` stays light.
 """
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -199,7 +200,15 @@ def byte_level_bpe_problem(tokenizer):
     Such a tokenizer encodes every piece of GPT2_SPLIT_PATTERN on its own: tiktoken can reproduce it, and
     a long document can be cut at whitespace that follows a non-space and encoded in parts.
     """
+    if isinstance(tokenizer, str):
+        return _json_problem(tokenizer)
     return _byte_level_problem(_backend_json(tokenizer))
+
+
+@functools.lru_cache(maxsize=4)
+def _json_problem(tokenizer_json):
+    # Parsing GPT-2's JSON takes ~50 ms: prepare asks once per run, the runner twice in a row.
+    return _byte_level_problem(json.loads(tokenizer_json))
 
 
 def _byte_level_problem(spec):

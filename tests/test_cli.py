@@ -130,6 +130,25 @@ def test_merge_command(store_path, tmp_path, capsys):
     assert merged.doc(len(single)).tolist() == single.doc(0).tolist()
 
 
+def test_shards_then_merge_give_the_one_machine_store(store_path, corpus, gpt2_dir, tmp_path, capsys):
+    shards = [str(tmp_path / f"part{i}") for i in range(3)]
+    for i, shard in enumerate(shards):
+        assert main(["prepare", str(corpus), "-o", shard, "--tokenizer", gpt2_dir, "--append-eos", "--no-progress",
+                     "--shard", f"{i}/3"]) == 0
+    assert main(["merge", *shards, "-o", str(tmp_path / "all")]) == 0
+    merged, single = TokenStore.open(tmp_path / "all"), TokenStore.open(store_path)
+    assert merged.meta["checksums"] == single.meta["checksums"] and len(merged) == len(single)
+    for name in ("tokens.bin", "offsets.bin", "bytes.bin"):
+        assert (tmp_path / "all" / name).read_bytes() == (store_path / name).read_bytes()
+
+
+@pytest.mark.parametrize("shard", ["3/3", "1", "a/b", "-1/2"])
+def test_a_bad_shard_is_a_usage_error(corpus, gpt2_dir, tmp_path, capsys, shard):
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", str(corpus), "-o", str(tmp_path / "s"), "--tokenizer", gpt2_dir, "--shard", shard])
+    assert exit_.value.code == 2 and "--shard" in capsys.readouterr().err
+
+
 def test_train_hands_its_arguments_to_the_runner(monkeypatch):
     from fastlm import run
 

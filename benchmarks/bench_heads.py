@@ -7,7 +7,6 @@ peak memory, measured as the growth of the peak resident set of a fresh process 
 of the loss alone (hidden states -> loss -> gradients, CLM) and of a whole training step (both tasks).
 """
 import json
-import resource
 import subprocess
 import sys
 
@@ -61,11 +60,18 @@ def training_step(task, path, *, bf16=False):
     return step
 
 
+def _peak_rss_kib():
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: that survives exec, so a child of
+    a large process would start at its parent's peak."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
 def _peak_growth_mib(run):
     """Growth of this process's peak resident set (MiB) while `run` runs."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _peak_rss_kib()
     run()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    return (_peak_rss_kib() - before) / 1024
 
 
 def clm_loss(path):
@@ -122,7 +128,8 @@ def test_training_step(benchmark, task, path, bf16):
     benchmark.group = (f"heads: {task} step, {LAYERS} layers x {WIDTH}, vocab {VOCAB[task]}, batch {BATCH}x{LENGTH}, "
                        f"{'bf16 autocast' if bf16 else 'fp32'} (CPU)")
     step = training_step(task, path, bf16=bf16)
-    step()  # warm-up: the optimizer's state, the allocator's pools
+    if not benchmark.disabled:
+        step()  # warm-up: the optimizer's state, the allocator's pools
     benchmark.pedantic(step, rounds=1 if benchmark.disabled else 3, iterations=1)
     if not benchmark.disabled:
         benchmark.extra_info["tokens_per_s"] = BATCH * LENGTH / benchmark.stats.stats.median

@@ -41,6 +41,9 @@ class ModelConfig:
     model_revision: str = "main"
     gradient_checkpointing: bool = False
     gradient_checkpointing_kwargs: types.MappingProxyType = dataclasses.field(default_factory=lambda: _EMPTY)
+    torch_compile: bool = False
+    torch_compile_backend: str = None
+    torch_compile_mode: str = None
 
     def __post_init__(self):
         if not (self.model_name_or_path or self.config_name or self.model_type):

@@ -124,6 +124,10 @@ class Flags:
     tf32: bool = dataclasses.field(default=None, **_help("allow TF32 matmuls on Ampere+ GPUs"))
     gradient_checkpointing: bool = dataclasses.field(default=False, **_help("recompute activations in the backward pass"))
     gradient_checkpointing_kwargs: str = dataclasses.field(default=None, **_help("as JSON, e.g. '{\"use_reentrant\": false}'"))
+    torch_compile: bool = dataclasses.field(default=False, **_help(
+        "torch.compile the model's transformer (the loss heads stay eager); pays on GPUs, not on small CPU models"))
+    torch_compile_backend: str = dataclasses.field(default=None, **_help("torch.compile's backend (default: inductor)"))
+    torch_compile_mode: str = dataclasses.field(default=None, **_help("torch.compile's mode, e.g. max-autotune"))
     seed: int = 42
     # what to run, and when to log, evaluate and save
     do_train: bool = dataclasses.field(default=False, **_help("train (with neither --do_train nor --do_eval: both)"))

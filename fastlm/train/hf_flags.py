@@ -41,7 +41,6 @@ _EVAL_OUTPUTS = _no_effect("fastlm's evaluation computes loss, perplexity and to
 _COLUMNS = _no_effect("batches come from the token store, not from dataset columns")
 _BEST = _unsupported("fastlm keeps the final model and does not track a best checkpoint; pick one from "
                      "metrics.jsonl and --resume_from_checkpoint it")
-_COMPILE = _unsupported("the runner does not torch.compile the DeepSpeed engine")
 _ACCELERATE = _unsupported("the runner drives DeepSpeed directly, not accelerate; use --deepspeed cfg.json")
 _LOGS = _no_effect("fastlm prints progress on rank 0 only and writes metrics.jsonl", {"passive", "warning", "info"})
 
@@ -90,7 +89,6 @@ FOREIGN = {
     "label_smoothing_factor": _unsupported("the runner trains on the model's own loss, without label smoothing",
                                            FALSY | {"0.", ".0"}),
     "load_best_model_at_end": _BEST, "metric_for_best_model": _BEST, "greater_is_better": _BEST,
-    "torch_compile": _COMPILE, "torch_compile_backend": _COMPILE, "torch_compile_mode": _COMPILE,
     "fsdp": _unsupported("the runner shards with DeepSpeed ZeRO: use --zero_stage 3 (or a --deepspeed JSON)"),
     "fsdp_config": _unsupported("the runner shards with DeepSpeed ZeRO: use --zero_stage 3 (or a --deepspeed JSON)"),
     "accelerator_config": _ACCELERATE, "parallelism_config": _ACCELERATE,

@@ -74,18 +74,20 @@ class Trainer:
     (None: DeepSpeed clips and reports the norm); `after_step(epoch_end)` logs, evaluates and saves."""
 
     def __init__(self, engine, train_blocks, state, *, task, optim, seed, num_workers, masker, rank, world_size,
-                 total_steps, log, clip, after_step, start_time):
+                 total_steps, log, clip, after_step, start_time, compiled=False):
         self.engine, self.train_blocks, self.state, self.log = engine, train_blocks, state, log
         self.task, self.optim, self.seed, self.num_workers, self.masker = task, optim, seed, num_workers, masker
         self.rank, self.world_size, self.total_steps, self.clip = rank, world_size, total_steps, clip
         self.after_step, self.start_time = after_step, start_time
         self.times = LoopTimes()
+        self.compiled = compiled
         self.first_epoch, self.first_epoch_trained = state.epoch, None
 
     def run(self):
         """Train to total_steps; returns the loop's LoopTimes."""
         state, accum = self.state, self.optim.gradient_accumulation_steps
         self.engine.train()
+        self.loop_start = time.perf_counter()
         if state.step >= self.total_steps:
             return self.times
         for dataset, first, batches in self._step_batches():
@@ -170,6 +172,9 @@ class Trainer:
         times.steps_done += 1
         if times.first_step_s is None:
             times.first_step_s = time.time() - self.start_time
+            if self.compiled and self.rank == 0:
+                print(f"[fastlm] --torch_compile: the first step took {time.perf_counter() - self.loop_start:.1f} s, "
+                      "compiling included", flush=True)
         if dataset.epoch == self.first_epoch:
             self.first_epoch_trained = (dataset, last + 1)
 

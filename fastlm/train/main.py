@@ -256,7 +256,7 @@ class Run:
         trainer = Trainer(engine, plan.train_blocks, state, task=config.task, optim=config.optim,
                           seed=config.data.seed, num_workers=config.runtime.dataloader_num_workers, masker=plan.masker,
                           rank=rank, world_size=self.world_size, total_steps=plan.total_steps, log=log, clip=clip,
-                          after_step=after_step, start_time=self.start_time)
+                          after_step=after_step, start_time=self.start_time, compiled=config.model.torch_compile)
         try:
             times = trainer.run()
         except Diverged as error:

@@ -126,6 +126,11 @@ def build_model(model, tokenizer, *, block_size, ds_config):
         built.resize_token_embeddings(wanted)
     if model.gradient_checkpointing:
         built.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(model.gradient_checkpointing_kwargs) or None)
+    if model.torch_compile:
+        # In place (nn.Module.compile): parameter names, checkpoints and save_pretrained stay the model's own.
+        # The transformer only: the loss heads' chunked autograd Function runs eagerly after it.
+        built.base_model.compile(backend=model.torch_compile_backend or "inductor",
+                                 **({"mode": model.torch_compile_mode} if model.torch_compile_mode else {}))
     return built, keep_alive
 
 

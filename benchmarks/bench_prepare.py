@@ -303,7 +303,7 @@ def _keep_median(benchmark, name):
 
 @pytest.mark.benchmark(group=CLI_GROUP)
 def bench_cli_prepare_whole_process(benchmark, request, corpus, gpt2_tok, n_tokens):
-    gpt2_dir = shared_path("tokenizers", "gpt2")
+    gpt2_dir = fixture_path("tokenizers", "gpt2")
     outputs = _outputs(corpus, "cli")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
 
@@ -332,7 +332,7 @@ def bench_tutorial_script_whole_process(benchmark, request, corpus, n_tokens, re
 
     def tokenize_and_group():
         result = subprocess.run([sys.executable, str(script), str(corpus["files"][corpus["scale"]]),
-                                 str(shared_path("tokenizers", "gpt2")), str(NUM_PROC), str(next(caches))],
+                                 str(fixture_path("tokenizers", "gpt2")), str(NUM_PROC), str(next(caches))],
                                 env=env, check=True, capture_output=True, text=True)
         return int(result.stdout.split()[-1])
 

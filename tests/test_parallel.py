@@ -199,7 +199,7 @@ def test_ctrl_c_during_a_run_in_processes_leaves_nothing(tmp_path):
     import subprocess
     import time
 
-    from tests.data import shared_path
+    from tests.data import fixture_path
 
     path = tmp_path / "in" / "big.txt"
     path.parent.mkdir()
@@ -209,7 +209,7 @@ def test_ctrl_c_during_a_run_in_processes_leaves_nothing(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     process = subprocess.Popen(
         [sys.executable, "-c", INTERRUPT_MIDWAY, "prepare", str(path), "-o", str(out / "s"), "--tokenizer",
-         str(shared_path("tokenizers", "gpt2")), "--num-proc", "2", "--no-progress", "--encoder", "hf"],
+         str(fixture_path("tokenizers", "gpt2")), "--num-proc", "2", "--no-progress", "--encoder", "hf"],
         env=env, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 300
     while not list(out.glob(".s.tmp-*/parts/*")) and process.poll() is None and time.monotonic() < deadline:

@@ -12,7 +12,7 @@ import pytest
 
 from fastlm import tokenizer_cache
 from fastlm.encoding import TiktokenEncoder, choose_encoder
-from tests.data import shared_path, wikitext_lines
+from tests.data import fixture_path, wikitext_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture
 def gpt2_copy(tmp_path):
     """The GPT-2 vocab.json + merges.txt in a directory of their own, so a test may change it."""
-    return Path(shutil.copytree(shared_path("tokenizers", "gpt2"), tmp_path / "gpt2"))
+    return Path(shutil.copytree(fixture_path("tokenizers", "gpt2"), tmp_path / "gpt2"))
 
 
 def _prepare(args, env):
@@ -82,7 +82,7 @@ def test_entries_are_json_and_arrays_never_pickles(cache, gpt2_tok):
     bpe = tokenizer_cache.load_tiktoken(tokenizer_json, [TiktokenEncoder.SEPARATOR])
     text = "Hello world, naïve café 😀 <|endoftext|>\n"
     assert bpe.ids[bpe.encoding.encode(text, allowed_special="all")].tolist() == gpt2_tok(text)["input_ids"]
-    tokenizer_cache.tokenizer_info(str(shared_path("tokenizers", "gpt2")))
+    tokenizer_cache.tokenizer_info(str(fixture_path("tokenizers", "gpt2")))
     [entry] = cache.glob("tokenizer-*")
     json.loads((entry / "info.json").read_text())
     assert sorted(p.name for p in entry.iterdir()) == ["backend.json", "info.json", "saved"]

@@ -31,9 +31,6 @@ def fixture_path(*parts):
     return path
 
 
-# The name the runner's tests and benchmarks still import (the data used to live in ../shared/data).
-
-
 def wikitext_lines(split):
     """WikiText-2 raw rows as the HF dataset has them: blank lines become "", others keep their newline."""
     with lzma.open(fixture_path("wikitext-2-raw", f"wiki.{split}.raw.xz"), "rt", encoding="utf-8") as f:

@@ -17,6 +17,29 @@ def _private_store_cache(tmp_path_factory):
     os.environ["FASTLM_CACHE"] = str(tmp_path_factory.mktemp("fastlm_cache"))
 
 
+@pytest.fixture(scope="module")
+def one_rank_deepspeed():
+    """DeepSpeed on one gloo rank, as the runner starts it under plain python: the rank's environment set for
+    the module, DeepSpeed's shm op not built (only inference all-reduce uses it; ~30 s to compile). The
+    process group stays up after the module: DeepSpeed keeps handles to its groups, and later engines (the
+    runner's in-process runs) reuse it."""
+    import socket
+    import sys
+
+    import deepspeed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                                MASTER_PORT=str(port)).items():
+            patch.setenv(name, value)
+        patch.setattr(sys.modules["deepspeed.comm.torch"], "build_shm_op", lambda: None)
+        deepspeed.init_distributed(dist_backend="gloo")
+        yield deepspeed
+
+
 @pytest.fixture(scope="session")
 def gpt2_tok():
     from tests.data import gpt2_tokenizer

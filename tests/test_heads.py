@@ -1,6 +1,4 @@
 """fastlm.train.heads: the fused CLM loss and the sparse MLM head give the dense loss and every gradient."""
-import socket
-import sys
 
 import pytest
 import torch
@@ -230,23 +228,6 @@ def test_unknown_task():
         LMLoss(gpt2(), "seq2seq")
 
 
-@pytest.fixture(scope="module")
-def single_process_deepspeed():
-    """One gloo rank, as the runner starts under plain python, without building DeepSpeed's shm op. The process
-    group stays up for the module's tests: DeepSpeed keeps handles to its groups."""
-    import deepspeed
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                               MASTER_PORT=str(port)).items():
-            patch.setenv(key, value)
-        patch.setattr(sys.modules["deepspeed.comm.torch"], "build_shm_op", lambda: None)
-        yield deepspeed
-
-
 def adamw(model):
     # A large epsilon: Adam's update of a gradient near 0 would amplify float noise
     return torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-3)
@@ -254,7 +235,7 @@ def adamw(model):
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
 @pytest.mark.parametrize("name", ["gpt2", "roberta"])
-def test_a_deepspeed_engine_around_the_wrapper_trains_as_the_dense_model(single_process_deepspeed, name, stage):
+def test_a_deepspeed_engine_around_the_wrapper_trains_as_the_dense_model(one_rank_deepspeed, name, stage):
     """engine(labels=..., **inputs) -> backward -> step: the loss after two AdamW steps is the dense model's."""
     build, task = MODELS[name]
     torch.manual_seed(0)
@@ -276,7 +257,7 @@ def test_a_deepspeed_engine_around_the_wrapper_trains_as_the_dense_model(single_
     zero = {"stage": stage, "stage3_param_persistence_threshold": 0}
     config = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1, "zero_optimization": zero,
               "gradient_clipping": 0.0, "steps_per_print": 10**9}
-    engine, *_ = single_process_deepspeed.initialize(model=wrapper, optimizer=adamw(wrapper), config=config)
+    engine, *_ = one_rank_deepspeed.initialize(model=wrapper, optimizer=adamw(wrapper), config=config)
     for _ in range(2):
         rows_nll, _ = engine(labels=labels, **inputs)
         engine.backward(rows_nll.sum() * 0.1)

@@ -8,8 +8,6 @@ import io
 import os
 import random
 import shutil
-import socket
-import sys
 from pathlib import Path
 
 import deepspeed
@@ -29,22 +27,7 @@ MODEL = dict(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8)
 PREVIOUS_RELEASE = Path(__file__).parent / "fixtures" / "previous_release_checkpoint"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    """A one-rank gloo group, as `python fastlm/run.py` makes one."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                                MASTER_PORT=str(port)).items():
-            patch.setenv(name, value)
-        # Only inference all-reduce uses DeepSpeed's shm op: skip its ~30 s compile.
-        patch.setattr(sys.modules["deepspeed.comm.torch"], "build_shm_op", lambda: None)
-        # Kept after the module (as the runner's in-process tests keep theirs): DeepSpeed caches its groups,
-        # and a destroyed default group would break the next engine built in this process.
-        deepspeed.init_distributed(dist_backend="gloo")
-        yield
+pytestmark = pytest.mark.usefixtures("one_rank_deepspeed")  # conftest.py: one gloo rank, as the runner makes
 
 
 def make_engine(stage, seed, *, universal=False, scheduler=True):

@@ -948,3 +948,24 @@ def test_torch_compile_compiles_the_transformer_and_says_what_the_first_step_cos
     assert results["steps"] == 2 and math.isfinite(results["perplexity"])
     assert "--torch_compile: the first step took" in capsys.readouterr().out
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config.n_layer == 2
+
+
+def test_a_megatron_dataset_trains_in_place_with_the_tokenizer_given(clm_stores, tmp_path, capsys):
+    """`--train_store PREFIX` of a Megatron-LM indexed dataset (here fastlm's export of the training store, which
+    megatron-core reads back in tests/test_megatron.py): opened in place, the tokenizer from --tokenizer_name;
+    without one the run says which flag names it. Same data, same steps: the same losses as the store itself."""
+    from fastlm.export import export_store
+    from fastlm.store import TokenStore
+
+    prefix = tmp_path / "wiki_text_document"
+    export_store(clm_stores[0], prefix, format="megatron")
+    tokenizer = str(TokenStore.open(clm_stores[0]).tokenizer_dir)
+    argv = lambda store, out, *extra: ["--task", "clm", "--train_store", str(store), "--config_name", "gpt2-tiny",  # noqa: E731
+                                       "--block_size", "64", "--max_steps", "3", "--validation_split_percentage", "0",
+                                       "--output_dir", str(tmp_path / out), *TINY, *extra]
+    with pytest.raises(SystemExit) as exit_:
+        run.train(argv(prefix, "none"))
+    assert exit_.value.code == 2 and "--tokenizer_name" in capsys.readouterr().err
+    run.train(argv(prefix, "megatron", "--tokenizer_name", tokenizer))
+    run.train(argv(clm_stores[0], "store"))
+    assert _train_losses(tmp_path / "megatron") == pytest.approx(_train_losses(tmp_path / "store"), rel=1e-6)

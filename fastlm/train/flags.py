@@ -83,8 +83,9 @@ class Flags:
     )
     max_train_samples: int = dataclasses.field(default=None, **_help("train on the first N blocks only"))
     max_eval_samples: int = dataclasses.field(default=None, **_help("evaluate on the first N blocks only"))
-    block_size: int = dataclasses.field(default=128, **_help("tokens per block (run_mlm: --max_seq_length)",
-                                                             aliases=("--max_seq_length",)))
+    block_size: int = dataclasses.field(default=None, **_help(
+        "tokens per block (run_mlm: --max_seq_length); default as run_clm/run_mlm: the tokenizer's model_max_length, "
+        "at most 1024 (and the model's positions)", aliases=("--max_seq_length",)))
     packing: str = dataclasses.field(
         default="blocks", **_help("blocks: cut the document stream; documents: best-fit whole documents", choices=PACKINGS)
     )

@@ -833,6 +833,25 @@ def test_two_ranks_with_the_deepspeed_launcher(text_files, tmp_path):
     assert results["tokens_seen"] == 4 * 4 * 2 * 64
 
 
+@pytest.mark.parametrize("bad, message", [
+    (["--num_train_epochs", "0"], "fastlm train: error: --num_train_epochs must be > 0, got 0.0"),
+    (["--no_such_flag"], "fastlm train: error: unrecognized arguments: --no_such_flag"),
+])
+def test_torchrun_prints_a_refusal_once(bad, message, tmp_path):
+    """Under `torchrun --nproc_per_node 2` every rank parses the command line: the error is printed once
+    (rank 0), the usage only for an unknown flag and once, and every rank exits with status 2. torchrun's
+    own ChildFailedError block follows (it reports any non-zero exit; the runner cannot stop that)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",
+           str(dist.free_port()), str(ROOT / "fastlm" / "run.py"), "--train_store", "s", "--config_name", "gpt2-tiny",
+           "--output_dir", str(tmp_path), *bad]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "exitcode  : 2" in output
+    assert output.count("fastlm train: error:") == 1 and message in output, output[-3000:]
+    assert output.count("usage: fastlm train") == (1 if "unrecognized" in message else 0)
+
+
 # --- divergence and damaged checkpoints ---------------------------------------------------------------
 
 def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(clm_stores, tmp_path, capsys):

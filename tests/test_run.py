@@ -292,6 +292,25 @@ def test_evaluation_weights_ragged_batches_by_tokens(clm_stores):
     assert abs(np.mean(batch_means) - nll_sum / count) > 1e-4  # the data really is ragged
 
 
+def test_evaluation_shows_progress_on_rank_0_unless_disabled(clm_stores, capsys, monkeypatch):
+    """A long evaluation shows a bar of its batches, as training shows its steps (--disable_tqdm: none)."""
+    from fastlm import pack_blocks
+    from fastlm.store import TokenStore
+
+    monkeypatch.setattr(dist, "sum_in_place", lambda tensor: tensor)  # one process, no process group
+    store = TokenStore.open(clm_stores[1])
+    sets = [data.EvalSet("valid", pack_blocks(store.tokens, store.offsets[:31], 64), int(store.offsets[30]))]
+    engine = _PlainEngine(_tiny_gpt(store.meta["vocab_size"]))
+    n_batches = -(-len(sets[0].blocks) // 8)
+    shown = evaluation.evaluate_sets(engine, sets, task="clm", batch_size=8, rank=0, world_size=1, progress=True)
+    err = capsys.readouterr().err
+    assert n_batches > 2 and "eval valid:" in err and f"{n_batches - 1}/{n_batches}" in err
+    quiet = evaluation.evaluate_sets(engine, sets, task="clm", batch_size=8, rank=0, world_size=1, progress=False)
+    assert quiet == shown and "eval valid" not in capsys.readouterr().err
+    evaluation.evaluate_sets(engine, sets, task="clm", batch_size=8, rank=1, world_size=1, progress=True)
+    assert "eval valid" not in capsys.readouterr().err  # rank 0 only
+
+
 def test_evaluation_without_targets_reports_nan_perplexity():
     """One-token documents packed whole hold no CLM target (each document's first token is never one)."""
     from fastlm import pack_documents

@@ -461,11 +461,15 @@ def test_resume_with_another_global_batch_continues_at_the_same_sample_position(
     batch 16 the run continues from there in steps of 16 samples, and says so."""
     out, _ = clm_run
     _resume_from(out, 15, tmp_path)
-    argv = _clm_args(clm_stores, tmp_path, "--max_steps", "18", "--warmup_steps", "3", "--resume")
+    _resume_from(out, 30, tmp_path)  # --resume_from_checkpoint names the earlier one: HF's form
+    argv = _clm_args(clm_stores, tmp_path, "--max_steps", "18", "--warmup_steps", "3", "--resume_from_checkpoint",
+                     str(tmp_path / "checkpoint-15"))
     argv[argv.index("--per_device_train_batch_size") + 1] = "16"
     with _deadline(120):
         results = run.train(argv)
-    assert "the global batch changed from 8 (8 x 1 x 1, micro x accumulation x ranks) to 16" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "the global batch changed from 8 (8 x 1 x 1, micro x accumulation x ranks) to 16" in captured.out
+    assert f"checkpoint-30 in {tmp_path} come after checkpoint-15" in captured.err
     assert results["tokens_seen"] == (15 * 8 + 3 * 16) * 64
     assert results["ranks"]["blocks_trained"] == 3 * 16  # this run's samples: positions 120..167, no repeats
 

@@ -25,7 +25,7 @@ from deepspeed.utils import logger as ds_logger
 from tqdm.auto import tqdm
 
 from fastlm.train import checkpoints, config as run_config, data as data_plan, demo, deepspeed_config, dist, outputs
-from fastlm.train.errors import CheckpointFailed, ConfigError, Diverged, fail, is_rank0
+from fastlm.train.errors import CheckpointFailed, ConfigError, Diverged, fail, is_rank0, warn
 from fastlm.train.evaluation import evaluate_sets
 from fastlm.train.loop import Trainer, TrainState, clipping_in_the_loop
 from fastlm.train.metrics import StepLog
@@ -166,6 +166,11 @@ class Run:
         rank = self.rank
         resume_dir = self.config.checkpoint.resume_point()
         tag, saved = checkpoints.checkpoint_to_resume(resume_dir)
+        found = outputs.list_checkpoints(self.out)
+        later = [p.name for p in found[found.index(resume_dir) + 1:]] if resume_dir in found else []
+        if later:
+            warn(f"{', '.join(later)} in {self.out} come after {resume_dir.name}: this run replaces them as it reaches "
+                 "their steps; until then a --resume picks the newest of them")
         dist.rank0_then_others(lambda: checkpoints.verify_checkpoint(resume_dir, saved.get("files")), rank=rank,
                                what="verify the checkpoint")
         checkpoints.check_resumable(saved, checkpoints.resume_settings(self.config), layout, rank=rank)

@@ -896,35 +896,58 @@ import resource, signal, sys
 from fastlm.train import checkpoints, main
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # as under `ulimit -f`: a write past the limit fails with EFBIG
-save = checkpoints.save_checkpoint
 
-def save_under_a_limit(engine, output_dir, step, *args, **kwargs):
-    if step == 4:  # the first checkpoint is written; the second meets a file-size limit of 200 kB
-        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-    return save(engine, output_dir, step, *args, **kwargs)
 
-checkpoints.save_checkpoint = save_under_a_limit
+def limit_files():  # to 200 kB
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+save_checkpoint, save_model = checkpoints.save_checkpoint, main.save_model
+
+def save_checkpoint_under_a_limit(engine, output_dir, step, *args, **kwargs):
+    if step == 4:  # the first checkpoint is written, the second meets the limit
+        limit_files()
+    return save_checkpoint(engine, output_dir, step, *args, **kwargs)
+
+def save_model_under_a_limit(*args, **kwargs):
+    limit_files()
+    return save_model(*args, **kwargs)
+
+checkpoints.save_checkpoint = save_checkpoint_under_a_limit
+main.save_model = save_model_under_a_limit
 sys.exit(main.main(sys.argv[1:]))
 """
+
+
+def _save_under_a_file_size_limit(argv):
+    proc = subprocess.run([sys.executable, "-c", _LIMITED_SAVE, *argv], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last_one(clm_stores, tmp_path):
     """A file-size limit (or a full disk) met while checkpoint-4 is written: one line naming the file and
     the errno, exit status 1, no traceback; nothing of checkpoint-4 is left and checkpoint-2 still verifies."""
-    argv = _clm_args(clm_stores, tmp_path, "--max_steps", "6", "--save_steps", "2")
-    proc = subprocess.run([sys.executable, "-c", _LIMITED_SAVE, *argv], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1, proc.stderr
-    assert errors[0].startswith(f"fastlm train: error: step 4: cannot save checkpoint {tmp_path / 'checkpoint-4'}: "
-                                f"{tmp_path / '.tmp-checkpoint-4' / 'global_step4'}")
-    assert "[Errno 27] File too large" in errors[0]
-    assert f"{tmp_path / 'checkpoint-2'} is still the newest checkpoint" in errors[0]
+    error = _save_under_a_file_size_limit(_clm_args(clm_stores, tmp_path, "--max_steps", "6", "--save_steps", "2"))
+    assert error.startswith(f"fastlm train: error: step 4: cannot save checkpoint {tmp_path / 'checkpoint-4'}: "
+                            f"{tmp_path / '.tmp-checkpoint-4' / 'global_step4'}")
+    assert "[Errno 27] File too large" in error
+    assert f"{tmp_path / 'checkpoint-2'} is still the newest checkpoint" in error
     assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
     checkpoints.verify_checkpoint(tmp_path / "checkpoint-2",
                                   json.loads((tmp_path / "checkpoint-2" / checkpoints.CHECKPOINT_SETTINGS).read_text())["files"])
+
+
+def test_a_final_model_that_cannot_be_written_is_one_line(clm_stores, tmp_path):
+    error = _save_under_a_file_size_limit(_clm_args(clm_stores, tmp_path, "--max_steps", "2"))
+    assert error == (f"fastlm train: error: step 2: cannot save the model in {tmp_path}: "
+                     f"{tmp_path / '.tmp-model' / 'model.safetensors'}: [Errno 27] File too large; the files there are "
+                     "as they were")
+    assert not (tmp_path / "config.json").exists() and not (tmp_path / ".tmp-model").exists()
 
 
 @pytest.mark.parametrize("stage", [0, 2])

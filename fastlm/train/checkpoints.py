@@ -12,8 +12,10 @@ import io
 import json
 import os
 import random
+import re
 import resource
 import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -104,7 +106,7 @@ def save_checkpoint(engine, output_dir, step, state, *, layout, settings, rank, 
                  for path in sorted(staging.rglob("*")) if path.is_file()}
         outputs.write_json(staging / CHECKPOINT_SETTINGS, {"layout": layout, "settings": settings, "files": files})
     except Exception as error:
-        failure = _write_failure(error, staging)
+        failure = write_failure(error, staging)
         if failure is None:
             raise
         shutil.rmtree(staging, ignore_errors=True)
@@ -116,27 +118,41 @@ def save_checkpoint(engine, output_dir, step, state, *, layout, settings, rank, 
     outputs.replace_directory(staging, final)
 
 
-def _write_failure(error, directory):
-    """'<file>: [Errno N] <reason>' for an error that is a failed write under `directory`, else None.
-    torch.save reports a failed write as `RuntimeError: [enforce fail at inline_container.cc]` with neither
-    the file nor the errno: then the file is the one written last, and the errno is found from the
-    file-size limit or the free space that stopped it."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        return f"{error.filename or _last_written(directory)}: [Errno {error.errno}] {os.strerror(error.errno)}"
-    path = _last_written(directory)
-    if path is None:
-        return None
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY and path.stat().st_size >= limit:
-        code = errno.EFBIG
-    elif shutil.disk_usage(directory).free < 1 << 20:
-        code = errno.ENOSPC
-    else:
-        return None
-    return f"{path}: [Errno {code}] {os.strerror(code)}"
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
-def _last_written(directory):
+def write_failure(error, directory):
+    """'<file>: [Errno N] <reason>' for an error that is a failed write under `directory`, else None (then it
+    is some other error, raised as it is). OSError carries its errno; safetensors' and tokenizers' (Rust)
+    errors say `(os error N)`; torch.save's `RuntimeError: [enforce fail at inline_container.cc]` says neither:
+    then the errno is found from the file-size limit or the free space that stopped it. The file is the one
+    the innermost writing call of the traceback was given (else the one written last)."""
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    code = error.errno if isinstance(error, OSError) else int(found.group(1)) if found else None
+    path = _file_being_written(error, directory)
+    if code not in _WRITE_ERRNOS:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if path is not None and path.is_file() and limit != resource.RLIM_INFINITY and path.stat().st_size >= limit:
+            code = errno.EFBIG
+        elif path is not None and shutil.disk_usage(directory).free < 1 << 20:
+            code = errno.ENOSPC
+        else:
+            return None
+    return f"{path or directory}: [Errno {code}] {os.strerror(code)}"
+
+
+def _file_being_written(error, directory):
+    """The innermost path under `directory` among the arguments of the error's traceback frames, else the
+    file under it written last, else None."""
+    root, path = f"{directory}{os.sep}", None
+    frame = error.__traceback__
+    while frame is not None:
+        for value in frame.tb_frame.f_locals.values():
+            if isinstance(value, (str, os.PathLike)) and os.fspath(value).startswith(root):
+                path = Path(value)
+        frame = frame.tb_next
+    if path is not None:
+        return path
     files = [p for p in directory.rglob("*") if p.is_file()] if directory.is_dir() else []
     return max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
 

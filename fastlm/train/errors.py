@@ -17,7 +17,7 @@ class Diverged(RuntimeError):
 
 
 class CheckpointFailed(RuntimeError):
-    """A checkpoint could not be written (disk full, file-size limit); the checkpoints before it are kept."""
+    """A checkpoint or the final model could not be written (disk full, file-size limit); what was there is kept."""
 
 
 def is_rank0():

@@ -268,6 +268,22 @@ class Run:
                 total_flos=float(self.trainer_token_flops * state.tokens_seen), steps_per_epoch=plan.steps_per_epoch,
                 total_steps=plan.total_steps, intervals=intervals))
 
+    def save_final_model(self, engine, plan, state):
+        """The model and tokenizer at output_dir; a failed write (disk full, file-size limit) is CheckpointFailed,
+        naming the file and the errno, with the model that was there before left as it was."""
+        try:
+            save_model(engine, plan.tokenizer, self.out, self.rank)
+        except Exception as error:
+            staging = self.out / ".tmp-model"
+            failure = checkpoints.write_failure(error, staging)
+            if failure is None:
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+            newest = outputs.newest_checkpoint(self.out)
+            raise CheckpointFailed(f"step {state.step}: cannot save the model in {self.out}: {failure}; the files there "
+                                   "are as they were" + (f" and {newest} holds the model of step "
+                                                         f"{newest.name.split('-')[1]}" if newest else "")) from None
+
     def checkpoint_failed(self, error):
         """A checkpoint that cannot be written stops the run: one line from the rank that failed, status 1."""
         if self.world_size == 1:
@@ -307,7 +323,7 @@ class Run:
         seen[positions] = 1
         ranks = dist.rank_report(seen, final_eval.get("eval_loss"), world_size=self.world_size, device=engine.device)
         if config.do_train:
-            save_model(engine, plan.tokenizer, self.out, rank)
+            self.save_final_model(engine, plan, state)
         if rank != 0:
             return None
         if final_eval:

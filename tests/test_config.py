@@ -30,7 +30,7 @@ def _refused(argv, capsys):
 
 def test_the_configuration_is_frozen_and_sectioned():
     cfg = _config("--learning_rate", "3e-4", "--lr_scheduler_kwargs", '{"num_cycles": 2}')
-    assert cfg.optim.learning_rate == 3e-4 and cfg.data.block_size == 128 and cfg.model.config_name == "gpt2-tiny"
+    assert cfg.optim.learning_rate == 3e-4 and cfg.data.block_size is None and cfg.model.config_name == "gpt2-tiny"
     for section, name in [(cfg, "do_train"), (cfg.optim, "learning_rate"), (cfg.data, "block_size"),
                           (cfg.model, "task"), (cfg.checkpoint, "output_dir"), (cfg.logging, "report_to")]:
         with pytest.raises(dataclasses.FrozenInstanceError):
@@ -97,7 +97,8 @@ def test_json_contradicting_an_explicit_flag_is_rejected(tmp_path, capsys):
     (["--train_store", "s"], "give a model: --model_name_or_path (fine-tune), or --config_name / --model_type"),
     (["--train_file", "t.txt", "--config_name", "gpt2-tiny"], "preparing text needs a tokenizer"),
     (["--train_store", "s", "--config_name", "x", "--task", "mlm", "--eval_stride", "8"], "--eval_stride is for CLM"),
-    (["--train_store", "s", "--config_name", "x", "--eval_stride", "999"], "--eval_stride must be in [1, block_size=128]"),
+    (["--train_store", "s", "--config_name", "x", "--eval_stride", "999", "--block_size", "128"],
+     "--eval_stride must be in [1, block_size=128]"),
     (["--train_store", "s", "--config_name", "gpt2-tiny", "--precision", "fp16"], "fp16 is not supported on CPU"),
     (["--train_store", "s", "--config_name", "gpt2-tiny", "--block_size", "1"], "--block_size must be >= 2 for clm"),
     (["--train_file", "t.txt", "--train_tokenizer", "--vocab_size", "100", "--config_name", "gpt2-tiny"],
@@ -250,25 +251,29 @@ def test_an_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
 
 
 def test_resume_from_checkpoint_forms(tmp_path, capsys):
-    checkpoints = tmp_path / "run" / "checkpoints"
-    (checkpoints / "step4").mkdir(parents=True)
-    (checkpoints / "step4" / "mp_rank_00_model_states.pt").write_bytes(b"")
-    (checkpoints / "latest").write_text("step4")
-    for given, expected in [(None, (checkpoints, None)), (str(tmp_path / "run"), (checkpoints, None)),
-                            (str(checkpoints), (checkpoints, None)), (str(checkpoints / "step4"), (checkpoints, "step4"))]:
-        cfg = _config("--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", *([given] if given else []))
+    run_dir = tmp_path / "run"
+    for step in (4, 12):  # the newest is the highest step, as Trainer's get_last_checkpoint picks it
+        (run_dir / f"checkpoint-{step}" / f"global_step{step}").mkdir(parents=True)
+        (run_dir / f"checkpoint-{step}" / "latest").write_text(f"global_step{step}")
+    (run_dir / ".tmp-checkpoint-16").mkdir()  # a save that never completed is not a checkpoint
+    newest = run_dir / "checkpoint-12"
+    for given, expected in [(None, newest), (str(run_dir), newest), (str(run_dir / "checkpoint-4"),
+                                                                     run_dir / "checkpoint-4")]:
+        cfg = _config("--output_dir", str(run_dir), "--resume_from_checkpoint", *([given] if given else []))
         assert cfg.checkpoint.resume and cfg.checkpoint.resume_point() == expected
     assert "not a checkpoint" in _refused(["--resume_from_checkpoint", str(tmp_path)], capsys)
-    assert "give one of them" in _refused(["--output_dir", str(tmp_path / "run"), "--resume", "--overwrite_output_dir"],
+    assert "no checkpoint-N directory" in _refused(["--output_dir", str(tmp_path), "--resume"], capsys)
+    assert "give one of them" in _refused(["--output_dir", str(run_dir), "--resume", "--overwrite_output_dir"],
                                           capsys)
 
 
-def test_save_total_limit_never_deletes_the_latest(tmp_path):
+def test_save_total_limit_keeps_the_checkpoint_just_saved(tmp_path):
     for step in (2, 4, 6, 8):
-        (tmp_path / f"step{step}").mkdir()
-    (tmp_path / "latest").write_text("step4")  # e.g. a resumed run that saved again
-    outputs.prune_checkpoints(tmp_path, 2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step4", "step8"]
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-40").write_text("a file, not a checkpoint")
+    # e.g. a run resumed from checkpoint-2 that saved checkpoint-4 again
+    outputs.prune_checkpoints(outputs.list_checkpoints(tmp_path), 2, saved=tmp_path / "checkpoint-4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-40", "checkpoint-8"]
 
 
 # --- DeepSpeed JSON ------------------------------------------------------------------------------------------------------
@@ -313,3 +318,39 @@ def test_an_empty_text_file_is_one_line(flag, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"fastlm train: error: {flag} {tmp_path / 'empty.txt'}: no documents found" in err
     assert "Traceback" not in err
+
+
+# --- the block size run_clm.py / run_mlm.py take without --block_size / --max_seq_length ---------------------------------
+
+def test_the_default_block_size_follows_the_script_being_replaced(gpt2_tok, bert_tok, tmp_path, capsys):
+    import copy
+
+    from transformers import GPT2Config
+
+    from fastlm.train import main
+
+    def limited(tokenizer, limit):
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.model_max_length = limit
+        return tokenizer
+
+    huge = limited(gpt2_tok, int(1e30))  # what a tokenizer without a recorded limit says (a trained BPE's)
+    gpt2_tok, bert_tok = limited(gpt2_tok, 1024), limited(bert_tok, 512)  # as the hub's tokenizer configs say
+    GPT2Config(n_positions=256).save_pretrained(tmp_path / "short")
+
+    def resolved(tokenizer, *argv):
+        cfg = config.parse(["--train_store", "s", "--output_dir", str(tmp_path / "out"), *argv])
+        assert cfg.data.block_size is None  # resolved once the tokenizer is known, never written back
+        return main.Run(cfg, 0).resolve_block_size(tokenizer).data.block_size
+
+    assert resolved(gpt2_tok, "--config_name", "gpt2-tiny") == 1024  # GPT-2's model_max_length
+    assert resolved(huge, "--config_name", "gpt2-tiny") == 1024  # min(1024, GPT-2's positions)
+    assert resolved(huge, "--config_name", str(tmp_path / "short")) == 256  # the model's positions
+    assert resolved(gpt2_tok, "--config_name", str(tmp_path / "short")) == 256
+    assert resolved(bert_tok, "--config_name", "bert-tiny", "--task", "mlm") == 512  # run_mlm: model_max_length
+    assert resolved(huge, "--config_name", "roberta-tiny") == 1024  # run_mlm's cap
+    with pytest.raises(ConfigError, match=r"--eval_stride must be in \[1, block_size=1024\]"):
+        resolved(huge, "--config_name", "gpt2-tiny", "--eval_stride", "2000")
+    out = capsys.readouterr().out
+    assert "[fastlm] block size 256: min(1024, the model's 256 positions)" in out
+    assert "[fastlm] block size 512: the tokenizer's model_max_length, as run_mlm.py" in out

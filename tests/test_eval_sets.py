@@ -143,7 +143,7 @@ def test_token_ids_beyond_the_models_vocabulary_are_named_before_training(stores
         writer.close({k: v for k, v in good.meta.items() if k in ("special_ids", "tokenizer_fingerprint")})
     with pytest.raises(SystemExit) as exit_:
         run.main(["--train_store", str(tmp_path / "bad"), "--config_name", "gpt2-tiny", "--output_dir",
-                  str(tmp_path / "out"), "--max_steps", "1", "--validation_split_percentage", "0", *TINY])
+                  str(tmp_path / "out"), "--max_steps", "1", "--validation_split_percentage", "0", "--block_size", "128", *TINY])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"the training store {tmp_path / 'bad'} holds token id 700, but the model's vocabulary has 512 ids" in err

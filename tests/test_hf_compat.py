@@ -81,11 +81,11 @@ def _metrics(out):
 @pytest.fixture(scope="module")
 def clm_run(gpt2_dir, files, tmp_path_factory):
     out = tmp_path_factory.mktemp("run_clm")
-    results = run.train(_readme_command(gpt2_dir, files, out, "--max_steps", "4", "--disable_tqdm"))
+    results = run.train(_readme_command(gpt2_dir, files, out, "--max_steps", "4", "--save_steps", "4", "--disable_tqdm"))
     return out, results
 
 
-def _run_clm_blocks(tokenizer, path, block_size=128):
+def _run_clm_blocks(tokenizer, path, block_size):
     """run_clm.py's evaluation blocks: HF's text loader (whitespace-only rows kept, line breaks kept),
     the tokenizer per row, concatenated and cut (one map batch: fewer than 1000 rows)."""
     import datasets
@@ -114,26 +114,38 @@ def test_run_clm_readme_command_runs_unchanged(clm_run, gpt2_dir):
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [4]  # --logging_steps 10: the last step
-    assert any("eval_loss" in e for e in state["log_history"])
+    evals = [e for e in state["log_history"] if "eval_loss" in e]
+    assert evals and {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second"} <= set(evals[-1])
+    assert {"train_runtime", "train_samples_per_second", "train_steps_per_second",
+            "total_flos"} <= set(state["log_history"][-1])
+    # Trainer's total_flos: 6 x tokens x parameters outside the embeddings (GPT-2's wte and wpe)
+    non_embedding = model.num_parameters(exclude_embeddings=True)
+    assert train["total_flos"] == results["total_flos"] == 6 * results["tokens_seen"] * non_embedding
+    assert results["train_flops"] > results["total_flos"]  # fastlm's own count keeps the embeddings and attention
+    # No --block_size: run_clm's default, the tokenizer's model_max_length (GPT-2: 1024), is what trained and
+    # what the checkpoint records.
+    saved = json.loads((out / "checkpoint-4" / "fastlm.json").read_text())
+    assert saved["settings"]["block_size"] == 1024 and results["tokens_seen"] % 1024 == 0
 
 
 def test_evaluation_blocks_and_loss_relate_to_run_clm_and_trainer(clm_run, files):
     """The same evaluation blocks as run_clm.py (its text loader keeps WikiText's " \\n" lines, and so does the
-    runner by default); Trainer's eval_loss on them is fastlm's x 127/128: Trainer 5.24 divides GPT-2's summed
-    loss by every label in the block, fastlm by the 127 next-token targets."""
+    runner by default), blocks of run_clm's default size (GPT-2's 1024); Trainer's eval_loss on them is fastlm's
+    x 1023/1024: Trainer 5.24 divides GPT-2's summed loss by every label in the block, fastlm by the 1023
+    next-token targets."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
     out, results = clm_run
-    blocks, rows = _run_clm_blocks(AutoTokenizer.from_pretrained(out), files[1])
+    blocks, rows = _run_clm_blocks(AutoTokenizer.from_pretrained(out), files[1], 1024)
     assert sum(row.isspace() for row in rows) > 5  # the whitespace-only rows are there to be kept
-    assert results["eval_blocks"] == len(blocks) and results["eval_tokens"] == len(blocks) * 127
+    assert results["eval_blocks"] == len(blocks) > 0 and results["eval_tokens"] == len(blocks) * 1023
     dataset = [{"input_ids": torch.from_numpy(row), "labels": torch.from_numpy(row)} for row in blocks]
     trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(out), data_collator=default_data_collator,
                       args=TrainingArguments(output_dir=str(out / "hf"), per_device_eval_batch_size=8, report_to=[],
                                              use_cpu=True), eval_dataset=dataset)
     hf = trainer.evaluate()  # batch losses weighted by batch size: the tail batch is no bias here
-    assert hf["eval_loss"] == pytest.approx(results["eval_loss"] * 127 / 128, rel=1e-5)
+    assert hf["eval_loss"] == pytest.approx(results["eval_loss"] * 1023 / 1024, rel=1e-5)
 
 
 def test_evaluate_only_and_the_shared_store_cache(clm_run, files, tmp_path, monkeypatch):
@@ -159,6 +171,7 @@ def test_the_tutorial_training_arguments(gpt2_dir, files, tmp_path, capsys):
     push_to_hub=True) as flags, with HF's epoch/save/logging strategies and a fractional epoch count."""
     argv = ["--model_name_or_path", str(gpt2_dir), "--train_file", str(files[0]), "--validation_file", str(files[1]),
             "--max_train_samples", "24", "--max_eval_samples", "8", "--disable_tqdm",  # 3 steps an epoch, 1 eval batch
+            "--block_size", "128",
             "--output_dir", str(tmp_path), "--eval_strategy", "epoch", "--learning_rate", "2e-5",
             "--weight_decay", "0.01", "--push_to_hub", "--num_train_epochs", "1.5", "--logging_strategy", "epoch",
             "--save_strategy", "epoch", "--save_total_limit", "1"]
@@ -169,9 +182,8 @@ def test_the_tutorial_training_arguments(gpt2_dir, files, tmp_path, capsys):
     metrics = _metrics(tmp_path)
     assert [m["step"] for m in metrics if "eval_loss" in m] == [per_epoch, results["steps"]]
     assert [m["step"] for m in metrics if "loss" in m] == [per_epoch, results["steps"]]
-    checkpoints = tmp_path / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == [f"step{per_epoch}"]  # limit 1
-    assert (checkpoints / "latest").read_text().strip() == f"step{per_epoch}"
+    saved = [p.name for p in tmp_path.iterdir() if "checkpoint" in p.name]
+    assert saved == [f"checkpoint-{per_epoch}"]  # limit 1; the last step is not an epoch's end
 
     # A new run into the same output_dir would leave those checkpoints for a later --resume to pick up.
     with pytest.raises(SystemExit) as exit_:
@@ -179,7 +191,7 @@ def test_the_tutorial_training_arguments(gpt2_dir, files, tmp_path, capsys):
     assert exit_.value.code == 2
     assert "holds the checkpoints of an earlier run" in capsys.readouterr().err
     run.train([*argv[:argv.index("--eval_strategy")], "--max_steps", "1", "--overwrite_output_dir", "--disable_tqdm"])
-    assert not checkpoints.exists()
+    assert not any("checkpoint" in p.name for p in tmp_path.iterdir())
     assert [m["step"] for m in _metrics(tmp_path) if "loss" in m] == [1]
 
 
@@ -197,7 +209,7 @@ def test_run_mlm_readme_command_with_line_by_line(bert_dir, files, tmp_path):
 
 def test_max_samples_take_the_first_blocks(gpt2_dir, files, tmp_path):
     results = run.train(_readme_command(gpt2_dir, files, tmp_path, "--max_train_samples", "16", "--max_eval_samples",
-                                        "3", "--num_train_epochs", "1", "--disable_tqdm"))
+                                        "3", "--num_train_epochs", "1", "--block_size", "128", "--disable_tqdm"))
     assert results["train_blocks"] == 16 and results["steps"] == 2
     assert results["eval_blocks"] == 3 and results["eval_tokens"] == 3 * 127
 

@@ -300,6 +300,25 @@ def test_evaluation_weights_ragged_batches_by_tokens(clm_stores):
     assert abs(np.mean(batch_means) - nll_sum / count) > 1e-4  # the data really is ragged
 
 
+def test_evaluation_shows_progress_on_rank_0_unless_disabled(clm_stores, capsys, monkeypatch):
+    """A long evaluation shows a bar of its batches, as training shows its steps (--disable_tqdm: none)."""
+    from fastlm import pack_blocks
+    from fastlm.store import TokenStore
+
+    monkeypatch.setattr(dist, "sum_in_place", lambda tensor: tensor)  # one process, no process group
+    store = TokenStore.open(clm_stores[1])
+    sets = [data.EvalSet("valid", pack_blocks(store.tokens, store.offsets[:31], 64), int(store.offsets[30]))]
+    engine = _PlainEngine(_tiny_gpt(store.meta["vocab_size"]))
+    n_batches = -(-len(sets[0].blocks) // 8)
+    shown = evaluation.evaluate_sets(engine, sets, task="clm", batch_size=8, rank=0, world_size=1, progress=True)
+    err = capsys.readouterr().err
+    assert n_batches > 2 and "eval valid:" in err and f"{n_batches - 1}/{n_batches}" in err
+    quiet = evaluation.evaluate_sets(engine, sets, task="clm", batch_size=8, rank=0, world_size=1, progress=False)
+    assert quiet == shown and "eval valid" not in capsys.readouterr().err
+    evaluation.evaluate_sets(engine, sets, task="clm", batch_size=8, rank=1, world_size=1, progress=True)
+    assert "eval valid" not in capsys.readouterr().err  # rank 0 only
+
+
 def test_evaluation_without_targets_reports_nan_perplexity():
     """One-token documents packed whole hold no CLM target (each document's first token is never one)."""
     from fastlm import pack_documents
@@ -348,7 +367,8 @@ def test_clm_run_learns_and_writes_its_outputs(clm_run):
     assert np.mean([losses[s] for s in range(26, 31)]) < np.mean([losses[s] for s in range(1, 6)]) - 0.5
     records = _metrics(out)
     assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "tokens_seen"} <= set(records[0])
-    assert records[0]["lr"] == pytest.approx(1e-3)  # warmup: 1/3 of the peak after the first step
+    # The rate each step took, as Trainer logs it: warmup starts at 0 and reaches the peak at step 4.
+    assert [m["lr"] for m in records if "loss" in m][:5] == pytest.approx([0.0, 1e-3, 2e-3, 3e-3, 3e-3 * 26 / 27])
     evals = [m for m in records if "perplexity" in m]
     assert [m["step"] for m in evals] == [15, 30]
     assert results["perplexity"] == evals[-1]["perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
@@ -356,7 +376,31 @@ def test_clm_run_learns_and_writes_its_outputs(clm_run):
     saved = json.loads((out / "results.json").read_text())
     assert saved["perplexity"] == results["perplexity"] and saved["wall_time_s"] > 0
     assert (out / "loss.png").stat().st_size > 1000
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step15", "step30"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint", ".tmp"))) == [
+        "checkpoint-15", "checkpoint-30"]
+
+
+def test_checkpoints_are_in_trainers_layout_and_load_with_from_pretrained(clm_run):
+    """checkpoint-N/ as Trainer with DeepSpeed leaves it: the model and tokenizer (from_pretrained), the
+    trainer_state.json of that step, DeepSpeed's state in global_stepN/ named by DeepSpeed's `latest`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = clm_run
+    checkpoint = out / "checkpoint-15"
+    assert (checkpoint / "latest").read_text() == "global_step15"
+    assert (checkpoint / "global_step15" / "mp_rank_00_model_states.pt").is_file()
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["global_step"] == 15 and [e["step"] for e in state["log_history"]][-2:] == [15, 15]
+    saved = json.loads((checkpoint / checkpoints.CHECKPOINT_SETTINGS).read_text())["files"]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "latest",
+            "global_step15/mp_rank_00_model_states.pt"} <= set(saved)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    ids = AutoTokenizer.from_pretrained(checkpoint)("The game", return_tensors="pt")["input_ids"]
+    module = torch.load(checkpoint / "global_step15" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert torch.equal(model.state_dict()["transformer.h.0.attn.c_attn.weight"],
+                       module["transformer.h.0.attn.c_attn.weight"])
+    assert model(ids).logits.isfinite().all()
 
 
 def test_saved_model_loads_and_matches_trainer_perplexity(clm_run, clm_stores, tmp_path):
@@ -389,8 +433,7 @@ def test_saved_model_loads_and_matches_trainer_perplexity(clm_run, clm_stores, t
 def test_resume_continues_exactly(clm_run, clm_stores, tmp_path):
     """Restart from the step-15 checkpoint of the 30-step run: steps 16..30 must repeat its losses."""
     out, _ = clm_run
-    shutil.copytree(out / "checkpoints" / "step15", tmp_path / "checkpoints" / "step15")
-    (tmp_path / "checkpoints" / "latest").write_text("step15")
+    _resume_from(out, 15, tmp_path)
     shutil.copy(out / "metrics.jsonl", tmp_path / "metrics.jsonl")
     resumed = run.train(_clm_args(clm_stores, tmp_path, "--max_steps", "30", "--warmup_steps", "3",
                                  "--save_steps", "15", "--eval_steps", "15", "--resume"))
@@ -418,8 +461,7 @@ def _deadline(seconds):
 
 
 def _resume_from(source, step, out):
-    shutil.copytree(Path(source) / "checkpoints" / f"step{step}", Path(out) / "checkpoints" / f"step{step}")
-    (Path(out) / "checkpoints" / "latest").write_text(f"step{step}")
+    shutil.copytree(Path(source) / f"checkpoint-{step}", Path(out) / f"checkpoint-{step}")
 
 
 def test_resume_with_another_global_batch_continues_at_the_same_sample_position(clm_run, clm_stores, tmp_path, capsys):
@@ -427,11 +469,15 @@ def test_resume_with_another_global_batch_continues_at_the_same_sample_position(
     batch 16 the run continues from there in steps of 16 samples, and says so."""
     out, _ = clm_run
     _resume_from(out, 15, tmp_path)
-    argv = _clm_args(clm_stores, tmp_path, "--max_steps", "18", "--warmup_steps", "3", "--resume")
+    _resume_from(out, 30, tmp_path)  # --resume_from_checkpoint names the earlier one: HF's form
+    argv = _clm_args(clm_stores, tmp_path, "--max_steps", "18", "--warmup_steps", "3", "--resume_from_checkpoint",
+                     str(tmp_path / "checkpoint-15"))
     argv[argv.index("--per_device_train_batch_size") + 1] = "16"
     with _deadline(120):
         results = run.train(argv)
-    assert "the global batch changed from 8 (8 x 1 x 1, micro x accumulation x ranks) to 16" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "the global batch changed from 8 (8 x 1 x 1, micro x accumulation x ranks) to 16" in captured.out
+    assert f"checkpoint-30 in {tmp_path} come after checkpoint-15" in captured.err
     assert results["tokens_seen"] == (15 * 8 + 3 * 16) * 64
     assert results["ranks"]["blocks_trained"] == 3 * 16  # this run's samples: positions 120..167, no repeats
 
@@ -633,7 +679,8 @@ def test_resume_on_another_rank_count_repeats_the_losses(dropout_free_run, tmp_p
     assert sorted(b) == [5, 6, 7, 8]
     for step in b:
         assert b[step] == pytest.approx(a[step], rel=2e-5, abs=0), step
-    assert not (tmp_path / "checkpoints" / "step4_universal").exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoint-4").iterdir() if "global_step" in p.name) == ["global_step4"]
+    assert not (tmp_path / "checkpoint-4" / "latest_universal").exists()
     assert json.loads((tmp_path / "results.json").read_text())["world_size"] == 2
 
 
@@ -647,8 +694,7 @@ def test_resume_is_exact_across_an_epoch_boundary_with_accumulation(clm_stores, 
     full = run.train(_clm_args(small, tmp_path / "full", *argv))
     assert full["epochs"] > 2
     resumed_dir = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step6", resumed_dir / "checkpoints" / "step6")
-    (resumed_dir / "checkpoints" / "latest").write_text("step6")
+    _resume_from(tmp_path / "full", 6, resumed_dir)
     run.train(_clm_args(small, resumed_dir, *argv, "--resume"))
     a, b = _train_losses(tmp_path / "full"), _train_losses(resumed_dir)
     assert sorted(b) == list(range(7, 41))  # no metrics.jsonl was copied: only the resumed steps
@@ -819,21 +865,98 @@ def test_two_ranks_with_the_deepspeed_launcher(text_files, tmp_path):
     assert results["tokens_seen"] == 4 * 4 * 2 * 64
 
 
+@pytest.mark.parametrize("bad, message", [
+    (["--num_train_epochs", "0"], "fastlm train: error: --num_train_epochs must be > 0, got 0.0"),
+    (["--no_such_flag"], "fastlm train: error: unrecognized arguments: --no_such_flag"),
+])
+def test_torchrun_prints_a_refusal_once(bad, message, tmp_path):
+    """Under `torchrun --nproc_per_node 2` every rank parses the command line: the error is printed once
+    (rank 0), the usage only for an unknown flag and once, and every rank exits with status 2. torchrun's
+    own ChildFailedError block follows (it reports any non-zero exit; the runner cannot stop that)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",
+           str(dist.free_port()), str(ROOT / "fastlm" / "run.py"), "--train_store", "s", "--config_name", "gpt2-tiny",
+           "--output_dir", str(tmp_path), *bad]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "exitcode  : 2" in output
+    assert output.count("fastlm train: error:") == 1 and message in output, output[-3000:]
+    assert output.count("usage: fastlm train") == (1 if "unrecognized" in message else 0)
+
+
 # --- divergence and damaged checkpoints ---------------------------------------------------------------
 
 def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(clm_stores, tmp_path, capsys):
     """A learning rate of 1e6 makes the loss NaN at step 2: the run stops there with exit status 1 and one
-    line, `latest` still names step 1's checkpoint (which verifies), and no model or results are written."""
+    line, step 1's checkpoint (which verifies) is still the newest, and no model or results are written."""
     argv = _clm_args(clm_stores, tmp_path, "--learning_rate", "1e6", "--max_steps", "6", "--save_steps", "1")
     assert run.main(argv) == 1
     err = capsys.readouterr().err
     assert "fastlm train: error: training diverged at step 2: loss nan" in err and "Traceback" not in err
-    assert f"{tmp_path / 'checkpoints' / 'latest'} still names step1" in err
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step1"]
-    assert (tmp_path / "checkpoints" / "latest").read_text() == "step1"
-    checkpoints.verify_checkpoint(tmp_path / "checkpoints" / "step1",
-                                  json.loads((tmp_path / "checkpoints" / "step1" / checkpoints.CHECKPOINT_SETTINGS).read_text())["files"])
+    assert f"{tmp_path / 'checkpoint-1'} is still the newest checkpoint" in err
+    assert [p.name for p in tmp_path.iterdir() if "checkpoint" in p.name] == ["checkpoint-1"]
+    checkpoints.verify_checkpoint(tmp_path / "checkpoint-1",
+                                  json.loads((tmp_path / "checkpoint-1" / checkpoints.CHECKPOINT_SETTINGS).read_text())["files"])
     assert not (tmp_path / "config.json").exists() and not (tmp_path / "results.json").exists()
+
+
+_LIMITED_SAVE = """
+import resource, signal, sys
+from fastlm.train import checkpoints, main
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # as under `ulimit -f`: a write past the limit fails with EFBIG
+
+
+def limit_files():  # to 200 kB
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+save_checkpoint, save_model = checkpoints.save_checkpoint, main.save_model
+
+def save_checkpoint_under_a_limit(engine, output_dir, step, *args, **kwargs):
+    if step == 4:  # the first checkpoint is written, the second meets the limit
+        limit_files()
+    return save_checkpoint(engine, output_dir, step, *args, **kwargs)
+
+def save_model_under_a_limit(*args, **kwargs):
+    limit_files()
+    return save_model(*args, **kwargs)
+
+checkpoints.save_checkpoint = save_checkpoint_under_a_limit
+main.save_model = save_model_under_a_limit
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def _save_under_a_file_size_limit(argv):
+    proc = subprocess.run([sys.executable, "-c", _LIMITED_SAVE, *argv], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last_one(clm_stores, tmp_path):
+    """A file-size limit (or a full disk) met while checkpoint-4 is written: one line naming the file and
+    the errno, exit status 1, no traceback; nothing of checkpoint-4 is left and checkpoint-2 still verifies."""
+    error = _save_under_a_file_size_limit(_clm_args(clm_stores, tmp_path, "--max_steps", "6", "--save_steps", "2"))
+    assert error.startswith(f"fastlm train: error: step 4: cannot save checkpoint {tmp_path / 'checkpoint-4'}: "
+                            f"{tmp_path / '.tmp-checkpoint-4' / 'global_step4'}")
+    assert "[Errno 27] File too large" in error
+    assert f"{tmp_path / 'checkpoint-2'} is still the newest checkpoint" in error
+    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+    checkpoints.verify_checkpoint(tmp_path / "checkpoint-2",
+                                  json.loads((tmp_path / "checkpoint-2" / checkpoints.CHECKPOINT_SETTINGS).read_text())["files"])
+
+
+def test_a_final_model_that_cannot_be_written_is_one_line(clm_stores, tmp_path):
+    error = _save_under_a_file_size_limit(_clm_args(clm_stores, tmp_path, "--max_steps", "2"))
+    assert error == (f"fastlm train: error: step 2: cannot save the model in {tmp_path}: "
+                     f"{tmp_path / '.tmp-model' / 'model.safetensors'}: [Errno 27] File too large; the files there are "
+                     "as they were")
+    assert not (tmp_path / "config.json").exists() and not (tmp_path / ".tmp-model").exists()
 
 
 @pytest.mark.parametrize("stage", [0, 2])
@@ -857,8 +980,8 @@ def test_a_non_finite_gradient_stops_the_run_at_its_own_step(stage, clm_stores, 
     argv = _clm_args(clm_stores, tmp_path, "--max_steps", "5", "--save_steps", "2", "--zero_stage", str(stage))
     with pytest.raises(Diverged, match=r"training diverged at step 3: loss \d.*gradient norm (nan|inf)"):
         run.train(argv)
-    assert (tmp_path / "checkpoints" / "latest").read_text() == "step2"
-    assert not (tmp_path / "checkpoints" / "step4").exists() and not (tmp_path / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if "checkpoint" in p.name] == ["checkpoint-2"]
+    assert not (tmp_path / "config.json").exists()
 
 
 def _flip_a_bit(path):
@@ -874,16 +997,20 @@ def _truncate(path):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda step: _flip_a_bit(step / "mp_rank_00_model_states.pt"), "mp_rank_00_model_states.pt is corrupt"),
-    (lambda step: _truncate(step / "mp_rank_00_model_states.pt"), "mp_rank_00_model_states.pt is truncated"),
-    (lambda step: (step / "mp_rank_00_model_states.pt").unlink(), "mp_rank_00_model_states.pt is missing"),
+    (lambda step: _flip_a_bit(step / "global_step15" / "mp_rank_00_model_states.pt"),
+     "mp_rank_00_model_states.pt is corrupt"),
+    (lambda step: _truncate(step / "global_step15" / "mp_rank_00_model_states.pt"),
+     "mp_rank_00_model_states.pt is truncated"),
+    (lambda step: (step / "global_step15" / "mp_rank_00_model_states.pt").unlink(),
+     "mp_rank_00_model_states.pt is missing"),
+    (lambda step: _flip_a_bit(step / "model.safetensors"), "model.safetensors is corrupt"),
     (lambda step: (step / checkpoints.CHECKPOINT_SETTINGS).unlink(), "fastlm.json is missing"),
-    (lambda step: (step.parent / "latest").write_text("step99"), "names checkpoint 'step99', which is not a directory"),
+    (lambda step: (step / "latest").write_text("global_step99"), "names 'global_step99', which is not a directory"),
 ])
 def test_a_damaged_checkpoint_is_refused_naming_the_file(damage, message, clm_run, clm_stores, tmp_path, capsys):
     out, _ = clm_run
     _resume_from(out, 15, tmp_path)
-    damage(tmp_path / "checkpoints" / "step15")
+    damage(tmp_path / "checkpoint-15")
     with _deadline(120), pytest.raises(SystemExit) as exit_:
         run.train(_clm_args(clm_stores, tmp_path, "--max_steps", "30", "--warmup_steps", "3", "--resume"))
     assert exit_.value.code == 2
@@ -900,12 +1027,12 @@ def test_a_checkpoint_with_pickled_code_is_refused_and_the_code_never_runs(clm_r
 
     out, _ = clm_run
     _resume_from(out, 15, tmp_path)
-    step = tmp_path / "checkpoints" / "step15"
+    step = tmp_path / "checkpoint-15"
     marker = tmp_path / "ran"
-    plant(step / "mp_rank_00_model_states.pt", Payload("system", marker))
+    name = "global_step15/mp_rank_00_model_states.pt"
+    plant(step / name, Payload("system", marker))
     record = json.loads((step / checkpoints.CHECKPOINT_SETTINGS).read_text())
-    path = step / "mp_rank_00_model_states.pt"
-    record["files"]["mp_rank_00_model_states.pt"] = [path.stat().st_size, sha256_file(path)]
+    record["files"][name] = [(step / name).stat().st_size, sha256_file(step / name)]
     (step / checkpoints.CHECKPOINT_SETTINGS).write_text(json.dumps(record))
     with _deadline(120), pytest.raises(SystemExit) as exit_:
         run.train(_clm_args(clm_stores, tmp_path, "--max_steps", "30", "--warmup_steps", "3", "--resume"))

@@ -1,13 +1,20 @@
-"""The runner's checkpoints: DeepSpeed checkpoints with fastlm.json beside each (data layout, the settings
-that change the result, the size and sha256 of every file), verified and compared before a resume builds
-anything, and converted to DeepSpeed's universal format when the rank count changes.
+"""The runner's checkpoints, in the layout Trainer with DeepSpeed writes: <output_dir>/checkpoint-N/ holds the
+model and tokenizer (from_pretrained loads it) and trainer_state.json, DeepSpeed's state in global_stepN/ with
+DeepSpeed's `latest` file naming it, and fastlm.json (data layout, the settings that change the result, the
+size and sha256 of every file). A checkpoint is written under a temporary name and renamed when complete; it
+is verified and compared before a resume builds anything, and converted to DeepSpeed's universal format when
+the rank count changes.
 """
 import argparse
 import contextlib
+import errno
 import io
 import json
 import os
+import re
+import resource
 import shutil
+from pathlib import Path
 
 from deepspeed.checkpoint import ds_to_universal
 
@@ -15,7 +22,7 @@ from fastlm.store import sha256_file
 from fastlm.train import config as run_config
 from fastlm.train import outputs
 from fastlm.train.dist import rank0_then_others
-from fastlm.train.errors import ConfigError
+from fastlm.train.errors import CheckpointFailed, ConfigError
 from fastlm.train.safe_load import rng_state
 from fastlm.train.sampling import describe_sources
 
@@ -71,42 +78,99 @@ def universal_if_resharded(ckpt_dir, tag, *, world_size, rank):
 CHECKPOINT_SETTINGS = "fastlm.json"
 
 
-def save_checkpoint(engine, ckpt_dir, tag, state, *, layout, settings, rank):
-    """A DeepSpeed checkpoint with the data position and RNG state in its client state. Then rank 0 writes
-    fastlm.json beside it (data layout, settings, and the size and sha256 of every file, which --resume
-    verifies) and only then points `latest` at it, atomically: `latest` never names a checkpoint that is
-    incomplete or cannot be verified (DeepSpeed's own `latest` is written in place, before ours could be)."""
-    directory = ckpt_dir / tag
-    if rank == 0:  # a stale directory of the same name (an abandoned run's) would mix its files into this one
-        shutil.rmtree(directory, ignore_errors=True)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**state, "rng": rng_state()}, save_latest=False)
-    if rank != 0:
-        return
-    # save_checkpoint ends with a barrier: every rank's files are written.
-    files = {str(path.relative_to(directory)): [path.stat().st_size, sha256_file(path)]
-             for path in sorted(directory.rglob("*")) if path.is_file() and path.name != CHECKPOINT_SETTINGS}
-    outputs.write_json(directory / CHECKPOINT_SETTINGS, {"layout": layout, "settings": settings, "files": files})
-    outputs.write_text(ckpt_dir / "latest", tag)
+def deepspeed_tag(step):
+    return f"global_step{step}"  # what Trainer names DeepSpeed's state inside checkpoint-N
 
 
-def checkpoint_to_resume(ckpt_dir, tag=None):
-    """(the tag to resume: `tag`, else the one `latest` names; its fastlm.json); one-line errors for a
-    dangling `latest` or a missing or unreadable fastlm.json."""
-    if tag is None:
-        latest = ckpt_dir / "latest"
-        tag = latest.read_text().strip()
-        if not tag or not (ckpt_dir / tag).is_dir():
-            raise ConfigError(f"--resume: {latest} names checkpoint {tag!r}, which is not a directory in "
-                              f"{ckpt_dir}; point it at one of the checkpoints there, or start a new run")
-    path = ckpt_dir / tag / CHECKPOINT_SETTINGS
+def save_checkpoint(engine, output_dir, step, state, *, layout, settings, rank, write_hf_files):
+    """<output_dir>/checkpoint-<step>: DeepSpeed's state (global_step<step>/, with the data position and RNG
+    state in its client state, and DeepSpeed's `latest`), then on rank 0 write_hf_files(directory) (the
+    model, tokenizer and trainer_state.json) and fastlm.json (data layout, settings, and the size and sha256
+    of every file, which --resume verifies). All of it goes into a temporary directory that is renamed when
+    complete: a checkpoint-N directory is never incomplete, so --resume never picks a half-written one.
+    A write that fails (disk full, file-size limit) raises CheckpointFailed naming the file and the errno;
+    the temporary directory is removed and the checkpoints saved before stay as they were."""
+    final = outputs.checkpoint_path(output_dir, step)
+    staging = output_dir / f".tmp-{final.name}"
+    if rank == 0:  # an abandoned save's files would mix into this one
+        shutil.rmtree(staging, ignore_errors=True)
+    try:
+        engine.save_checkpoint(str(staging), tag=deepspeed_tag(step), client_state={**state, "rng": rng_state()})
+        write_hf_files(staging)  # ZeRO-3 gathers the weights here: every rank takes part
+        if rank != 0:
+            return
+        # save_checkpoint ends with a barrier: every rank's files are written.
+        files = {str(path.relative_to(staging)): [path.stat().st_size, sha256_file(path)]
+                 for path in sorted(staging.rglob("*")) if path.is_file()}
+        outputs.write_json(staging / CHECKPOINT_SETTINGS, {"layout": layout, "settings": settings, "files": files})
+    except Exception as error:
+        failure = write_failure(error, staging)
+        if failure is None:
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        kept = outputs.newest_checkpoint(output_dir)
+        kept = f"{kept} is still the newest checkpoint" if kept else "no checkpoint was saved before"
+        raise CheckpointFailed(f"step {step}: cannot save checkpoint {final}: {failure}; nothing of it was kept "
+                               f"({kept}). Free space there (or raise the file-size limit, ulimit -f), then "
+                               "--resume") from None
+    outputs.replace_directory(staging, final)
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def write_failure(error, directory):
+    """'<file>: [Errno N] <reason>' for an error that is a failed write under `directory`, else None (then it
+    is some other error, raised as it is). OSError carries its errno; safetensors' and tokenizers' (Rust)
+    errors say `(os error N)`; torch.save's `RuntimeError: [enforce fail at inline_container.cc]` says neither:
+    then the errno is found from the file-size limit or the free space that stopped it. The file is the one
+    the innermost writing call of the traceback was given (else the one written last)."""
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    code = error.errno if isinstance(error, OSError) else int(found.group(1)) if found else None
+    path = _file_being_written(error, directory)
+    if code not in _WRITE_ERRNOS:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if path is not None and path.is_file() and limit != resource.RLIM_INFINITY and path.stat().st_size >= limit:
+            code = errno.EFBIG
+        elif path is not None and shutil.disk_usage(directory).free < 1 << 20:
+            code = errno.ENOSPC
+        else:
+            return None
+    return f"{path or directory}: [Errno {code}] {os.strerror(code)}"
+
+
+def _file_being_written(error, directory):
+    """The innermost path under `directory` among the arguments of the error's traceback frames, else the
+    file under it written last, else None."""
+    root, path = f"{directory}{os.sep}", None
+    frame = error.__traceback__
+    while frame is not None:
+        for value in frame.tb_frame.f_locals.values():
+            if isinstance(value, (str, os.PathLike)) and os.fspath(value).startswith(root):
+                path = Path(value)
+        frame = frame.tb_next
+    if path is not None:
+        return path
+    files = [p for p in directory.rglob("*") if p.is_file()] if directory.is_dir() else []
+    return max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def checkpoint_to_resume(directory):
+    """(the DeepSpeed tag in checkpoint `directory` that its `latest` names, its fastlm.json); one-line errors
+    for a dangling `latest` or a missing or unreadable fastlm.json."""
+    advice = "give --resume_from_checkpoint another checkpoint-N, or start a new run"
+    latest = directory / "latest"
+    tag = latest.read_text().strip() if latest.is_file() else ""
+    if not tag or not (directory / tag).is_dir():
+        raise ConfigError(f"--resume: {latest} names {tag!r}, which is not a directory in {directory}; {advice}")
+    path = directory / CHECKPOINT_SETTINGS
     try:
         return tag, json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"--resume: {path} is missing: the checkpoint was saved incompletely or by an older "
-                          "fastlm, so it cannot be verified; point checkpoints/latest at another one, or start a new run") from None
+                          f"fastlm, so it cannot be verified; {advice}") from None
     except (OSError, ValueError) as error:
-        raise ConfigError(f"--resume: cannot read {path} ({error}); point checkpoints/latest at another "
-                          "checkpoint, or start a new run") from None
+        raise ConfigError(f"--resume: cannot read {path} ({error}); {advice}") from None
 
 
 def verify_checkpoint(directory, files):
@@ -114,7 +178,7 @@ def verify_checkpoint(directory, files):
     if files is None:
         raise ConfigError(f"--resume: {directory / CHECKPOINT_SETTINGS} records no checksums (saved by an older "
                           "fastlm), so the checkpoint cannot be verified; start a new run")
-    advice = "point checkpoints/latest at another checkpoint, or start a new run"
+    advice = "give --resume_from_checkpoint another checkpoint-N, or start a new run"
     for name, (size, digest) in sorted(files.items()):
         path = directory / name
         if not path.is_file():

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastlm.tokenizer import check_trained_vocab_size
-from fastlm.train import deepspeed_config, flags, hf_flags
+from fastlm.train import deepspeed_config, flags, hf_flags, outputs
 from fastlm.train.errors import ConfigError, fail
 from fastlm.train.model import model_type_task
 from fastlm.train.sources import Source, eval_sources, train_sources
@@ -80,7 +80,7 @@ class DataConfig:
     validation_split_percentage: float = 5.0
     max_train_samples: int = None
     max_eval_samples: int = None
-    block_size: int = 128
+    block_size: int = None  # None: run_clm/run_mlm's default, resolved once the tokenizer is known
     packing: str = "blocks"
     separator: str = "none"
     mlm_probability: float = 0.15
@@ -114,7 +114,7 @@ class DataConfig:
         if self.line_by_line and (self.packing != "blocks" or self.eval_stride):
             raise ConfigError("--line_by_line puts one line in each block: it does not go with --packing documents "
                               "or --eval_stride")
-        if self.eval_stride is not None and not 1 <= self.eval_stride <= self.block_size:
+        if self.eval_stride is not None and not 1 <= self.eval_stride <= (self.block_size or self.eval_stride):
             raise ConfigError(f"--eval_stride must be in [1, block_size={self.block_size}], got {self.eval_stride}")
 
     @property
@@ -160,7 +160,7 @@ class OptimConfig:
 
 @_frozen
 class CheckpointConfig:
-    """Where a run writes (output_dir), when it saves DeepSpeed checkpoints, and what it resumes from."""
+    """Where a run writes (output_dir), when it saves checkpoints (output_dir/checkpoint-N), what it resumes from."""
     output_dir: Path = Path("runs/fastlm")
     overwrite_output_dir: bool = False
     save_strategy: str = "no"
@@ -179,32 +179,26 @@ class CheckpointConfig:
             if self.overwrite_output_dir:
                 raise ConfigError("--overwrite_output_dir deletes the checkpoints that --resume would continue from; "
                                   "give one of them")
-            directory, tag = self.resume_point()
-            if tag is None and not (directory / "latest").is_file():
-                raise ConfigError(f"--resume: no checkpoint in {directory} (no 'latest' file)")
-
-    @property
-    def directory(self):
-        return self.output_dir / "checkpoints"
+            self.resume_point()  # a one-line error when there is none
 
     def holds_checkpoints(self):
-        return self.directory.is_dir() and any(self.directory.iterdir())
+        return bool(outputs.list_checkpoints(self.output_dir))
 
     def resume_point(self):
-        """(checkpoint directory, tag or None for its `latest`) that --resume / --resume_from_checkpoint load.
-        PATH may be one checkpoint (a DeepSpeed tag directory), a directory of them, or an output_dir."""
+        """The checkpoint-N directory that --resume / --resume_from_checkpoint continue from. PATH may be one
+        checkpoint (holding DeepSpeed's `latest` file) or an output_dir (its newest checkpoint-N)."""
         given = self.resume_from_checkpoint
-        if not given or given.lower() in hf_flags.TRUTHY:
-            return self.directory, None
-        path = Path(given)
-        if (path / "latest").is_file():
-            return path, None
-        if (path / "checkpoints" / "latest").is_file():
-            return path / "checkpoints", None
-        if path.is_dir() and any(path.glob("*model_states.pt")):
-            return path.parent, path.name
-        raise ConfigError(f"--resume_from_checkpoint {given}: not a checkpoint, nor a directory holding checkpoints "
-                          "(a 'latest' file)")
+        bare = not given or given.lower() in hf_flags.TRUTHY
+        path = self.output_dir if bare else Path(given)
+        if not bare and (path / "latest").is_file():
+            return path
+        newest = outputs.newest_checkpoint(path)
+        if newest is not None:
+            return newest
+        if bare:
+            raise ConfigError(f"--resume: no checkpoint in {path} (no checkpoint-N directory)")
+        raise ConfigError(f"--resume_from_checkpoint {given}: not a checkpoint (no DeepSpeed 'latest' file), nor "
+                          "a directory holding checkpoint-N directories")
 
 
 @_frozen
@@ -267,10 +261,11 @@ class RunConfig:
             raise ConfigError("--do_train needs a training source: --train_store, --train_file or --dataset_name")
         if (self.do_train and not self.checkpoint.resume and self.checkpoint.holds_checkpoints()
                 and not self.checkpoint.overwrite_output_dir):
+            newest = outputs.newest_checkpoint(self.checkpoint.output_dir)
             raise ConfigError(f"--output_dir {self.checkpoint.output_dir} holds the checkpoints of an earlier run "
-                              f"({self.checkpoint.directory}): continue it with --resume (or --resume_from_checkpoint), "
+                              f"(the newest: {newest.name}): continue it with --resume (or --resume_from_checkpoint), "
                               "or start over with --overwrite_output_dir, which deletes them")
-        if task == "clm" and data.block_size < 2:
+        if task == "clm" and data.block_size is not None and data.block_size < 2:
             raise ConfigError(f"--block_size must be >= 2 for clm (a block of n tokens holds n - 1 next-token "
                               f"targets), got {data.block_size}")
         if task == "mlm" and not 0 < data.mlm_probability < 1:

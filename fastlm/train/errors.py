@@ -1,7 +1,8 @@
-"""The runner's two kinds of failure, and its one-line warnings.
+"""The runner's kinds of failure, and its one-line warnings.
 
 A ConfigError is the user's to fix before anything starts (one line, exit status 2); Diverged stops a run
-whose loss or gradient norm stopped being finite (exit status 1). Both print once, on rank 0.
+whose loss or gradient norm stopped being finite, CheckpointFailed one that could not write a checkpoint
+(exit status 1). Each prints one line, once.
 """
 import os
 import sys
@@ -13,6 +14,10 @@ class ConfigError(ValueError):
 
 class Diverged(RuntimeError):
     """The training loss or gradient norm stopped being finite; nothing from that step on was saved."""
+
+
+class CheckpointFailed(RuntimeError):
+    """A checkpoint or the final model could not be written (disk full, file-size limit); what was there is kept."""
 
 
 def is_rank0():

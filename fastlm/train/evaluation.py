@@ -8,6 +8,7 @@ the tokenizer.
 import math
 
 import torch
+from tqdm.auto import tqdm
 
 from fastlm.train import dist
 from fastlm.train.model import model_inputs, position_offset
@@ -37,14 +38,15 @@ def bits_per_byte(nll_sum, n_targets, *, n_tokens, n_bytes):
     return nll_sum / math.log(2) / (n_bytes * n_targets / n_tokens)
 
 
-def evaluate_sets(engine, eval_sets, *, task, batch_size, rank, world_size, masker=None):
+def evaluate_sets(engine, eval_sets, *, task, batch_size, rank, world_size, masker=None, progress=False):
     """Every evaluation set in turn: eval_<name>_loss, eval_<name>_perplexity, eval_<name>_tokens and, where
     the set's store records its text's bytes, eval_<name>_bits_per_byte (Trainer's eval_<name>_ prefix for
-    several sets); the first set's values also as eval_loss, perplexity, eval_tokens, eval_bits_per_byte."""
+    several sets); the first set's values also as eval_loss, perplexity, eval_tokens, eval_bits_per_byte.
+    progress: a progress bar of each set's batches on rank 0, as training shows its steps."""
     results = {}
     for i, eval_set in enumerate(eval_sets):
         result = evaluate(engine, eval_set.blocks, task=task, batch_size=batch_size, rank=rank, world_size=world_size,
-                          masker=masker)
+                          masker=masker, progress=f"eval {eval_set.name}" if progress and rank == 0 else None)
         if eval_set.n_bytes and result["eval_tokens"]:
             nll_sum = result["eval_loss"] * result["eval_tokens"]
             result["eval_bits_per_byte"] = bits_per_byte(nll_sum, result["eval_tokens"], n_tokens=eval_set.n_tokens,
@@ -55,16 +57,19 @@ def evaluate_sets(engine, eval_sets, *, task, batch_size, rank, world_size, mask
     return results
 
 
-def evaluate(engine, blocks, *, task, batch_size, rank, world_size, masker=None):
-    """Token-weighted evaluation over all ranks: {"eval_loss", "perplexity", "eval_tokens"}."""
+def evaluate(engine, blocks, *, task, batch_size, rank, world_size, masker=None, progress=None):
+    """Token-weighted evaluation over all ranks: {"eval_loss", "perplexity", "eval_tokens"}. progress: the
+    description of a progress bar over this rank's batches (None: no bar)."""
     totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
     config, dtype = engine.module.config, engine.module.dtype
     was_training = engine.module.training
     engine.eval()
     with torch.no_grad():
-        for batch, counts in eval_batches(blocks, batch_size=batch_size, rank=rank,
-                                          world_size=world_size, masker=masker,
-                                          position_offset=position_offset(engine.module.config)):
+        batches = eval_batches(blocks, batch_size=batch_size, rank=rank, world_size=world_size, masker=masker,
+                               position_offset=position_offset(engine.module.config))
+        per_rank = -(-len(blocks) // world_size)
+        for batch, counts in tqdm(batches, total=-(-per_rank // batch_size), desc=progress, disable=progress is None,
+                                  leave=False, dynamic_ncols=True):
             batch = {k: torch.from_numpy(v).to(engine.device) for k, v in batch.items()}
             labels = batch.pop("labels")
             rows_nll, rows_targets = engine(labels=labels, **model_inputs(batch, config, task=task, dtype=dtype))

@@ -5,13 +5,14 @@ checks and the typed configuration are in config.py.
 import argparse
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
 
 from fastlm.train import hf_flags
-from fastlm.train.errors import fail
+from fastlm.train.errors import fail, is_rank0
 from fastlm.train.model import PRESETS
 
 TASKS = ("auto", "clm", "mlm")
@@ -83,8 +84,9 @@ class Flags:
     )
     max_train_samples: int = dataclasses.field(default=None, **_help("train on the first N blocks only"))
     max_eval_samples: int = dataclasses.field(default=None, **_help("evaluate on the first N blocks only"))
-    block_size: int = dataclasses.field(default=128, **_help("tokens per block (run_mlm: --max_seq_length)",
-                                                             aliases=("--max_seq_length",)))
+    block_size: int = dataclasses.field(default=None, **_help(
+        "tokens per block (run_mlm: --max_seq_length); default as run_clm/run_mlm: the tokenizer's model_max_length, "
+        "at most 1024 (and the model's positions)", aliases=("--max_seq_length",)))
     packing: str = dataclasses.field(
         default="blocks", **_help("blocks: cut the document stream; documents: best-fit whole documents", choices=PACKINGS)
     )
@@ -175,8 +177,18 @@ def _str_to_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage and error (an unknown flag) print once: every rank of a launch parses the same
+    command line, and the ranks other than 0 exit with the same status without a word."""
+
+    def error(self, message):
+        if not is_rank0():
+            sys.exit(2)
+        super().error(message)
+
+
 def _parser(suppress_defaults=False):
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fastlm train", description=DESCRIPTION, conflict_handler="resolve",
         argument_default=argparse.SUPPRESS if suppress_defaults else None,
     )

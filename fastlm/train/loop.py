@@ -92,13 +92,13 @@ class Trainer:
             return self.times
         for dataset, first, batches in self._step_batches():
             t0 = time.perf_counter()
-            step_nll, targets, tokens, grad_norm = self._optimizer_step(batches, first)
+            step_nll, targets, tokens, grad_norm, lr = self._optimizer_step(batches, first)
             state.step += 1
             last = first + accum - 1
             epoch_end = last + 1 == len(dataset)
             state.epoch, state.sample = (state.epoch + 1, 0) if epoch_end else (state.epoch, dataset.end_position(last))
             self._count(dataset, last, tokens)
-            self.log.step_done(step_nll, targets=targets, tokens=tokens, grad_norm=grad_norm)
+            self.log.step_done(step_nll, targets=targets, tokens=tokens, grad_norm=grad_norm, lr=lr)
             self.after_step(epoch_end, dataset.new_source_epochs(last) if self.rank == 0 else ())
             self.times.steps += time.perf_counter() - t0
             if state.step >= self.total_steps:
@@ -106,7 +106,7 @@ class Trainer:
 
     def _optimizer_step(self, batches, first):
         """One optimizer step over its micro batches: (summed token NLL on the device, this rank's targets and
-        tokens, the gradient norm)."""
+        tokens, the gradient norm, the learning rate it stepped with)."""
         engine, accum, shift = self.engine, self.optim.gradient_accumulation_steps, self.task == "clm"
         targets = sum(_targets(batch["labels"], shift=shift) for batch in batches)
         loss_scale = accum * self.world_size / dist.sum_targets(targets, device=engine.device,
@@ -124,15 +124,18 @@ class Trainer:
                 self.log.add_source_rows(sources.to(engine.device), rows_nll.detach(), rows_targets,
                                          batch["attention_mask"].sum(1))
             engine.backward(nll * loss_scale)
-            if self.clip is not None and j == first + accum - 1:  # gradients reduced over ranks: clip them
-                grad_norm = _clip_gradients(engine.module, self.clip)
+            if j == first + accum - 1:
+                if self.clip is not None:  # gradients reduced over ranks: clip them
+                    grad_norm = _clip_gradients(engine.module, self.clip)
+                # The step's own rate, as Trainer logs it: engine.step() moves the schedule on to the next.
+                lr = engine.get_lr()[0]
             engine.step()
             step_nll += nll.detach()
         # DeepSpeed skips the update of a step whose gradients are not finite, and reports its norm as inf.
         # With fp16's dynamic loss scaling that is routine (the scale drops); in bf16 or fp32 it is divergence.
         if self.clip is None and not (self.optim.precision == "fp16" and not engine.was_step_applied()):
             grad_norm = engine.get_global_grad_norm()
-        return step_nll, targets, tokens, grad_norm
+        return step_nll, targets, tokens, grad_norm, lr
 
     def _step_batches(self):
         """(dataset, index of the step's first micro batch, the step's micro batches) for every step from the

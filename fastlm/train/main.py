@@ -3,13 +3,16 @@ the loop, the final evaluation and what is left in --output_dir.
 
 Rank 0 logs and writes <output_dir>/metrics.jsonl, results.json, loss.png, the final model and tokenizer
 (at output_dir itself, loadable with from_pretrained, as run_clm.py leaves them), HF's
-all/train/eval_results.json and trainer_state.json, and DeepSpeed checkpoints (checkpoints/, with the data
-position and RNG state in client_state so --resume continues exactly). A configuration error is one line and
-exit status 2 before anything starts; a diverged run exits with status 1, naming the step.
+all/train/eval_results.json and trainer_state.json, and checkpoints in Trainer's layout (checkpoint-N/, with
+DeepSpeed's state carrying the data position and RNG state so --resume continues exactly). A configuration
+error is one line and exit status 2 before anything starts; a diverged run, or one that cannot write a
+checkpoint, exits with status 1, naming the step.
 """
 import contextlib
+import dataclasses
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -23,12 +26,13 @@ from deepspeed.utils import logger as ds_logger
 from tqdm.auto import tqdm
 
 from fastlm.train import checkpoints, config as run_config, data as data_plan, demo, deepspeed_config, dist, outputs
-from fastlm.train.errors import ConfigError, Diverged, fail, is_rank0
+from fastlm.train.errors import CheckpointFailed, ConfigError, Diverged, fail, is_rank0, warn
 from fastlm.train.evaluation import evaluate_sets
 from fastlm.train.heads import LMLoss
 from fastlm.train.loop import Trainer, TrainState, clipping_in_the_loop
 from fastlm.train.metrics import StepLog
-from fastlm.train.model import build_model, flops_per_token, param_groups, save_model
+from fastlm.train.model import (build_model, default_block_size, flops_per_token, param_groups, save_model,
+                                trainer_flops_per_token, write_model)
 from fastlm.train.safe_load import install_safe_checkpoint_engine, scan_checkpoint, set_rng_state, weights_only_loads
 from fastlm.train.schedule import Intervals, check_lr_schedule, lr_schedule
 from fastlm.train.stores import check_token_ids, check_tokenizers, open_or_prepare
@@ -38,10 +42,11 @@ from fastlm.train.watchdog import RankWatchdog
 
 def main(argv=None):
     """The command line (`python -m fastlm.run`, `fastlm train`): train, then return exit status 0.
-    Bad configurations exit with status 2 and one message; a diverged run with status 1."""
+    Bad configurations exit with status 2 and one message; a diverged run, or a checkpoint that cannot be
+    written, with status 1."""
     try:
         train(argv)
-    except Diverged as error:
+    except (Diverged, CheckpointFailed) as error:
         print(f"fastlm train: error: {error}", file=sys.stderr, flush=True)
         return 1
     return 0
@@ -86,7 +91,6 @@ class Run:
         self.rank, self.world_size, self.local_rank = dist.environment()
         self.device_type = dist.device_type()
         self.out = config.checkpoint.output_dir
-        self.ckpt_dir = config.checkpoint.directory
         self.metrics_path = self.out / "metrics.jsonl"
 
     def go(self):
@@ -103,8 +107,9 @@ class Run:
         if rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             if config.checkpoint.overwrite_output_dir and config.do_train:
-                outputs.clear_checkpoints(self.ckpt_dir)
+                outputs.clear_checkpoints(outputs.list_checkpoints(self.out))
         plan = self.plan()
+        config = self.config  # with the block size plan() resolved
         intervals = Intervals.of(config, plan.total_steps)
         layout = (checkpoints.data_layout(config.optim, world_size=world_size, train_blocks=plan.train_blocks)
                   if config.do_train else None)
@@ -112,6 +117,7 @@ class Run:
         if resume and resume[2]:
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
         engine, keep_alive, token_flops = self.engine(plan, ds_config, clip)
+        self.trainer_token_flops = trainer_flops_per_token(engine.module)
         state = TrainState.start(len(plan.train_blocks.sources) if plan.train_blocks is not None else 0)
         if resume:
             state = self.load(engine, resume, state)
@@ -134,6 +140,8 @@ class Run:
         stores = open_or_prepare(config.data, self.rank, self.held)
         check_tokenizers(stores)
         tokenizer = stores.load_tokenizer(config.data.tokenizer)
+        if config.data.block_size is None:
+            config = self.config = self.resolve_block_size(tokenizer)
         train_blocks, eval_sets = data_plan.plan(config.data, stores, tokenizer, do_train=config.do_train,
                                                  do_eval=config.do_eval)
         masker = data_plan.make_masker(config.data, tokenizer) if config.task == "mlm" else None
@@ -150,16 +158,29 @@ class Run:
             plan.total_steps = optim.max_steps or math.ceil(plan.steps_per_epoch * optim.num_train_epochs)
         return plan
 
+    def resolve_block_size(self, tokenizer):
+        """The configuration with the block size run_clm.py / run_mlm.py take when none is given (said once)."""
+        block_size, why = default_block_size(self.config.model, tokenizer)
+        if self.rank == 0:
+            print(f"[fastlm] block size {block_size}: {why}; --block_size sets another", flush=True)
+        return dataclasses.replace(self.config, data=dataclasses.replace(self.config.data, block_size=block_size))
+
     def resume_point(self, layout):
-        """(checkpoint directory, tag, universal): checked before the model is built, since another model shape
-        would fail inside DeepSpeed; converted to DeepSpeed's universal format when the rank count changed."""
+        """(checkpoint-N directory, DeepSpeed tag in it, universal): checked before the model is built, since
+        another model shape would fail inside DeepSpeed; converted to DeepSpeed's universal format when the
+        rank count changed."""
         rank = self.rank
-        resume_dir, tag = self.config.checkpoint.resume_point()
-        tag, saved = checkpoints.checkpoint_to_resume(resume_dir, tag)
-        dist.rank0_then_others(lambda: checkpoints.verify_checkpoint(resume_dir / tag, saved.get("files")), rank=rank,
+        resume_dir = self.config.checkpoint.resume_point()
+        tag, saved = checkpoints.checkpoint_to_resume(resume_dir)
+        found = outputs.list_checkpoints(self.out)
+        later = [p.name for p in found[found.index(resume_dir) + 1:]] if resume_dir in found else []
+        if later:
+            warn(f"{', '.join(later)} in {self.out} come after {resume_dir.name}: this run replaces them as it reaches "
+                 "their steps; until then a --resume picks the newest of them")
+        dist.rank0_then_others(lambda: checkpoints.verify_checkpoint(resume_dir, saved.get("files")), rank=rank,
                                what="verify the checkpoint")
         checkpoints.check_resumable(saved, checkpoints.resume_settings(self.config), layout, rank=rank)
-        dist.rank0_then_others(lambda: scan_checkpoint(resume_dir / tag), rank=rank,
+        dist.rank0_then_others(lambda: scan_checkpoint(resume_dir), rank=rank,
                                what="check the checkpoint for pickled code")
         with weights_only_loads():  # ds_to_universal calls torch.load(weights_only=False) itself
             tag, universal = checkpoints.universal_if_resharded(resume_dir, tag, world_size=self.world_size, rank=rank)
@@ -201,7 +222,7 @@ class Run:
         state = state.resumed(client_state)
         set_rng_state(client_state["rng"])
         if self.rank == 0:
-            print(f"[fastlm] resumed from {resume_dir / tag}: step {state.step}, epoch {state.epoch}, sample "
+            print(f"[fastlm] resumed from {resume_dir}: step {state.step}, epoch {state.epoch}, sample "
                   f"{state.sample}", flush=True)
         return state
 
@@ -240,7 +261,7 @@ class Run:
 
         def after_step(epoch_end, new_source_epochs):
             if intervals.log(state.step, epoch_end):
-                log.write_window(lr=engine.get_lr()[0])
+                log.write_window()
             for name, source_epoch in new_source_epochs:
                 print(f"[fastlm] step {state.step}: training source {name} ran out of blocks and starts its "
                       f"epoch {source_epoch} (reshuffled; the other sources go on)", flush=True)
@@ -248,10 +269,12 @@ class Run:
                 log.write(self.evaluate(engine, plan))
             if intervals.save(state.step, epoch_end):
                 log.flush()  # checks the steps since the last log line: no checkpoint of a diverged model
-                checkpoints.save_checkpoint(engine, self.ckpt_dir, f"step{state.step}", vars(state), layout=layout,
-                                            settings=settings, rank=rank)
+                checkpoints.save_checkpoint(engine, self.out, state.step, vars(state), layout=layout, settings=settings,
+                                            rank=rank, write_hf_files=lambda directory: self.write_hf_checkpoint(
+                                                engine, plan, state, intervals, directory))
                 if rank == 0 and config.checkpoint.save_total_limit:
-                    outputs.prune_checkpoints(self.ckpt_dir, config.checkpoint.save_total_limit)
+                    outputs.prune_checkpoints(outputs.list_checkpoints(self.out), config.checkpoint.save_total_limit,
+                                              saved=outputs.checkpoint_path(self.out, state.step))
 
         trainer = Trainer(engine, plan.train_blocks, state, task=config.task, optim=config.optim,
                           seed=config.data.seed, num_workers=config.runtime.dataloader_num_workers, masker=plan.masker,
@@ -262,14 +285,51 @@ class Run:
         except Diverged as error:
             self.trackers.finish("failed")
             self.diverged(error)
+        except CheckpointFailed as error:
+            self.checkpoint_failed(error)
         finally:
             log.bar.close()
         return trainer.first_epoch_positions(), times
 
+    def write_hf_checkpoint(self, engine, plan, state, intervals, directory):
+        """What Trainer puts in checkpoint-N beside DeepSpeed's state: the model and tokenizer (from_pretrained
+        loads the checkpoint) and trainer_state.json as of that step."""
+        write_model(engine, plan.tokenizer, directory, self.rank)
+        if self.rank == 0:
+            optim = self.config.optim
+            outputs.write_trainer_state(directory, outputs.trainer_state(
+                outputs.read_metrics(self.metrics_path), micro_batch=optim.per_device_train_batch_size,
+                step=state.step, tokens_seen=state.tokens_seen,
+                total_flos=float(self.trainer_token_flops * state.tokens_seen), steps_per_epoch=plan.steps_per_epoch,
+                total_steps=plan.total_steps, intervals=intervals))
+
+    def save_final_model(self, engine, plan, state):
+        """The model and tokenizer at output_dir; a failed write (disk full, file-size limit) is CheckpointFailed,
+        naming the file and the errno, with the model that was there before left as it was."""
+        try:
+            save_model(engine, plan.tokenizer, self.out, self.rank)
+        except Exception as error:
+            staging = self.out / ".tmp-model"
+            failure = checkpoints.write_failure(error, staging)
+            if failure is None:
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+            newest = outputs.newest_checkpoint(self.out)
+            raise CheckpointFailed(f"step {state.step}: cannot save the model in {self.out}: {failure}; the files there "
+                                   "are as they were" + (f" and {newest} holds the model of step "
+                                                         f"{newest.name.split('-')[1]}" if newest else "")) from None
+
+    def checkpoint_failed(self, error):
+        """A checkpoint that cannot be written stops the run: one line from the rank that failed, status 1."""
+        if self.world_size == 1:
+            raise error
+        print(f"fastlm train: error: rank {self.rank}: {error}", file=sys.stderr, flush=True)
+        os._exit(1)  # the other ranks wait in the save's collectives: the launcher stops them
+
     def diverged(self, error):
-        latest = self.ckpt_dir / "latest"
-        kept = (f"{latest} still names {latest.read_text().strip()}, the last checkpoint before it"
-                if latest.is_file() else "no checkpoint was saved before it")
+        newest = outputs.newest_checkpoint(self.out)
+        kept = (f"{newest} is still the newest checkpoint, the last before it" if newest
+                else "no checkpoint was saved before it")
         message = (f"{error}. Nothing from that step on was saved ({kept}; no model written). Lower "
                    "--learning_rate (or raise --warmup_steps) and start a new run")
         if self.world_size == 1:
@@ -279,32 +339,36 @@ class Run:
         dist.shutdown(self.world_size, self.watchdog, status=1)
 
     def evaluate(self, engine, plan):
-        return evaluate_sets(engine, plan.eval_sets, task=self.config.task,
-                             batch_size=self.config.evaluation.per_device_eval_batch_size, rank=self.rank,
-                             world_size=self.world_size, masker=plan.masker)
+        """Every evaluation set, with Trainer's eval_runtime, eval_samples_per_second and eval_steps_per_second."""
+        batch_size = self.config.evaluation.per_device_eval_batch_size
+        start = time.perf_counter()
+        results = evaluate_sets(engine, plan.eval_sets, task=self.config.task, batch_size=batch_size, rank=self.rank,
+                                world_size=self.world_size, masker=plan.masker,
+                                progress=not self.config.logging.disable_tqdm)
+        if plan.eval_sets:
+            results.update(outputs.eval_speed(time.perf_counter() - start, plan.eval_sets, batch_size=batch_size))
+        return results
 
     def finish(self, engine, plan, state, log, trained, *, token_flops, intervals):
         """The final evaluation, the model, results.json and HF's result files; results.json's content on rank 0."""
         config, rank = self.config, self.rank
-        eval_start = time.perf_counter()
         final_eval = self.evaluate(engine, plan)
-        eval_runtime = time.perf_counter() - eval_start
         positions, times = trained or (np.zeros(0, dtype=np.int64), None)
         seen = np.zeros(len(plan.train_blocks) if plan.train_blocks is not None else 0, dtype=np.int32)
         seen[positions] = 1
         ranks = dist.rank_report(seen, final_eval.get("eval_loss"), world_size=self.world_size, device=engine.device)
         if config.do_train:
-            save_model(engine, plan.tokenizer, self.out, rank)
+            self.save_final_model(engine, plan, state)
         if rank != 0:
             return None
         if final_eval:
             log.write(final_eval)
-        results = _results(config, plan, state, final_eval, ranks=ranks, times=times, token_flops=token_flops,
-                           world_size=self.world_size, wall_time_s=time.time() - self.start_time)
+        results = _results(config, plan, state, final_eval, ranks=ranks, times=times,
+                           token_flops=(token_flops, self.trainer_token_flops), world_size=self.world_size,
+                           wall_time_s=time.time() - self.start_time)
         outputs.write_json(self.out / "results.json", results)
-        outputs.write_hf_outputs(self.out, config.optim, results, final_eval,
-                                 eval_batch_size=config.evaluation.per_device_eval_batch_size, eval_sets=plan.eval_sets,
-                                 intervals=intervals, eval_runtime=eval_runtime, steps_per_epoch=plan.steps_per_epoch,
+        outputs.write_hf_outputs(self.out, config.optim, results, final_eval, eval_sets=plan.eval_sets,
+                                 intervals=intervals, steps_per_epoch=plan.steps_per_epoch,
                                  total_steps=plan.total_steps, world_size=self.world_size,
                                  metrics_path=self.metrics_path)
         for eval_set in plan.eval_sets:
@@ -318,7 +382,8 @@ class Run:
 
 
 def _results(config, plan, state, final_eval, *, ranks, times, token_flops, world_size, wall_time_s):
-    """results.json: the run's losses (token-weighted, as every logged loss), sizes, throughput and checks."""
+    """results.json: the run's losses (token-weighted, as every logged loss), sizes, throughput and checks.
+    token_flops: (fastlm's FLOPs per token, with embeddings and attention; Trainer's, for total_flos)."""
     train_blocks = plan.train_blocks
     results = {
         "task": config.task, "steps": state.step,
@@ -329,7 +394,8 @@ def _results(config, plan, state, final_eval, *, ranks, times, token_flops, worl
         "eval_blocks": len(plan.eval_sets[0].blocks) if plan.eval_sets else 0, "world_size": world_size,
         "precision": config.optim.precision, "zero_stage": config.optim.zero_stage,
         **(times.report() if times else {}), "ranks": ranks,
-        "total_flos": float(token_flops * state.tokens_seen), "wall_time_s": wall_time_s,
+        "total_flos": float(token_flops[1] * state.tokens_seen), "train_flops": float(token_flops[0] * state.tokens_seen),
+        "wall_time_s": wall_time_s,
     }
     if train_blocks is not None and len(train_blocks.sources) > 1:
         results["train_sources"] = {

@@ -40,6 +40,7 @@ class StepLog:
             self.peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
         self.since = time.perf_counter()
         self.grad_norm = None
+        self.lr = None  # the learning rate of the last step
         self.source_names = list(source_names)
         # A mixture's [NLL, targets, tokens, blocks] of each source since the last flush, on this rank's device
         self.source_pending = torch.zeros((len(self.source_names), 4), dtype=torch.float64, device=device)
@@ -49,8 +50,9 @@ class StepLog:
         rows = torch.stack([nll, targets.double(), tokens.double(), torch.ones_like(nll)], dim=1)
         self.source_pending.index_add_(0, sources, rows)
 
-    def step_done(self, nll, *, targets, tokens, grad_norm):
+    def step_done(self, nll, *, targets, tokens, grad_norm, lr):
         self.pending.append((self.state.step, nll, targets, tokens, grad_norm))
+        self.lr = lr
         if self.rank == 0:
             self.bar.update(1)
 
@@ -74,8 +76,9 @@ class StepLog:
                 window[:] = [a + b for a, b in zip(window, sums)]
             self.source_pending.zero_()
 
-    def write_window(self, lr):
-        """The log line of the steps since the last one: token-weighted loss, learning rate, tokens/s."""
+    def write_window(self):
+        """The log line of the steps since the last one: token-weighted loss, the last step's learning rate
+        (the rate it stepped with, as Trainer logs it), tokens/s."""
         self.flush()
         state = self.state
         nll_sum, targets, tokens = state.window
@@ -83,7 +86,7 @@ class StepLog:
         state.tokens_seen += tokens
         state.train_loss_sum += nll_sum
         state.train_loss_count += targets
-        record = {"epoch": state.epoch, "loss": nll_sum / targets if targets else None, "lr": lr,
+        record = {"epoch": state.epoch, "loss": nll_sum / targets if targets else None, "lr": self.lr,
                   "tokens_per_s": tokens / seconds, "tokens_seen": state.tokens_seen}
         if self.grad_norm is not None:
             record["grad_norm"] = self.grad_norm

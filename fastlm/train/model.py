@@ -134,9 +134,9 @@ def build_model(model, tokenizer, *, block_size, ds_config):
     return built, keep_alive
 
 
-def save_model(engine, tokenizer, directory, rank):
-    """save_pretrained into directory (the output_dir, where run_clm.py leaves the model), staged in a
-    temporary directory first; ZeRO-3 first gathers the partitioned weights (every rank takes part)."""
+def write_model(engine, tokenizer, directory, rank):
+    """save_pretrained of the model and tokenizer into directory (rank 0); ZeRO-3 first gathers the
+    partitioned weights (every rank takes part)."""
     state_dict = None
     if engine.zero_optimization_partition_weights():
         # Named as the engine's module (heads.LMLoss) holds them: "model.<name>"
@@ -144,11 +144,19 @@ def save_model(engine, tokenizer, directory, rank):
                       for name, tensor in engine._zero3_consolidated_16bit_state_dict().items()}
     if rank != 0:
         return
+    engine.module.model.save_pretrained(directory, state_dict=state_dict)
+    tokenizer.save_pretrained(directory)
+
+
+def save_model(engine, tokenizer, directory, rank):
+    """The model and tokenizer into directory (the output_dir, where run_clm.py leaves them), staged in a
+    temporary directory first (write_model)."""
     tmp = directory / ".tmp-model"
-    shutil.rmtree(tmp, ignore_errors=True)
-    engine.module.model.save_pretrained(tmp, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    outputs.publish_model(tmp, directory)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_model(engine, tokenizer, tmp, rank)
+    if rank == 0:
+        outputs.publish_model(tmp, directory)
 
 
 def param_groups(model, weight_decay):
@@ -168,6 +176,32 @@ def flops_per_token(model, block_size):
     layers = getattr(config, "num_hidden_layers", 0)
     width = getattr(config, "hidden_size", 0)
     return 6 * n + 12 * layers * width * block_size
+
+
+def trainer_flops_per_token(model):
+    """Trainer's total_flos per token: 6 x the parameters outside embedding layers
+    (PreTrainedModel.num_parameters(exclude_embeddings=True)); its sizes under ZeRO-3 too."""
+    embeddings = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.Embedding)}
+    return 6 * sum(getattr(p, "ds_numel", p.numel()) for name, p in model.named_parameters() if name not in embeddings)
+
+
+def default_block_size(model, tokenizer):
+    """run_clm.py's block size without --block_size: the tokenizer's model_max_length, or where that exceeds
+    the model's positions, min(1024, positions); run_mlm.py's without --max_seq_length: model_max_length
+    capped at 1024. (block size, why) for the log line."""
+    limit = tokenizer.model_max_length
+    if model.task == "mlm":
+        if limit > 1024:
+            return 1024, f"run_mlm.py's cap of 1024 (the tokenizer's model_max_length is {limit})"
+        return limit, "the tokenizer's model_max_length, as run_mlm.py"
+    if model.config_name in PRESETS:  # a preset's positions follow the block size: GPT-2's default ones
+        positions = CONFIG_MAPPING[PRESETS[model.config_name][0]]().max_position_embeddings
+    else:
+        positions = max_positions(load_config(model))
+    if limit > positions:
+        return min(1024, positions), (f"min(1024, the model's {positions} positions), as run_clm.py when the "
+                                      f"tokenizer's model_max_length ({limit}) exceeds them")
+    return limit, "the tokenizer's model_max_length, as run_clm.py"
 
 
 def model_inputs(batch, config, *, task, dtype):

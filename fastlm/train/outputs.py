@@ -57,15 +57,21 @@ def train_metrics(results, *, train_samples, global_batch):
             "train_steps_per_second": round(steps / runtime, 3) if runtime else 0.0}
 
 
-def eval_metrics(final_eval, *, epoch, eval_samples, runtime, eval_steps):
+def eval_speed(runtime, eval_sets, *, batch_size):
+    """Trainer's timing keys of an evaluation over every set: eval_runtime, eval_samples_per_second and
+    eval_steps_per_second (batches of per_device_eval_batch_size)."""
+    samples = sum(len(s.blocks) for s in eval_sets)
+    steps = sum(math.ceil(len(s.blocks) / batch_size) for s in eval_sets)
+    return {"eval_runtime": round(runtime, 4), "eval_samples_per_second": round(samples / runtime, 3) if runtime else 0.0,
+            "eval_steps_per_second": round(steps / runtime, 3) if runtime else 0.0}
+
+
+def eval_metrics(final_eval, *, epoch, eval_samples):
     """run_clm.py's eval_results.json: Trainer's keys plus perplexity = exp(eval_loss) (see docs/from-run-clm.md for
     how fastlm's token-weighted eval_loss relates to Trainer's), and fastlm's own eval_* values (tokens,
     bits per byte, each evaluation set's as eval_<name>_*). Samples and steps count every set."""
     return {**{key: value for key, value in final_eval.items() if key.startswith("eval_")},
-            "epoch": epoch, "perplexity": final_eval["perplexity"],
-            "eval_runtime": round(runtime, 4), "eval_samples": eval_samples,
-            "eval_samples_per_second": round(eval_samples / runtime, 3) if runtime else 0.0,
-            "eval_steps_per_second": round(eval_steps / runtime, 3) if runtime else 0.0}
+            "epoch": epoch, "perplexity": final_eval["perplexity"], "eval_samples": eval_samples}
 
 
 def write_hf_results(out, *, train=None, evaluation=None):
@@ -77,9 +83,14 @@ def write_hf_results(out, *, train=None, evaluation=None):
     _hf_dump(out / "all_results.json", {**(train or {}), **(evaluation or {})})
 
 
-def trainer_state(metrics, *, micro_batch, results, steps_per_epoch, total_steps, intervals):
-    """trainer_state.json's fields, its log_history rebuilt from metrics.jsonl (epochs as fractions,
-    `lr` as `learning_rate`, evaluations as `eval_loss`)."""
+_EVAL_TIMES = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+
+
+def trainer_state(metrics, *, micro_batch, step, tokens_seen, total_flos, steps_per_epoch, total_steps, intervals,
+                  final=None):
+    """trainer_state.json's fields at `step`, its log_history rebuilt from metrics.jsonl (epochs as fractions,
+    `lr` as `learning_rate`, evaluations as `eval_loss` with Trainer's timing keys); `final` is the entry
+    Trainer adds when training ends (train_results.json's keys), None in a checkpoint's."""
     history = []
     for record in metrics:
         entry = {"step": record["step"], "epoch": round(record["step"] / steps_per_epoch, 4)}
@@ -88,19 +99,20 @@ def trainer_state(metrics, *, micro_batch, results, steps_per_epoch, total_steps
             if "grad_norm" in record:
                 entry["grad_norm"] = record["grad_norm"]
         elif "eval_loss" in record:
-            entry.update(eval_loss=record["eval_loss"], eval_perplexity=record["perplexity"])
+            entry.update(eval_loss=record["eval_loss"], eval_perplexity=record["perplexity"],
+                         **{key: record[key] for key in _EVAL_TIMES if key in record})
         else:
             continue
         history.append(entry)
-    history.append({"step": results["steps"], "epoch": results["epochs"], "total_flos": results["total_flos"],
-                    "train_loss": results["train_loss"], "train_runtime": results["train_runtime_s"]})
+    if final:
+        history.append({"step": step, **final})
     every = lambda value: value if isinstance(value, int) else 0  # noqa: E731  ("epoch"/"no" have no step count)
     return {"best_global_step": None, "best_metric": None, "best_model_checkpoint": None,
-            "epoch": results["epochs"], "global_step": results["steps"], "max_steps": total_steps,
+            "epoch": step / steps_per_epoch, "global_step": step, "max_steps": total_steps,
             "num_train_epochs": math.ceil(total_steps / steps_per_epoch), "logging_steps": every(intervals.log_every),
             "eval_steps": every(intervals.eval_every), "save_steps": every(intervals.save_every),
-            "train_batch_size": micro_batch, "num_input_tokens_seen": results["tokens_seen"],
-            "total_flos": results["total_flos"], "log_history": history, "is_hyper_param_search": False,
+            "train_batch_size": micro_batch, "num_input_tokens_seen": tokens_seen,
+            "total_flos": total_flos, "log_history": history, "is_hyper_param_search": False,
             "is_local_process_zero": True, "is_world_process_zero": True, "stateful_callbacks": {},
             "trial_name": None, "trial_params": None}
 
@@ -109,22 +121,22 @@ def write_trainer_state(out, state):
     write_json(out / "trainer_state.json", state, sort_keys=True)
 
 
-def write_hf_outputs(out, optim, results, final_eval, *, eval_batch_size, eval_sets, intervals, eval_runtime,
-                     steps_per_epoch, total_steps, world_size, metrics_path):
+def write_hf_outputs(out, optim, results, final_eval, *, eval_sets, intervals, steps_per_epoch, total_steps,
+                     world_size, metrics_path):
     """Trainer's result files, trainer_state.json and loss.png, for users comparing with run_clm.py / run_mlm.py."""
     train = evaluation = None
     if results["steps"]:
         global_batch = optim.per_device_train_batch_size * optim.gradient_accumulation_steps * world_size
         train = train_metrics(results, train_samples=results["train_blocks"], global_batch=global_batch)
         metrics = read_metrics(metrics_path)
-        write_trainer_state(out, trainer_state(metrics, micro_batch=optim.per_device_train_batch_size, results=results,
-                                               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                                               intervals=intervals))
+        final = {key: value for key, value in train.items() if key != "train_samples"}
+        write_trainer_state(out, trainer_state(metrics, micro_batch=optim.per_device_train_batch_size,
+                                               step=results["steps"], tokens_seen=results["tokens_seen"],
+                                               total_flos=results["total_flos"], steps_per_epoch=steps_per_epoch,
+                                               total_steps=total_steps, intervals=intervals, final=final))
         plot_losses(metrics, out / "loss.png")
     if final_eval:
-        n_batches = sum(math.ceil(len(s.blocks) / eval_batch_size) for s in eval_sets)
-        evaluation = eval_metrics(final_eval, epoch=results["epochs"], eval_samples=sum(len(s.blocks) for s in eval_sets),
-                                  runtime=eval_runtime, eval_steps=n_batches)
+        evaluation = eval_metrics(final_eval, epoch=results["epochs"], eval_samples=sum(len(s.blocks) for s in eval_sets))
     write_hf_results(out, train=train, evaluation=evaluation)
 
 
@@ -161,31 +173,59 @@ def plot_losses(metrics, path):
 
 # --- checkpoints --------------------------------------------------------------------------------------
 
-_STEP_TAG = re.compile(r"step(\d+)")
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # Trainer's PREFIX_CHECKPOINT_DIR-<global step>
 
 
-def clear_checkpoints(directory):
-    """--overwrite_output_dir: one rename takes the whole directory out of reach (no later --resume can
-    find an old checkpoint even if the deletion below is interrupted), then it is deleted."""
-    if not directory.exists():
-        return
-    trash = directory.with_name(f".tmp-old-checkpoints-{os.getpid()}")
-    os.replace(directory, trash)
+def checkpoint_path(output_dir, step):
+    return output_dir / f"checkpoint-{step}"
+
+
+def list_checkpoints(output_dir):
+    """The checkpoint-N directories in output_dir, oldest step first (those being written are hidden)."""
+    if not output_dir.is_dir():
+        return []
+    found = {p: _CHECKPOINT.fullmatch(p.name) for p in output_dir.iterdir() if p.is_dir()}
+    return sorted((p for p, m in found.items() if m), key=lambda p: int(found[p].group(1)))
+
+
+def newest_checkpoint(output_dir):
+    """The checkpoint --resume continues: the highest step's (Trainer's get_last_checkpoint), or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def replace_directory(staged, target):
+    """Give the complete directory `staged` the name `target`; an old `target` (the same step saved by an
+    abandoned run) is renamed away first and then deleted, so `target` never names a mix of the two."""
+    trash = target.with_name(f".tmp-deleted-{target.name}")
+    if target.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(target, trash)
+    os.replace(staged, target)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _delete_directory(path):
+    trash = path.with_name(f".tmp-deleted-{path.name}")
+    os.replace(path, trash)  # a half-deleted checkpoint never sits under a loadable name
     shutil.rmtree(trash)
 
 
-def prune_checkpoints(directory, keep):
-    """--save_total_limit: keep `keep` step checkpoints, the one `latest` names and the newest others."""
-    latest_file = directory / "latest"
-    latest = latest_file.read_text().strip() if latest_file.is_file() else None
-    steps = {p: _STEP_TAG.fullmatch(p.name) for p in directory.iterdir() if p.is_dir()}
-    tags = sorted((p for p, m in steps.items() if m), key=lambda p: int(steps[p].group(1)))
-    kept = {latest} & {p.name for p in tags}
-    for path in reversed(tags):
+def clear_checkpoints(checkpoints):
+    """--overwrite_output_dir: delete the earlier run's checkpoints, newest first (each is renamed out of
+    reach, then deleted), so an interrupted deletion leaves only whole checkpoints behind."""
+    for path in reversed(checkpoints):
+        _delete_directory(path)
+
+
+def prune_checkpoints(checkpoints, keep, *, saved):
+    """--save_total_limit: keep `keep` checkpoints (oldest step first in `checkpoints`): the one just `saved`
+    (a resumed run may save below an older run's later steps) and the newest others."""
+    kept = {saved}
+    for path in reversed(checkpoints):
         if len(kept) >= keep:
             break
-        kept.add(path.name)
-    for path in (p for p in tags if p.name not in kept):
-        trash = path.with_name(f".tmp-deleted-{path.name}")
-        os.replace(path, trash)  # a half-deleted checkpoint never sits under a loadable name
-        shutil.rmtree(trash)
+        kept.add(path)
+    for path in checkpoints:
+        if path not in kept:
+            _delete_directory(path)

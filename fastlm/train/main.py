@@ -286,6 +286,7 @@ class Run:
             self.trackers.finish("failed")
             self.diverged(error)
         except CheckpointFailed as error:
+            self.trackers.finish("failed")
             self.checkpoint_failed(error)
         finally:
             log.bar.close()

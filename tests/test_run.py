@@ -305,7 +305,7 @@ def test_evaluation_shows_progress_on_rank_0_unless_disabled(clm_stores, capsys,
     from fastlm import pack_blocks
     from fastlm.store import TokenStore
 
-    monkeypatch.setattr(dist, "sum_in_place", lambda tensor: tensor)  # one process, no process group
+    monkeypatch.setattr(run_dist, "sum_in_place", lambda tensor: tensor)  # one process, no process group
     store = TokenStore.open(clm_stores[1])
     sets = [data.EvalSet("valid", pack_blocks(store.tokens, store.offsets[:31], 64), int(store.offsets[30]))]
     engine = _PlainEngine(_tiny_gpt(store.meta["vocab_size"]))
@@ -875,7 +875,7 @@ def test_torchrun_prints_a_refusal_once(bad, message, tmp_path):
     own ChildFailedError block follows (it reports any non-zero exit; the runner cannot stop that)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",
-           str(dist.free_port()), str(ROOT / "fastlm" / "run.py"), "--train_store", "s", "--config_name", "gpt2-tiny",
+           str(run_dist.free_port()), str(ROOT / "fastlm" / "run.py"), "--train_store", "s", "--config_name", "gpt2-tiny",
            "--output_dir", str(tmp_path), *bad]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     output = proc.stdout + proc.stderr

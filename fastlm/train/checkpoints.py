@@ -27,7 +27,8 @@ from fastlm.train.sampling import describe_sources
 RESULT_FLAGS = ("task", "model_name_or_path", "config_name", "model_type", "config_overrides", "block_size",
                 "line_by_line", "packing", "separator",
                 "mlm_probability", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
-                "max_grad_norm", "lr_scheduler_type", "warmup_steps", "zero_stage", "precision", "seed")
+                "optim", "muon_lr", "muon_momentum", "max_grad_norm", "lr_scheduler_type", "warmup_steps", "zero_stage",
+                "precision", "seed")
 # Flags that only change how long the run goes on (and so where the schedule's decay ends): a resumed run
 # may change them, and is told what that does.
 LENGTH_FLAGS = ("max_steps", "num_train_epochs")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fastlm import run
-from fastlm.train import config, muon
-from fastlm.train.errors import Diverged
-from tests.test_run import (_assert_same_training, _clm_args, _launch_two_ranks, _layout, _resume_from,  # noqa: F401
+from fastlm.train import checkpoints, config, muon
+from fastlm.train.errors import ConfigError, Diverged
+from tests.test_run import (_assert_same_training, _clm_args, _layout, _resume_from,  # noqa: F401
                             _tiny_gpt, _tiny_roberta, _train_losses, clm_stores, dropout_free, mlm_stores, text_files)
 
 MUON = ["--optim", "muon"]
@@ -104,3 +104,76 @@ def test_muon_learns_and_says_what_it_trains(stage, clm_stores, tmp_path, capsys
     out = capsys.readouterr().out
     assert out.count("[fastlm] --optim muon: Muon: the 2-D weights inside the transformer blocks") == 1
     assert "Muon trains 8 matrices" in out
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_muon_steps_are_token_weighted_on_packed_documents(stage, clm_stores, dropout_free, tmp_path):
+    """Whole documents packed into blocks (micro batches with different target counts): micro batch 8 x
+    accumulation 1 and 2 x 4 take the same Muon steps."""
+    def argv(out, micro, accum):
+        return _layout(_muon_args(clm_stores, out, "--packing", "documents", "--max_steps", "3", "--zero_stage",
+                                  str(stage), config_dir=dropout_free["clm"]), micro, accum)
+
+    run.train(argv(tmp_path / "8x1", 8, 1))
+    run.train(argv(tmp_path / "2x4", 2, 4))
+    _assert_same_training(tmp_path / "8x1", tmp_path / "2x4", [1, 2, 3])
+
+
+@pytest.fixture(scope="module")
+def muon_run(clm_stores, dropout_free, tmp_path_factory):
+    """8 Muon steps of micro 8 x accumulation 2 on ZeRO-2, checkpoint at step 4, no dropout."""
+    root = tmp_path_factory.mktemp("muon_run")
+
+    def argv(out, micro, accum, *extra):
+        return _layout(_muon_args(clm_stores, out, "--max_steps", "8", "--save_steps", "4", "--zero_stage", "2",
+                                  *extra, config_dir=dropout_free["clm"]), micro, accum)
+    run.train(argv(root / "full", 8, 2))
+    return root / "full", argv
+
+
+def test_muon_resume_is_exact_with_the_momentum_in_the_checkpoint(muon_run, tmp_path):
+    full, argv = muon_run
+    _resume_from(full, 4, tmp_path)
+    run.train(argv(tmp_path, 8, 2, "--resume"))
+    _assert_same_training(full, tmp_path, [5, 6, 7, 8])
+
+
+def test_muon_resumes_on_another_split_of_the_global_batch(muon_run, tmp_path):
+    full, argv = muon_run
+    _resume_from(full, 4, tmp_path)
+    run.train(argv(tmp_path, 4, 4, "--resume"))
+    _assert_same_training(full, tmp_path, [5, 6, 7, 8])
+
+
+@pytest.mark.parametrize("stage, refused", [(2, True), (0, False)])
+def test_a_zero_sharded_muon_checkpoint_resumes_on_its_own_rank_count_only(stage, refused):
+    """DeepSpeed 0.19's universal-checkpoint conversion (the bridge between rank counts) knows Adam's moments,
+    not Muon's momentum (KeyError 'exp_avg'): another rank count is one line before anything is built. A
+    ZeRO-0 checkpoint holds whole state and is not converted."""
+    settings = checkpoints.resume_settings(config.parse(["--train_store", "s", "--config_name", "gpt2-tiny",
+                                                         *MUON, "--zero_stage", str(stage)]))
+    layout = {"train_data": "x", "train_blocks": 10, "sources": [], "global_batch": 8,
+              "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "world_size": 2}
+    saved = {"layout": {**layout, "per_device_train_batch_size": 8, "world_size": 1}, "settings": settings}
+    if refused:
+        with pytest.raises(ConfigError, match="with ZeRO-2 resumes on 1 rank only"):
+            checkpoints.check_resumable(saved, settings, layout, rank=0)
+    else:
+        checkpoints.check_resumable(saved, settings, layout, rank=0)
+
+
+def test_a_diverging_muon_run_stops_naming_the_step(clm_stores, tmp_path):
+    with pytest.raises(Diverged, match=r"training diverged at step \d+: loss nan"):
+        run.train(_muon_args(clm_stores, tmp_path, "--learning_rate", "1e6", "--max_steps", "6"))
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_muon_trains_an_mlm(mlm_stores, tmp_path, capsys):
+    results = run.train(["--train_store", str(mlm_stores[0]), "--eval_store", str(mlm_stores[1]), *MUON,
+                         "--config_name", "roberta-tiny", "--block_size", "64", "--packing", "documents",
+                         "--per_device_train_batch_size", "8", "--learning_rate", "3e-3", "--max_steps", "6",
+                         "--output_dir", str(tmp_path), "--dataloader_num_workers", "0", "--disable_tqdm",
+                         "--logging_steps", "1"])
+    losses = _train_losses(tmp_path)
+    assert results["task"] == "mlm" and losses[6] < losses[1]
+    assert "Muon trains 12 matrices" in capsys.readouterr().out  # 6 a RoBERTa layer: q, k, v, o, in, out

@@ -160,6 +160,11 @@ def check_resumable(saved, settings, layout, *, rank):
         raise ConfigError(f"--resume: the checkpoint was trained on other data ({saved_layout['train_blocks']} "
                           f"blocks, content {saved_layout['train_data'][:12]}; now {layout['train_blocks']} blocks, "
                           f"content {layout['train_data'][:12]}); resume on the same data or start a new run")
+    ranks = saved_layout["world_size"]
+    if settings["optim"] == "muon" and settings["zero_stage"] and ranks != layout["world_size"]:
+        raise ConfigError(f"--resume: a --optim muon checkpoint with ZeRO-{settings['zero_stage']} resumes on {ranks} "
+                          f"rank{'s' * (ranks > 1)} only (DeepSpeed's conversion between rank counts does not carry "
+                          "Muon's momentum); another micro batch x accumulation of the same rank count works")
     changed = [f"--{name} {saved_settings.get(name)} -> {settings[name]}" for name in RESULT_FLAGS
                if saved_settings.get(name) != settings[name]]
     if changed:

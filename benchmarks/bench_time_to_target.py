@@ -2,9 +2,10 @@
 the evaluation loss Trainer ends with, on the same model, data, batch and schedule (CPU, fp32).
 
 A sweep first (not timed by pytest-benchmark): every tool and optimizer at each learning rate of LRS, STEPS
-optimizer steps (WARMUP steps of warm-up, then constant: a run stopped at step k has taken exactly the sweep's
-first k steps, which a decay planned for the run's length would not give), the evaluation loss every EVAL_EVERY steps, computed the same way
-for both tools (summed next-token NLL / targets over the same evaluation blocks). Trainer's best final loss
+optimizer steps (WARMUP steps of warm-up, then constant: a run stopped at step k has taken exactly the
+sweep's first k steps, which a decay planned for the run's length would not give), the evaluation loss
+every EVAL_EVERY steps, computed the same way for both tools (summed next-token NLL / targets over the same
+evaluation blocks). Trainer's best final loss
 is the target; each runner optimizer's best setting is the one that first reaches it. Then the benchmarked
 calls, side by side in one group: Trainer at its best learning rate for STEPS steps, and the runner at each
 optimizer's best setting for the steps it needed.

@@ -21,7 +21,8 @@ import torch
 from deepspeed.utils import logger as ds_logger
 from tqdm.auto import tqdm
 
-from fastlm.train import checkpoints, config as run_config, data as data_plan, demo, deepspeed_config, dist, muon, outputs
+from fastlm.train import checkpoints, config as run_config, data as data_plan, demo, deepspeed_config, dist, outputs
+from fastlm.train import muon
 from fastlm.train.errors import ConfigError, Diverged, fail, is_rank0
 from fastlm.train.evaluation import evaluate_sets
 from fastlm.train.loop import Trainer, TrainState, clipping_in_the_loop

@@ -32,7 +32,8 @@ from fastlm.train.sampling import describe_sources
 RESULT_FLAGS = ("task", "model_name_or_path", "config_name", "model_type", "config_overrides", "block_size",
                 "line_by_line", "packing", "separator",
                 "mlm_probability", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
-                "max_grad_norm", "lr_scheduler_type", "warmup_steps", "zero_stage", "precision", "seed")
+                "optim", "muon_lr", "muon_momentum", "max_grad_norm", "lr_scheduler_type", "warmup_steps", "zero_stage",
+                "precision", "seed")
 # Flags that only change how long the run goes on (and so where the schedule's decay ends): a resumed run
 # may change them, and is told what that does.
 LENGTH_FLAGS = ("max_steps", "num_train_epochs")
@@ -221,6 +222,11 @@ def check_resumable(saved, settings, layout, *, rank):
         raise ConfigError(f"--resume: the checkpoint was trained on other data ({saved_layout['train_blocks']} "
                           f"blocks, content {saved_layout['train_data'][:12]}; now {layout['train_blocks']} blocks, "
                           f"content {layout['train_data'][:12]}); resume on the same data or start a new run")
+    ranks = saved_layout["world_size"]
+    if settings["optim"] == "muon" and settings["zero_stage"] and ranks != layout["world_size"]:
+        raise ConfigError(f"--resume: a --optim muon checkpoint with ZeRO-{settings['zero_stage']} resumes on {ranks} "
+                          f"rank{'s' * (ranks > 1)} only (DeepSpeed's conversion between rank counts does not carry "
+                          "Muon's momentum); another micro batch x accumulation of the same rank count works")
     changed = [f"--{name} {saved_settings.get(name)} -> {settings[name]}" for name in RESULT_FLAGS
                if saved_settings.get(name) != settings[name]]
     if changed:

@@ -8,6 +8,7 @@ before anything starts. Nothing changes a RunConfig afterwards (the dataclasses 
 section it needs.
 """
 import dataclasses
+import json
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,9 @@ class OptimConfig:
     train_batch_size: int = None  # None: micro batch x accumulation x ranks
     learning_rate: float = 5e-5
     weight_decay: float = 0.0
+    optim: str = "adamw"  # or "muon" (fastlm.train.muon)
+    muon_lr: float = None  # None: learning_rate
+    muon_momentum: float = 0.95
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -152,6 +156,14 @@ class OptimConfig:
     def __post_init__(self):
         _at_least(self, 0, "num_train_epochs", strict=True)
         _at_least(self, 0, "warmup_steps")
+        _at_least(self, 0, "muon_lr", strict=True)
+        if self.optim == "muon":  # (AdamW's is checked in its DeepSpeed "optimizer" entry)
+            _at_least(self, 0, "learning_rate", strict=True)
+        if not 0 <= self.muon_momentum < 1:
+            raise ConfigError(f"--muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if self.optim == "muon" and self.deepspeed_json and "optimizer" in json.loads(self.deepspeed_json):
+            raise ConfigError(f"--optim muon builds the optimizer itself: remove the \"optimizer\" entry from "
+                              f"--deepspeed {self.deepspeed}")
 
     def flag_values(self):
         """The section as flag name -> value (what deepspeed_config builds the DeepSpeed JSON from)."""

@@ -51,13 +51,14 @@ def _base(values, *, precision, world_size, device_type):
         "zero_optimization": {"stage": values["zero_stage"]},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "optimizer": {"type": "AdamW", "params": {
+        # --optim muon: the runner hands deepspeed.initialize its own optimizer (fastlm.train.muon).
+        **({} if values["optim"] == "muon" else {"optimizer": {"type": "AdamW", "params": {
             "lr": values["learning_rate"], "betas": [values["adam_beta1"], values["adam_beta2"]],
             "eps": values["adam_epsilon"], "weight_decay": values["weight_decay"],
             # torch's AdamW on CPU: DeepSpeed's FusedAdam would JIT-compile a CUDA/C++ op first. Its fused
             # kernel (Trainer's default, adamw_torch_fused): the per-tensor loop torch picks on CPU otherwise
             # took ~4% of a tiny model's step.
-            **({"torch_adam": True, "fused": True} if cpu else {})}},
+            **({"torch_adam": True, "fused": True} if cpu else {})}}}),
         "steps_per_print": 2**31 - 1,  # we log ourselves
     }
 

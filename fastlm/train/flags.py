@@ -108,7 +108,12 @@ class Flags:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    optim: str = dataclasses.field(default="adamw_torch", **_help(f"the optimizer: AdamW ({', '.join(ADAMW)})"))
+    optim: str = dataclasses.field(default="adamw_torch", **_help(
+        f"the optimizer: AdamW ({', '.join(ADAMW)}), or muon: Muon for the transformer blocks' matrices, AdamW "
+        "for embeddings, LM head, norms and biases (docs/muon.md)"))
+    muon_lr: float = dataclasses.field(default=None, **_help(
+        "--optim muon: the Muon matrices' peak learning rate, in AdamW's units (default: --learning_rate)"))
+    muon_momentum: float = dataclasses.field(default=0.95, **_help("--optim muon: Muon's (Nesterov) momentum"))
     max_grad_norm: float = dataclasses.field(default=1.0, **_help("gradient clipping (0: off)"))
     lr_scheduler_type: str = dataclasses.field(default="linear", **_help("transformers' schedule after warmup",
                                                                          choices=SCHEDULERS + ("reduce_lr_on_plateau", "greedy")))

@@ -168,8 +168,7 @@ def translate(values, foreign, explicit):
             raise ConfigError(f"--warmup_ratio must be in [0, 1), got {v['warmup_ratio']}")
         v["warmup_steps"] = v["warmup_ratio"]
     v["max_steps"] = max(v["max_steps"], 0)  # TrainingArguments' -1: train by epochs
-    if v["optim"] not in ADAMW:
-        raise ConfigError(f"--optim {v['optim']} is not supported: the runner trains with AdamW ({', '.join(ADAMW)})")
+    v["optim"] = _optimizer(v, explicit)
     if v["lr_scheduler_type"] in ("reduce_lr_on_plateau", "greedy"):
         raise ConfigError(f"--lr_scheduler_type {v['lr_scheduler_type']} is not supported: it steps on evaluation "
                           "metrics, which the DeepSpeed engine never hands its scheduler")
@@ -201,6 +200,19 @@ def translate(values, foreign, explicit):
         else:
             v["resume"] = True
     return v
+
+
+def _optimizer(v, explicit):
+    """--optim as the runner's optimizer name: "adamw" (every AdamW name of TrainingArguments) or "muon"."""
+    if v["optim"] == "muon":
+        return "muon"
+    if v["optim"] not in ADAMW:
+        raise ConfigError(f"--optim {v['optim']} is not supported: the runner trains with AdamW ({', '.join(ADAMW)}) "
+                          "or muon")
+    given = [f"--{name}" for name in ("muon_lr", "muon_momentum") if name in explicit]
+    if given:
+        raise ConfigError(f"{' and '.join(given)} set(s) Muon, which only --optim muon trains with")
+    return "adamw"
 
 
 def _json_flag(name, text):

@@ -26,6 +26,7 @@ from deepspeed.utils import logger as ds_logger
 from tqdm.auto import tqdm
 
 from fastlm.train import checkpoints, config as run_config, data as data_plan, demo, deepspeed_config, dist, outputs
+from fastlm.train import muon
 from fastlm.train.errors import CheckpointFailed, ConfigError, Diverged, fail, is_rank0, warn
 from fastlm.train.evaluation import evaluate_sets
 from fastlm.train.heads import LMLoss
@@ -201,14 +202,24 @@ class Run:
         loss = LMLoss(model, config.task, zero_stage=config.optim.zero_stage)
         if self.rank == 0:
             print(f"[fastlm] {loss.summary}", flush=True)
-        engine, *_ = deepspeed.initialize(model=loss, config=ds_config, lr_scheduler=schedule,
-                                          model_parameters=param_groups(model, config.optim.weight_decay))
+        engine, *_ = deepspeed.initialize(model=loss, config=ds_config, lr_scheduler=schedule, **self.optimizer(model))
         install_safe_checkpoint_engine(engine)  # loads weights-only: nothing a checkpoint holds runs
         if clip is not None and self.world_size == 1:
             # Nothing to all-reduce, yet DeepSpeed's ZeRO-0 path would still copy every gradient into a flat
             # bucket, "reduce" it and copy it back, every step.
             engine.enable_backward_allreduce = False
         return engine, keep_alive, token_flops
+
+    def optimizer(self, model):
+        """deepspeed.initialize's optimizer argument: AdamW's parameter groups (DeepSpeed builds AdamW from the
+        config's "optimizer" entry), or, for --optim muon, the optimizer itself (fastlm.train.muon)."""
+        optim = self.config.optim
+        if optim.optim != "muon":
+            return {"model_parameters": param_groups(model, optim.weight_decay)}
+        groups, summary = muon.param_groups(model, optim)
+        if self.rank == 0:
+            print(f"[fastlm] {summary}", flush=True)
+        return {"optimizer": muon.optimizer(groups, device_type=self.device_type)}
 
     def load(self, engine, resume, state):
         """Load a checkpoint into the engine; the state it saved (data position, sums) and its RNG state."""

@@ -341,7 +341,7 @@ def test_the_default_block_size_follows_the_script_being_replaced(gpt2_tok, bert
     def resolved(tokenizer, *argv):
         cfg = config.parse(["--train_store", "s", "--output_dir", str(tmp_path / "out"), *argv])
         assert cfg.data.block_size is None  # resolved once the tokenizer is known, never written back
-        return main.Run(cfg, 0).resolve_block_size(tokenizer).data.block_size
+        return main.Run(cfg, 0, held=None).resolve_block_size(tokenizer).data.block_size
 
     assert resolved(gpt2_tok, "--config_name", "gpt2-tiny") == 1024  # GPT-2's model_max_length
     assert resolved(huge, "--config_name", "gpt2-tiny") == 1024  # min(1024, GPT-2's positions)

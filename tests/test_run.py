@@ -145,7 +145,7 @@ def test_cross_rank_sums_are_built_on_the_engine_device(monkeypatch):
     """NCCL reduces only CUDA tensors: the tensors handed to all_reduce must live on the device the run
     uses. There is no GPU here, so the "meta" device stands in for it and all_reduce only records."""
     import torch
-    import torch.distributed as dist
+    import torch.distributed as torch_dist
 
     devices = []
 
@@ -153,7 +153,7 @@ def test_cross_rank_sums_are_built_on_the_engine_device(monkeypatch):
         devices.append(tensor.device)
         raise _Reduced
 
-    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(torch_dist, "all_reduce", all_reduce)
     meta = torch.device("meta")
     with pytest.raises(_Reduced):
         run_dist.rank_report(np.zeros(5, dtype=np.int32), 1.0, world_size=2, device=meta)
@@ -312,7 +312,7 @@ def test_evaluation_shows_progress_on_rank_0_unless_disabled(clm_stores, capsys,
     n_batches = -(-len(sets[0].blocks) // 8)
     shown = evaluation.evaluate_sets(engine, sets, task="clm", batch_size=8, rank=0, world_size=1, progress=True)
     err = capsys.readouterr().err
-    assert n_batches > 2 and "eval valid:" in err and f"{n_batches - 1}/{n_batches}" in err
+    assert n_batches > 2 and "eval valid:" in err and f"/{n_batches} [" in err
     quiet = evaluation.evaluate_sets(engine, sets, task="clm", batch_size=8, rank=0, world_size=1, progress=False)
     assert quiet == shown and "eval valid" not in capsys.readouterr().err
     evaluation.evaluate_sets(engine, sets, task="clm", batch_size=8, rank=1, world_size=1, progress=True)

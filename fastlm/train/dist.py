@@ -65,9 +65,14 @@ def _skip_deepspeed_shm_op():
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
+def _ranks():
+    """The process group's size; 1 without one (a model evaluated outside a run)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def sum_in_place(tensor):
     """Sum a device tensor over all ranks, in place (nothing to do on one rank)."""
-    if dist.get_world_size() > 1:
+    if _ranks() > 1:
         dist.all_reduce(tensor)
     return tensor
 
@@ -92,7 +97,7 @@ def sum_over_ranks(values, *, dtype, device, world_size):
 
 def gather(value):
     """Every rank's `value` (any picklable object of our own making), in rank order."""
-    world_size = dist.get_world_size()
+    world_size = _ranks()
     if world_size == 1:
         return [value]
     values = [None] * world_size

@@ -177,3 +177,11 @@ def test_muon_trains_an_mlm(mlm_stores, tmp_path, capsys):
     losses = _train_losses(tmp_path)
     assert results["task"] == "mlm" and losses[6] < losses[1]
     assert "Muon trains 12 matrices" in capsys.readouterr().out  # 6 a RoBERTa layer: q, k, v, o, in, out
+
+
+@pytest.mark.parametrize("stage, precision", [(1, "fp32"), (3, "fp32"), (0, "bf16"), (2, "bf16")])
+def test_muon_trains_on_every_zero_stage_and_precision(stage, precision, clm_stores, tmp_path):
+    results = run.train(_muon_args(clm_stores, tmp_path, "--max_steps", "6", "--zero_stage", str(stage),
+                                   "--precision", precision))
+    losses = _train_losses(tmp_path)
+    assert results["zero_stage"] == stage and losses[6] < losses[1]

@@ -48,7 +48,10 @@ def _base(values, *, precision, world_size, device_type):
         "train_batch_size": values["train_batch_size"]
         or values["per_device_train_batch_size"] * values["gradient_accumulation_steps"] * world_size,
         "gradient_clipping": values["max_grad_norm"],
-        "zero_optimization": {"stage": values["zero_stage"]},
+        # ZeRO-3 refuses Muon with reduce-scatter: it orthogonalises each matrix whole, after an all-reduce.
+        "zero_optimization": {"stage": values["zero_stage"],
+                              **({"reduce_scatter": False} if values["optim"] == "muon" and values["zero_stage"] == 3
+                                 else {})},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         # --optim muon: the runner hands deepspeed.initialize its own optimizer (fastlm.train.muon).

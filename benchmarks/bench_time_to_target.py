@@ -95,7 +95,7 @@ class _Trainer:
     def eval_loss(self, model):
         import torch
 
-        from fastlm.train.evaluation import token_nll
+        from fastlm.train.heads import row_nll
 
         model.eval()
         nll, targets = 0.0, 0
@@ -103,8 +103,8 @@ class _Trainer:
             for start in range(0, len(self.eval_rows["input_ids"]), 16):
                 batch = {k: v[start:start + 16] for k, v in self.eval_rows.items()}
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                batch_nll, batch_targets = token_nll(logits, batch["labels"], shift=True)
-                nll, targets = nll + float(batch_nll), targets + int(batch_targets)
+                rows_nll, rows_targets = row_nll(logits, batch["labels"], shift=True)
+                nll, targets = nll + float(rows_nll.sum()), targets + int(rows_targets.sum())
         model.train()
         return nll / targets
 

@@ -168,7 +168,7 @@ class _PlainEngine:
     """The slice of a DeepSpeed engine that evaluation.evaluate uses, over a bare HF model with its loss."""
 
     def __init__(self, model, task="clm"):
-        self.module, self.device = LMLoss(model, task), "cpu"
+        self.module, self.device = LMLoss(model, task).train(model.training), "cpu"
 
     def eval(self):
         self.module.eval()
@@ -929,8 +929,10 @@ sys.exit(main.main(sys.argv[1:]))
 
 
 def _save_under_a_file_size_limit(argv):
+    # A run of its own: not the rendezvous of this process's in-process runs (RANK, MASTER_PORT, ...)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-c", _LIMITED_SAVE, *argv], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT)
+                          cwd=ROOT, env=env)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
@@ -1049,12 +1051,12 @@ def test_report_to_mlflow_leaves_a_finished_run_with_a_point_per_logging_step(cl
     pytest.importorskip("mlflow")  # the trackers extra (installed by the test set-up)
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:./mlruns")
+    # An absolute URI: mlflow caches a store by its URI, and tests/test_trackers.py uses "file:./mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path}/mlruns")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 asks for it to use a file store
     run.train(_clm_args(clm_stores, tmp_path / "out", "--max_steps", "6", "--report_to", "mlflow",
                         "--run_name", "tiny", "--logging_steps", "2"))
-    client = MlflowClient(tracking_uri="file:./mlruns")
+    client = MlflowClient(tracking_uri=f"file:{tmp_path}/mlruns")
     (found,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert found.info.status == "FINISHED" and found.info.run_name == "tiny"
     losses = client.get_metric_history(found.info.run_id, "loss")

@@ -41,7 +41,7 @@ _KEY = re.compile(r"[0-9a-f]{16}")
 _STORE_NAME = re.compile(r"(train|validation)(-\d+)?")
 # What an entry may hold besides its stores: the files above, their temporary names while written
 # (StoreWriter's .<store>.tmp-*/.old-*, the manifest's .manifest.json.*), and the marker files the
-# runner leaves for a moment to find which ranks share the cache (fastlm.data._MARKER).
+# runner leaves for a moment to find which ranks share the cache (fastlm.train.dist._MARKER).
 _ENTRY_EXTRAS = re.compile(
     r"manifest\.json|use\.lock|\.manifest\.json\.\w+|\.(train|validation)(-\d+)?\.(tmp|old)-\w+"
     r"|\.fastlm-who-shares-[0-9a-f]+-rank\d+")

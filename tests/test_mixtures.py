@@ -1,4 +1,4 @@
-"""Weighted data mixtures: the flags, the blended sample order (fastlm.data.Mixture) and a mixture run."""
+"""Weighted data mixtures: the flags, the blended sample order (fastlm.train.sampling.Mixture) and a mixture run."""
 import numpy as np
 import pytest
 

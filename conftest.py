@@ -79,6 +79,8 @@ SLOW = {
     "test_safe_load.py": "*",
     "test_heads.py": "*",
     "test_trackers.py": "*",
+    "test_muon.py": "*",  # training runs
+    "test_parallel.py": "*",  # worker process pools
     "test_launch.py": {"test_every_launch_form_without_arguments_runs_the_demo"},
     "test_mixtures.py": {
         "test_a_mixture_run_logs_each_source_and_reports_its_blocks",

@@ -17,10 +17,11 @@ import math
 import os
 import re
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fastlm.train.errors import warn
 
 SUPPORTED = ("mlflow", "tensorboard", "wandb", "trackio")  # `all` opens them in the order Trainer lists them
 # Trainer's other integrations: a run_clm.py command line that names them still runs here (with a warning).
@@ -36,10 +37,6 @@ class TrackerError(ValueError):
     """--report_to asks for a tracker that cannot run: unknown, its client not installed, or it fails to start."""
 
 
-def _warn(message):
-    print(f"[fastlm] warning: {message}", file=sys.stderr, flush=True)
-
-
 def installed(name):
     """Whether a tracker's client is installed, as transformers' is_<name>_available tells (tensorboard: the
     package torch.utils.tensorboard needs)."""
@@ -52,7 +49,7 @@ def _mlflow_disabled():
     return os.environ.get("DISABLE_MLFLOW_INTEGRATION", "FALSE").upper() == "TRUE"
 
 
-def resolve_report_to(values, *, warn=_warn):
+def resolve_report_to(values, *, warn=warn):
     """--report_to's values (a string or a list; each may be comma-separated) as the list of trackers to open.
 
     none/no: none. all: every supported tracker whose client is installed. A tracker of Trainer's that fastlm
@@ -294,11 +291,11 @@ class Trackers:
             try:
                 client.finish(status)
             except Exception as error:
-                _warn(f"--report_to {name}: ending its run failed ({_describe(error)})")
+                warn(f"--report_to {name}: ending its run failed ({_describe(error)})")
 
     def _drop(self, name, what, error):
         client = self._clients.pop(name)
-        _warn(f"--report_to {name}: {what} ({_describe(error)}); {name} is dropped and the run goes on "
+        warn(f"--report_to {name}: {what} ({_describe(error)}); {name} is dropped and the run goes on "
               "(metrics.jsonl keeps every record)")
         try:  # ends what the client still holds (mlflow's active run, wandb's process) as failed
             client.finish("failed")

@@ -37,9 +37,12 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (ValueError, TypeError, OSError) as error:
+        from fastlm.writes import WriteFailed
+
         # Bad input is the user's to fix: one clear line (library messages may span several), no traceback.
         print(f"fastlm {args.command_name}: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+        # A full disk or file-size limit is no bad input: exit status 1, as for the runner's checkpoint writes.
+        return 1 if isinstance(error, WriteFailed) else 2
 
 
 def _parser():

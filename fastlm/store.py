@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastlm.writes import failed_write, write_failed
+
 FORMAT = "fastlm-token-store"
 FORMAT_VERSION = 1
 TOKENS_FILE = "tokens.bin"
@@ -327,7 +329,8 @@ class StoreWriter:
 
     Everything goes to a temporary directory beside ``output`` (``writer.path``, where callers may
     also save the tokenizer); ``close()`` writes meta.json and renames it into place. Leaving the
-    ``with`` block by an exception deletes the temporary directory, and a killed process leaves
+    ``with`` block by an exception deletes the temporary directory (a failed write in it, such as a
+    full disk, is raised as fastlm.writes.WriteFailed naming the file), and a killed process leaves
     only a ``.<name>.tmp-*`` directory that never opens as a store. With ``record_bytes`` every
     append gives each document's text bytes too (bytes.bin).
     """
@@ -364,7 +367,13 @@ class StoreWriter:
 
     def __exit__(self, exc_type, exc, tb):
         if not self._closed:
+            # Found before abort() removes the files: the heuristics for errors without an errno look at them.
+            failed = None if exc is None else failed_write(exc, self.path)
             self.abort()
+            if failed is not None:
+                path, code = failed
+                # Named as the file of the store asked for: the temporary directory is gone.
+                raise write_failed(code, self.output / path.relative_to(self.path)) from None
             if exc_type is None:
                 raise RuntimeError("StoreWriter left without close(meta): nothing was written")
         return False
@@ -418,7 +427,7 @@ class StoreWriter:
         for start in range(0, store.n_tokens, _CHUNK_ITEMS):
             # A memmap view is written and hashed straight from the mapped file's pages.
             chunk = store.tokens[start : start + _CHUNK_ITEMS]
-            self._tokens_file.write(chunk)
+            _write(self._tokens_file, chunk)
             self._tokens_hash.update(chunk)
         self.n_tokens += store.n_tokens
         if store.max_token_id is not None:
@@ -442,7 +451,7 @@ class StoreWriter:
 
     def _write_doc_bytes(self, byte_counts):
         data = np.ascontiguousarray(byte_counts, np.int64)
-        self._bytes_file.write(data)
+        _write(self._bytes_file, data)
         self._bytes_hash.update(data)
         self.n_bytes += int(data.sum())
 
@@ -451,7 +460,7 @@ class StoreWriter:
         if data.size:
             batch_max = int(data.max())
             self.max_token_id = batch_max if self.max_token_id is None else max(self.max_token_id, batch_max)
-        self._tokens_file.write(data)
+        _write(self._tokens_file, data)
         self._tokens_hash.update(data)
         self.n_tokens += data.shape[0]
 
@@ -468,7 +477,7 @@ class StoreWriter:
 
     def _flush_offsets(self):
         data = self._offsets[: self._n_buffered].tobytes()
-        self._offsets_file.write(data)
+        _write(self._offsets_file, data)
         self._offsets_hash.update(data)
         self._n_buffered = 0
 
@@ -514,14 +523,33 @@ class StoreWriter:
         """Drop everything written so far; the destination is left untouched."""
         if self._closed:
             return
-        self._close_files()
+        try:
+            self._close_files()
+        except OSError:
+            pass  # the buffers of a failed write cannot be flushed either; the files go anyway
         shutil.rmtree(self.path, ignore_errors=True)
         self._closed = True
 
     def _close_files(self):
+        """Close every file (flushing its buffer, where a write may fail too); the first failure is raised."""
+        failure = None
         for file in (self._tokens_file, self._offsets_file, self._bytes_file):
-            if file is not None:
-                file.close()
+            if file is not None and not file.closed:
+                try:
+                    file.close()
+                except OSError as error:
+                    error.filename = file.name
+                    failure = failure or error
+        if failure is not None:
+            raise failure
+
+
+def _write(file, data):
+    try:
+        file.write(data)
+    except OSError as error:
+        error.filename = file.name  # a failed write names no file
+        raise
 
 
 def check_destination(output, overwrite):

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fastlm.cache import base_dir
+from fastlm.writes import failed_write
 
 _FORMAT = 1
 _FACTS = ("name", "vocab_size", "special_ids", "fingerprint", "template", "template_error")
@@ -120,8 +121,11 @@ def _write_info(entry, info):
             facts["tokenizer_json_sha256"] = _sha256(info.tokenizer_json.encode("utf-8"))
             (tmp / "info.json").write_text(json.dumps(facts, indent=2, sort_keys=True), encoding="utf-8")
             os.rename(tmp, entry)
-        except OSError:
+        except Exception as error:
             shutil.rmtree(tmp, ignore_errors=True)
+            # tokenizers (Rust) reports a full disk as a bare Exception: "... (os error 28)".
+            if not isinstance(error, OSError) and failed_write(error, tmp) is None:
+                raise
             return entry.is_dir()  # another run may have written it first
     except OSError:
         return False

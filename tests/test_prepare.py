@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from fastlm.prepare import prepare
 from fastlm.store import StoreError, StoreWriter, TokenStore, merge_stores
+from fastlm.tokenizer_cache import tokenizer_info
 from tests.data import fixture_path, wikitext_lines
 from tests.reference import ref_file_documents, ref_line_documents, ref_paragraph_documents
 
@@ -711,3 +712,91 @@ def test_a_killed_prepare_leaves_no_valid_store(tmp_path, docs):
     store = prepare([path], tmp_path / "s", tokenizer=str(gpt2), progress=False)
     assert len(store) == len(docs)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".s.")] == []
+
+
+# --- a full disk or a file-size limit (ulimit -f) while the store is written -------------------------------
+
+UNDER_A_LIMIT = """
+import sys
+import fastlm.prepare
+from fastlm import cli
+sys.modules["fastlm.prepare"]._BATCH_BYTES = int(sys.argv[1])  # small slices: the workers get several
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def prepare_under_a_limit(limit, *args, batch_bytes=1 << 20):
+    """`fastlm prepare ARGS` in a process whose files may not grow past ``limit`` bytes (RLIMIT_FSIZE, as
+    `ulimit -f` sets); SIGXFSZ ignored, as CPython does at start-up, so the write fails with EFBIG."""
+    import resource
+    import signal
+
+    def limit_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    return subprocess.run([sys.executable, "-c", UNDER_A_LIMIT, str(batch_bytes), "prepare", *map(str, args), "--no-progress"],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, capture_output=True, text=True,
+                          preexec_fn=limit_files, timeout=300)
+
+
+def assert_cannot_write(result, path_pattern):
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert re.fullmatch(rf"fastlm prepare: error: cannot write {path_pattern}: File too large \(errno 27\); nothing "
+                        r"was written \(free space there, or raise the file-size limit: ulimit -f\)\n", result.stderr)
+
+
+def tree_checksums(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small_vocab_store(tmp_path_factory, docs):
+    """A store whose tokenizer (a 300-id BPE) is a few kB and whose tokens.bin is many times larger."""
+    root = tmp_path_factory.mktemp("small_vocab")
+    path = write_text(root / "c.txt", "".join(docs) * 4)
+    store = prepare([path], root / "s", train_tokenizer=True, vocab_size=300, progress=False)
+    tokenizer_json = (store.tokenizer_dir / "tokenizer.json").stat().st_size
+    assert 4 * tokenizer_json < store.tokens.nbytes
+    tokenizer_info(store.tokenizer_dir)  # cached here: the processes under a limit need not import transformers
+    return path, store, 2 * tokenizer_json
+
+
+@pytest.mark.parametrize("tokenizer", [["--tokenizer", fixture_path("tokenizers", "gpt2")],
+                                       ["--train-tokenizer", "--vocab-size", "300"]], ids=["gpt2", "trained"])
+def test_a_tokenizer_too_large_for_the_file_size_limit_is_one_line_and_no_store(tmp_path, docs, tokenizer):
+    path = write_text(tmp_path / "c.txt", "".join(docs))
+    if tokenizer[0] == "--tokenizer":
+        tokenizer_info(tokenizer[1])  # cached: the store's copy is then a shutil.copytree from the cache
+    # Was a traceback ending in tokenizers' `Exception: File too large (os error 27)`.
+    result = prepare_under_a_limit(2000, path, "-o", tmp_path / "s", *tokenizer)
+    assert_cannot_write(result, re.escape(str(tmp_path / "s" / "tokenizer")) + r"/[\w.]+")
+    assert not (tmp_path / "s").exists() and no_leftovers(tmp_path)
+
+
+def test_tokens_too_large_for_the_file_size_limit_name_tokens_bin(tmp_path, small_vocab_store):
+    path, store, limit = small_vocab_store
+    result = prepare_under_a_limit(limit, path, "-o", tmp_path / "s", "--tokenizer", store.tokenizer_dir)
+    assert_cannot_write(result, re.escape(str(tmp_path / "s" / "tokens.bin")))
+    assert not (tmp_path / "s").exists() and no_leftovers(tmp_path)
+
+
+def test_a_failed_overwrite_leaves_the_previous_store_as_it_was(tmp_path, small_vocab_store):
+    path, store, limit = small_vocab_store
+    shutil.copytree(store.path, tmp_path / "s")
+    before = tree_checksums(tmp_path / "s")
+    result = prepare_under_a_limit(limit, path, "-o", tmp_path / "s", "--tokenizer", store.tokenizer_dir,
+                                   "--append-eos", "--overwrite")
+    assert_cannot_write(result, re.escape(str(tmp_path / "s" / "tokens.bin")))
+    assert tree_checksums(tmp_path / "s") == before and no_leftovers(tmp_path)
+    TokenStore.open(tmp_path / "s", verify=True)
+
+
+def test_a_failed_write_in_a_worker_process_is_the_same_one_line(tmp_path, small_vocab_store):
+    path, store, limit = small_vocab_store
+    result = prepare_under_a_limit(limit, path, "-o", tmp_path / "s", "--tokenizer", store.tokenizer_dir,
+                                   "--num-proc", "2", batch_bytes=2000)
+    # A worker's part (in the store's temporary directory) or the store's own tokens.bin, whichever fills first.
+    assert_cannot_write(result, re.escape(str(tmp_path / "s")) + r"/(parts/\d+/)?tokens\.bin")
+    assert not (tmp_path / "s").exists() and no_leftovers(tmp_path)

@@ -39,15 +39,20 @@ PACKING_MODES = ("best_fit", "complete", "eos")
 
 # --- validation ---------------------------------------------------------------------------------------
 
+def check_token_dtype(dtype):
+    """TypeError for a token dtype the kernels have no version for (a Megatron dataset may hold uint8, int8
+    or int16 ids), naming the ones they have. Never converted here: that would copy a whole memmap."""
+    if np.dtype(dtype) not in TOKEN_DTYPES:
+        raise TypeError(f"tokens dtype {np.dtype(dtype)} is not supported; use one of uint16, uint32, int32, int64 "
+                        "(tokens.astype(numpy.uint16) converts, copying them into memory)")
+
+
 def _check_tokens(tokens):
     if not isinstance(tokens, np.ndarray):
         raise TypeError(f"tokens must be a numpy array or memmap, got {type(tokens).__name__}")
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
-    if tokens.dtype not in TOKEN_DTYPES:
-        raise TypeError(
-            f"tokens dtype {tokens.dtype} is not supported; use one of uint16, uint32, int32, int64"
-        )
+    check_token_dtype(tokens.dtype)
     if not tokens.flags.c_contiguous:
         # A silent ascontiguousarray here would copy a multi-GB memmap.
         raise ValueError("tokens must be contiguous (got a strided view); pass the underlying array")

@@ -20,7 +20,7 @@ from fastlm.train import main as run_main
 from fastlm.train import model as model_lib
 from fastlm.train.errors import Diverged
 from fastlm.train.heads import LMLoss, row_nll
-from tests.data import wikitext_lines
+from tests.data import fixture_path, wikitext_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataloader_num_workers", "0", "--disable_tqdm", "--logging_steps", "1", "--seed", "3"]
@@ -1077,6 +1077,24 @@ def test_torch_compile_compiles_the_transformer_and_says_what_the_first_step_cos
     assert results["steps"] == 2 and math.isfinite(results["perplexity"])
     assert "--torch_compile: the first step took" in capsys.readouterr().out
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config.n_layer == 2
+
+
+def test_a_megatron_dataset_of_ids_the_kernels_do_not_read_is_one_line_naming_it(tmp_path, capsys):
+    """megatron-core writes uint8 datasets; packing them would fail deep in the data plan with a library
+    TypeError: the run refuses the store by name before anything starts."""
+    indexed_dataset = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    prefix = tmp_path / "tiny_text_document"
+    builder = indexed_dataset.IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint8)
+    builder.add_document(np.arange(1, 200, dtype=np.uint8), [199])
+    builder.finalize(f"{prefix}.idx")
+    with pytest.raises(SystemExit) as exit_:
+        run.train(["--task", "clm", "--train_store", str(prefix), "--tokenizer_name", str(fixture_path("tokenizers", "gpt2")),
+                   "--config_name", "gpt2-tiny", "--block_size", "16", "--max_steps", "1",
+                   "--validation_split_percentage", "0", "--output_dir", str(tmp_path / "out"), *TINY])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"fastlm train: error: --train_store {prefix}: its uint8 token ids are not supported "
+                          "(fastlm's packing kernels read uint16, uint32, int32 or int64 ids")
 
 
 def test_a_megatron_dataset_trains_in_place_with_the_tokenizer_given(clm_stores, tmp_path, capsys):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fastlm import cache as cache_lib
 from fastlm.megatron import MegatronStore
+from fastlm.packing import check_token_dtype
 from fastlm.prepare import prepare
 from fastlm.store import StoreError, TokenStore
 from fastlm.tokenizer import load_tokenizer
@@ -81,9 +82,17 @@ def _store_dirs(cache, kind, n):
 
 def _open_given(source, flag):
     try:
-        return TokenStore.open(source.path)
+        store = TokenStore.open(source.path)
+        # A Megatron dataset may hold ids in a dtype the packing kernels do not read: said before anything starts.
+        check_token_dtype(store.tokens.dtype)
     except StoreError as error:
         raise ConfigError(f"{flag} {source.path}: {error}") from None
+    except TypeError:
+        raise ConfigError(f"{flag} {source.path}: its {store.tokens.dtype} token ids are not supported (fastlm's packing "
+                          "kernels read uint16, uint32, int32 or int64 ids and never copy a dataset to convert it); "
+                          "write the dataset again with uint16 ids (int32 for 65,536 ids or more), e.g. with "
+                          "megatron-core's IndexedDatasetBuilder(..., dtype=numpy.uint16)") from None
+    return store
 
 
 def open_or_prepare(data, rank, held):

@@ -691,6 +691,15 @@ def merge_stores(stores, output, *, overwrite=False):
     shards = [_as_store(store) for store in stores]
     if not shards:
         raise ValueError("merge_stores needs at least one store")
+    from fastlm.megatron import MegatronStore  # it imports this module
+
+    for shard in shards:
+        if isinstance(shard, MegatronStore):
+            # A Megatron dataset records no tokenizer or vocabulary: the merged store could not say whose ids it holds.
+            raise ValueError(f"cannot merge {shard.path}: it is a Megatron-LM indexed dataset, and merging joins "
+                             "fastlm token stores (which record their tokenizer); merge the fastlm stores it was "
+                             "exported from and export the result (fastlm export --format megatron), or join "
+                             "Megatron datasets with Megatron-LM's tools/merge_datasets.py")
     first = shards[0]
     for key in ("vocab_size", "special_ids", "tokenizer_fingerprint", "dtype"):
         for shard in shards[1:]:

@@ -163,6 +163,37 @@ def test_packing_a_megatron_dataset_equals_packing_the_same_fastlm_store(tmp_pat
         assert np.array_equal(a.gather(everything)["input_ids"], b.gather(everything)["input_ids"])
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16], ids=lambda d: np.dtype(d).name)
+def test_ids_in_a_dtype_the_kernels_do_not_read_are_refused_naming_it_never_copied(tmp_path, dtype, capsys):
+    """megatron-core writes uint8/int8/int16 datasets; the packing kernels have no version for them, and
+    converting a memmap would copy the whole dataset into memory: a TypeError names the dtypes there are."""
+    prefix = build(tmp_path / "d", [[[1, 2], [3]], [[4, 5, 6]]], dtype)
+    store = TokenStore.open(prefix)
+    assert store.tokens.dtype == dtype and isinstance(store.tokens, np.memmap)
+    name = np.dtype(dtype).name
+    for pack in (pack_blocks, pack_documents):
+        with pytest.raises(TypeError, match=rf"^tokens dtype {name} is not supported; use one of uint16, uint32, "
+                                            r"int32, int64 \(tokens\.astype\(numpy\.uint16\) converts"):
+            pack(store.tokens, store.offsets, 4, pad_id=0)
+    packed = pack_blocks(store.tokens.astype(np.uint16), store.offsets, 2)
+    assert packed.gather(np.arange(len(packed)))["input_ids"].tolist() == [[1, 2], [3, 4], [5, 6]]
+    assert main(["pack", prefix, "--block-size", "4"]) == 2
+    assert capsys.readouterr().err.startswith(f"fastlm pack: error: tokens dtype {name} is not supported;")
+
+
+def test_merging_a_megatron_dataset_is_refused_saying_what_to_do(tmp_path, capsys):
+    prefix = build(tmp_path / "m", [[[1, 2]]])
+    store = write_store(tmp_path / "f", [[1, 2]], vocab_size=120)
+    # Was "vocab_size must be a positive integer, got None".
+    assert main(["merge", str(store.path), prefix, "-o", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (
+        f"fastlm merge: error: cannot merge {prefix}: it is a Megatron-LM indexed dataset, and merging joins fastlm "
+        "token stores (which record their tokenizer); merge the fastlm stores it was exported from and export the "
+        "result (fastlm export --format megatron), or join Megatron datasets with Megatron-LM's "
+        "tools/merge_datasets.py\n")
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["f", "m.bin", "m.idx"]
+
+
 # --- what is refused: one line, nothing opened -----------------------------------------------------------
 
 def _rewrite_index(prefix, change):

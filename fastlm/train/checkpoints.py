@@ -7,14 +7,10 @@ the rank count changes.
 """
 import argparse
 import contextlib
-import errno
 import io
 import json
 import os
-import re
-import resource
 import shutil
-from pathlib import Path
 
 from deepspeed.checkpoint import ds_to_universal
 
@@ -25,6 +21,7 @@ from fastlm.train.dist import rank0_then_others
 from fastlm.train.errors import CheckpointFailed, ConfigError
 from fastlm.train.safe_load import rng_state
 from fastlm.train.sampling import describe_sources
+from fastlm.writes import failed_write
 
 # Flags whose change alters what a resumed run computes: --resume refuses a checkpoint saved with other
 # values. The data layout (micro batch, accumulation, ranks) is not among them: a step trains on the same
@@ -117,43 +114,14 @@ def save_checkpoint(engine, output_dir, step, state, *, layout, settings, rank, 
     outputs.replace_directory(staging, final)
 
 
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-
-
 def write_failure(error, directory):
     """'<file>: [Errno N] <reason>' for an error that is a failed write under `directory`, else None (then it
-    is some other error, raised as it is). OSError carries its errno; safetensors' and tokenizers' (Rust)
-    errors say `(os error N)`; torch.save's `RuntimeError: [enforce fail at inline_container.cc]` says neither:
-    then the errno is found from the file-size limit or the free space that stopped it. The file is the one
-    the innermost writing call of the traceback was given (else the one written last)."""
-    found = re.search(r"\(os error (\d+)\)", str(error))
-    code = error.errno if isinstance(error, OSError) else int(found.group(1)) if found else None
-    path = _file_being_written(error, directory)
-    if code not in _WRITE_ERRNOS:
-        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        if path is not None and path.is_file() and limit != resource.RLIM_INFINITY and path.stat().st_size >= limit:
-            code = errno.EFBIG
-        elif path is not None and shutil.disk_usage(directory).free < 1 << 20:
-            code = errno.ENOSPC
-        else:
-            return None
-    return f"{path or directory}: [Errno {code}] {os.strerror(code)}"
-
-
-def _file_being_written(error, directory):
-    """The innermost path under `directory` among the arguments of the error's traceback frames, else the
-    file under it written last, else None."""
-    root, path = f"{directory}{os.sep}", None
-    frame = error.__traceback__
-    while frame is not None:
-        for value in frame.tb_frame.f_locals.values():
-            if isinstance(value, (str, os.PathLike)) and os.fspath(value).startswith(root):
-                path = Path(value)
-        frame = frame.tb_next
-    if path is not None:
-        return path
-    files = [p for p in directory.rglob("*") if p.is_file()] if directory.is_dir() else []
-    return max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
+    is some other error, raised as it is); fastlm.writes.failed_write finds the file and errno."""
+    failed = failed_write(error, directory)
+    if failed is None:
+        return None
+    path, code = failed
+    return f"{path}: [Errno {code}] {os.strerror(code)}"
 
 
 def checkpoint_to_resume(directory):

@@ -2,6 +2,9 @@
 (token-weighted steps, exact and elastic resume, divergence stop, packed documents) with Muon's momentum."""
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +12,10 @@ import torch
 from fastlm import run
 from fastlm.train import checkpoints, config, muon
 from fastlm.train.errors import ConfigError, Diverged
-from tests.test_run import (_assert_same_training, _clm_args, _layout, _resume_from,  # noqa: F401
-                            _tiny_gpt, _tiny_roberta, _train_losses, clm_stores, dropout_free, mlm_stores, text_files)
+from fastlm.train.dist import free_port
+from tests.test_run import (ROOT, _assert_same_training, _clm_args, _launch_two_ranks, _layout,  # noqa: F401
+                            _resume_from, _tiny_gpt, _tiny_roberta, _train_losses, clm_stores, dropout_free, mlm_stores,
+                            text_files)
 
 MUON = ["--optim", "muon"]
 
@@ -185,3 +190,49 @@ def test_muon_trains_on_every_zero_stage_and_precision(stage, precision, clm_sto
                                    "--precision", precision))
     losses = _train_losses(tmp_path)
     assert results["zero_stage"] == stage and losses[6] < losses[1]
+
+
+def _torchrun_two_ranks(argv, *, cwd):
+    """`torchrun --nproc_per_node 2 fastlm/run.py argv` (it sets OMP_NUM_THREADS=1 itself); asserts exit 0."""
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "fastlm" / "run.py"), *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_muon_under_torchrun_takes_the_one_process_steps_and_resumes_exactly(muon_run, tmp_path):
+    """`torchrun --nproc_per_node 2`, ZeRO-2 (each rank holds half of Muon's momentum), micro 8 x 2 ranks: the
+    same 8 steps as the one-process run of micro 8 x accumulation 2, and its step-4 checkpoint resumed on 2
+    ranks repeats steps 5-8."""
+    full, argv = muon_run
+    two = tmp_path / "two"
+    proc = _torchrun_two_ranks(argv(two, 8, 1), cwd=tmp_path)
+    assert proc.stdout.count("[fastlm] --optim muon: Muon:") == 1
+    assert json.loads((two / "results.json").read_text())["world_size"] == 2
+    _assert_same_training(full, two, list(range(1, 9)))
+    resumed = tmp_path / "resumed"
+    _resume_from(two, 4, resumed)
+    _torchrun_two_ranks(argv(resumed, 8, 1, "--resume"), cwd=tmp_path)
+    _assert_same_training(two, resumed, [5, 6, 7, 8])
+
+
+def test_muon_trains_an_mlm_under_the_deepspeed_launcher_and_resumes_exactly(mlm_stores, dropout_free, tmp_path):
+    """`deepspeed --num_gpus 2`, ZeRO-1, a RoBERTa MLM: the loss falls, and the step-3 checkpoint resumed on 2
+    ranks repeats steps 4-6 (Muon's momentum and the masks restored)."""
+    def argv(out, *extra):
+        return ["--task", "mlm", "--train_store", str(mlm_stores[0]), "--eval_store", str(mlm_stores[1]), *MUON,
+                "--config_name", str(dropout_free["mlm"]), "--block_size", "64", "--packing", "documents",
+                "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--max_steps", "6",
+                "--save_steps", "3", "--zero_stage", "1", "--output_dir", str(out), "--dataloader_num_workers", "0",
+                "--disable_tqdm", "--logging_steps", "1", *extra]
+    full = tmp_path / "full"
+    _launch_two_ranks(argv(full), cwd=tmp_path)
+    results = json.loads((full / "results.json").read_text())
+    losses = _train_losses(full)
+    assert results["world_size"] == 2 and results["task"] == "mlm" and math.isfinite(results["eval_loss"])
+    assert losses[6] < losses[1]
+    resumed = tmp_path / "resumed"
+    _resume_from(full, 3, resumed)
+    _launch_two_ranks(argv(resumed, "--resume"), cwd=tmp_path)
+    _assert_same_training(full, resumed, [4, 5, 6])

@@ -77,6 +77,7 @@ def test_learning_rate_is_matched_to_adamw_as_torch_match_rms_adamw():
     (MUON + ["--muon_momentum", "1"], "--muon_momentum must be in [0, 1), got 1.0"),
     (MUON + ["--muon_lr", "0"], "--muon_lr must be > 0, got 0.0"),
     (["--optim", "sgd"], "--optim sgd is not supported"),
+    (MUON + ["--optim_args", "ns_steps=3"], "with --optim muon also by --muon_lr/--muon_momentum"),
 ])
 def test_bad_muon_settings_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -201,38 +202,39 @@ def _torchrun_two_ranks(argv, *, cwd):
     return proc
 
 
-def test_muon_under_torchrun_takes_the_one_process_steps_and_resumes_exactly(muon_run, tmp_path):
-    """`torchrun --nproc_per_node 2`, ZeRO-2 (each rank holds half of Muon's momentum), micro 8 x 2 ranks: the
-    same 8 steps as the one-process run of micro 8 x accumulation 2, and its step-4 checkpoint resumed on 2
-    ranks repeats steps 5-8."""
-    full, argv = muon_run
-    two = tmp_path / "two"
-    proc = _torchrun_two_ranks(argv(two, 8, 1), cwd=tmp_path)
-    assert proc.stdout.count("[fastlm] --optim muon: Muon:") == 1
+@pytest.fixture(scope="module")
+def two_rank_muon_run(muon_run, tmp_path_factory):
+    """muon_run's 8 steps launched by `torchrun --nproc_per_node 2` as micro 8 x 2 ranks (the same global
+    batch of 16; ZeRO-2: each rank holds half of Muon's momentum), checkpoint at step 4."""
+    _, argv = muon_run
+    root = tmp_path_factory.mktemp("two_rank_muon_run")
+    proc = _torchrun_two_ranks(argv(root / "full", 8, 1), cwd=root)
+    return root / "full", argv, proc
+
+
+def test_muon_under_torchrun_takes_the_one_process_steps(muon_run, two_rank_muon_run):
+    (one, _), (two, _, proc) = muon_run, two_rank_muon_run
+    assert proc.stdout.count("[fastlm] --optim muon: Muon:") == 1  # rank 0 says it
     assert json.loads((two / "results.json").read_text())["world_size"] == 2
-    _assert_same_training(full, two, list(range(1, 9)))
-    resumed = tmp_path / "resumed"
-    _resume_from(two, 4, resumed)
-    _torchrun_two_ranks(argv(resumed, 8, 1, "--resume"), cwd=tmp_path)
-    _assert_same_training(two, resumed, [5, 6, 7, 8])
+    _assert_same_training(one, two, list(range(1, 9)))
 
 
-def test_muon_trains_an_mlm_under_the_deepspeed_launcher_and_resumes_exactly(mlm_stores, dropout_free, tmp_path):
-    """`deepspeed --num_gpus 2`, ZeRO-1, a RoBERTa MLM: the loss falls, and the step-3 checkpoint resumed on 2
-    ranks repeats steps 4-6 (Muon's momentum and the masks restored)."""
-    def argv(out, *extra):
-        return ["--task", "mlm", "--train_store", str(mlm_stores[0]), "--eval_store", str(mlm_stores[1]), *MUON,
-                "--config_name", str(dropout_free["mlm"]), "--block_size", "64", "--packing", "documents",
-                "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--max_steps", "6",
-                "--save_steps", "3", "--zero_stage", "1", "--output_dir", str(out), "--dataloader_num_workers", "0",
-                "--disable_tqdm", "--logging_steps", "1", *extra]
-    full = tmp_path / "full"
-    _launch_two_ranks(argv(full), cwd=tmp_path)
-    results = json.loads((full / "results.json").read_text())
-    losses = _train_losses(full)
+def test_muon_resumes_a_two_rank_checkpoint_exactly_under_the_deepspeed_launcher(two_rank_muon_run, tmp_path):
+    """The torchrun run's step-4 checkpoint resumed by `deepspeed --num_gpus 2` (the same rank count, so
+    each rank reloads its own half of the momentum) repeats steps 5-8."""
+    full, argv, _ = two_rank_muon_run
+    _resume_from(full, 4, tmp_path)
+    _launch_two_ranks(argv(tmp_path, 8, 1, "--resume"), cwd=tmp_path)
+    _assert_same_training(full, tmp_path, [5, 6, 7, 8])
+
+
+def test_muon_trains_an_mlm_under_the_deepspeed_launcher(mlm_stores, tmp_path):
+    _launch_two_ranks(["--task", "mlm", "--train_store", str(mlm_stores[0]), "--eval_store", str(mlm_stores[1]), *MUON,
+                       "--config_name", "roberta-tiny", "--block_size", "64", "--packing", "documents",
+                       "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--max_steps", "6",
+                       "--zero_stage", "1", "--output_dir", str(tmp_path), "--dataloader_num_workers", "0",
+                       "--disable_tqdm", "--logging_steps", "1"], cwd=tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2 and results["task"] == "mlm" and math.isfinite(results["eval_loss"])
+    losses = _train_losses(tmp_path)
     assert losses[6] < losses[1]
-    resumed = tmp_path / "resumed"
-    _resume_from(full, 3, resumed)
-    _launch_two_ranks(argv(resumed, "--resume"), cwd=tmp_path)
-    _assert_same_training(full, resumed, [4, 5, 6])

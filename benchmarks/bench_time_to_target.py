@@ -17,7 +17,7 @@ sweep and the ratios are also printed (pytest -s).
 
 Sizes are the training-speed benchmark's: tiny (2 layers x 128) by default, 40 steps; FASTLM_TIME_TO_TARGET=full
 adds small (6 layers x 384) and takes 120 steps; FASTLM_TIME_TO_TARGET_STEPS sets the steps. Smoke runs
-(--benchmark-disable) sweep one learning rate for SMOKE_STEPS steps.
+(--benchmark-disable) sweep one learning rate for SMOKE_STEPS steps on SMOKE_ROWS of the text.
 """
 import json
 import os
@@ -36,6 +36,7 @@ STEPS = int(os.environ.get("FASTLM_TIME_TO_TARGET_STEPS", "120" if FULL else "40
 SMOKE_STEPS = 2
 EVAL_EVERY = 10
 EVAL_ROWS = 100  # WikiText-2 test rows: ~70 blocks, the evaluation a small part of a run even at 50k logits
+SMOKE_ROWS = 10, 400  # a smoke run's evaluation and training rows (an evaluation at 50k logits costs seconds)
 WARMUP = 10
 BLOCK = 128
 BATCH = 8
@@ -55,14 +56,16 @@ SIZES = ("tiny", "small") if FULL else ("tiny",)
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory, gpt2_tok, roberta_tok):
+def stores(request, tmp_path_factory, gpt2_tok, roberta_tok):
     """{task: (train store, evaluation store)}: WikiText-2 valid rows for training, the first EVAL_ROWS test
     rows for evaluation, with GPT-2's tokenizer (CLM) and RoBERTa's with its <s> </s> (MLM)."""
     from fastlm.prepare import prepare
 
+    eval_rows, train_rows = SMOKE_ROWS if request.config.getoption("benchmark_disable") else (EVAL_ROWS, None)
     root = tmp_path_factory.mktemp("time_to_target")
-    (root / "train.txt").write_text("".join(line for line in wikitext_lines("valid") if line.strip()), encoding="utf-8")
-    (root / "eval.txt").write_text("".join([line for line in wikitext_lines("test") if line.strip()][:EVAL_ROWS]),
+    (root / "train.txt").write_text("".join([line for line in wikitext_lines("valid") if line.strip()][:train_rows]),
+                                    encoding="utf-8")
+    (root / "eval.txt").write_text("".join([line for line in wikitext_lines("test") if line.strip()][:eval_rows]),
                                    encoding="utf-8")
     found = {}
     for task, tokenizer, specials in (("clm", gpt2_tok, False), ("mlm", roberta_tok, True)):

@@ -1,5 +1,6 @@
 """--optim muon end to end on CPU: the parameter split, the learning-rate match, and the runner's guarantees
-(token-weighted steps, exact and elastic resume, divergence stop, packed documents) with Muon's momentum."""
+(token-weighted steps, exact and elastic resume, divergence stop, packed documents) with Muon's momentum,
+in one process and on 2 ranks under torchrun and the deepspeed launcher."""
 import json
 import math
 import subprocess

@@ -1,7 +1,11 @@
 """--optim muon end to end on CPU: the parameter split, the learning-rate match, and the runner's guarantees
-(token-weighted steps, exact and elastic resume, divergence stop, packed documents) with Muon's momentum."""
+(token-weighted steps, exact and elastic resume, divergence stop, packed documents) with Muon's momentum,
+in one process and on 2 ranks under torchrun and the deepspeed launcher."""
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +13,10 @@ import torch
 from fastlm import run
 from fastlm.train import checkpoints, config, muon
 from fastlm.train.errors import ConfigError, Diverged
-from tests.test_run import (_assert_same_training, _clm_args, _layout, _resume_from,  # noqa: F401
-                            _tiny_gpt, _tiny_roberta, _train_losses, clm_stores, dropout_free, mlm_stores, text_files)
+from fastlm.train.dist import free_port
+from tests.test_run import (ROOT, _assert_same_training, _clm_args, _launch_two_ranks, _layout,  # noqa: F401
+                            _resume_from, _tiny_gpt, _tiny_roberta, _train_losses, clm_stores, dropout_free, mlm_stores,
+                            text_files)
 
 MUON = ["--optim", "muon"]
 
@@ -72,6 +78,7 @@ def test_learning_rate_is_matched_to_adamw_as_torch_match_rms_adamw():
     (MUON + ["--muon_momentum", "1"], "--muon_momentum must be in [0, 1), got 1.0"),
     (MUON + ["--muon_lr", "0"], "--muon_lr must be > 0, got 0.0"),
     (["--optim", "sgd"], "--optim sgd is not supported"),
+    (MUON + ["--optim_args", "ns_steps=3"], "with --optim muon also by --muon_lr/--muon_momentum"),
 ])
 def test_bad_muon_settings_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -185,3 +192,50 @@ def test_muon_trains_on_every_zero_stage_and_precision(stage, precision, clm_sto
                                    "--precision", precision))
     losses = _train_losses(tmp_path)
     assert results["zero_stage"] == stage and losses[6] < losses[1]
+
+
+def _torchrun_two_ranks(argv, *, cwd):
+    """`torchrun --nproc_per_node 2 fastlm/run.py argv` (it sets OMP_NUM_THREADS=1 itself); asserts exit 0."""
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "fastlm" / "run.py"), *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def two_rank_muon_run(muon_run, tmp_path_factory):
+    """muon_run's 8 steps launched by `torchrun --nproc_per_node 2` as micro 8 x 2 ranks (the same global
+    batch of 16; ZeRO-2: each rank holds half of Muon's momentum), checkpoint at step 4."""
+    _, argv = muon_run
+    root = tmp_path_factory.mktemp("two_rank_muon_run")
+    proc = _torchrun_two_ranks(argv(root / "full", 8, 1), cwd=root)
+    return root / "full", argv, proc
+
+
+def test_muon_under_torchrun_takes_the_one_process_steps(muon_run, two_rank_muon_run):
+    (one, _), (two, _, proc) = muon_run, two_rank_muon_run
+    assert proc.stdout.count("[fastlm] --optim muon: Muon:") == 1  # rank 0 says it
+    assert json.loads((two / "results.json").read_text())["world_size"] == 2
+    _assert_same_training(one, two, list(range(1, 9)))
+
+
+def test_muon_resumes_a_two_rank_checkpoint_exactly_under_the_deepspeed_launcher(two_rank_muon_run, tmp_path):
+    """The torchrun run's step-4 checkpoint resumed by `deepspeed --num_gpus 2` (the same rank count, so
+    each rank reloads its own half of the momentum) repeats steps 5-8."""
+    full, argv, _ = two_rank_muon_run
+    _resume_from(full, 4, tmp_path)
+    _launch_two_ranks(argv(tmp_path, 8, 1, "--resume"), cwd=tmp_path)
+    _assert_same_training(full, tmp_path, [5, 6, 7, 8])
+
+
+def test_muon_trains_an_mlm_under_the_deepspeed_launcher(mlm_stores, tmp_path):
+    _launch_two_ranks(["--task", "mlm", "--train_store", str(mlm_stores[0]), "--eval_store", str(mlm_stores[1]), *MUON,
+                       "--config_name", "roberta-tiny", "--block_size", "64", "--packing", "documents",
+                       "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--max_steps", "6",
+                       "--zero_stage", "1", "--output_dir", str(tmp_path), "--dataloader_num_workers", "0",
+                       "--disable_tqdm", "--logging_steps", "1"], cwd=tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["world_size"] == 2 and results["task"] == "mlm" and math.isfinite(results["eval_loss"])
+    losses = _train_losses(tmp_path)
+    assert losses[6] < losses[1]

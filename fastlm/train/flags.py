@@ -23,9 +23,6 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
               "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
 PACKINGS = ("blocks", "documents")
 STRATEGIES = ("no", "steps", "epoch")
-# Every AdamW name of TrainingArguments' --optim: the runner's optimizer is torch's AdamW (DeepSpeed's fused
-# one on GPUs), which is what they all compute.
-ADAMW = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw", "adamw_apex_fused")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 def _help(text, **extra):
@@ -103,14 +100,16 @@ class Flags:
     per_device_eval_batch_size: int = dataclasses.field(default=8, **_help("evaluation batch per rank"))
     gradient_accumulation_steps: int = dataclasses.field(default=1, **_help("micro batches per optimizer step"))
     train_batch_size: int = dataclasses.field(default=None, **_help("global batch; must equal micro*accum*ranks"))
-    learning_rate: float = dataclasses.field(default=5e-5, **_help("peak AdamW learning rate"))
-    weight_decay: float = dataclasses.field(default=0.0, **_help("AdamW weight decay (not on biases/norms)"))
+    learning_rate: float = dataclasses.field(default=5e-5, **_help(
+        "peak learning rate (AdamW's; with --optim muon also Muon's, in AdamW's units, unless --muon_lr)"))
+    weight_decay: float = dataclasses.field(default=0.0, **_help(
+        "decoupled weight decay, AdamW's and Muon's (not on biases/norms)"))
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     optim: str = dataclasses.field(default="adamw_torch", **_help(
-        f"the optimizer: AdamW ({', '.join(ADAMW)}), or muon: Muon for the transformer blocks' matrices, AdamW "
-        "for embeddings, LM head, norms and biases (docs/muon.md)"))
+        f"the optimizer: AdamW ({', '.join(hf_flags.ADAMW)}), or muon: Muon for the transformer blocks' "
+        "matrices, AdamW for embeddings, LM head, norms and biases (docs/muon.md)"))
     muon_lr: float = dataclasses.field(default=None, **_help(
         "--optim muon: the Muon matrices' peak learning rate, in AdamW's units (default: --learning_rate)"))
     muon_momentum: float = dataclasses.field(default=0.95, **_help("--optim muon: Muon's (Nesterov) momentum"))

@@ -92,7 +92,8 @@ FOREIGN = {
     "fsdp": _unsupported("the runner shards with DeepSpeed ZeRO: use --zero_stage 3 (or a --deepspeed JSON)"),
     "fsdp_config": _unsupported("the runner shards with DeepSpeed ZeRO: use --zero_stage 3 (or a --deepspeed JSON)"),
     "accelerator_config": _ACCELERATE, "parallelism_config": _ACCELERATE,
-    "optim_args": _unsupported("the optimizer is AdamW, set by --adam_beta1/--adam_beta2/--adam_epsilon/--weight_decay"),
+    "optim_args": _unsupported("the optimizer is set by --adam_beta1/--adam_beta2/--adam_epsilon/--weight_decay, "
+                               "and with --optim muon also by --muon_lr/--muon_momentum"),
     "optim_target_modules": _unsupported("the optimizer trains every parameter"),
     "use_liger_kernel": _unsupported("Liger kernels are not wired into the runner"),
     "liger_kernel_config": _unsupported("Liger kernels are not wired into the runner"),
@@ -208,7 +209,7 @@ def _optimizer(v, explicit):
         return "muon"
     if v["optim"] not in ADAMW:
         raise ConfigError(f"--optim {v['optim']} is not supported: the runner trains with AdamW ({', '.join(ADAMW)}) "
-                          "or muon")
+                          "or muon (Muon for the transformer blocks' matrices, AdamW for the rest)")
     given = [f"--{name}" for name in ("muon_lr", "muon_momentum") if name in explicit]
     if given:
         raise ConfigError(f"{' and '.join(given)} set(s) Muon, which only --optim muon trains with")

@@ -266,6 +266,8 @@ def batch_limits(request, train_stores, tmp_path_factory):
 def bench_largest_batch(benchmark, tool, batch_limits, train_stores, tmp_path, report):
     """The timed call: one probe run of the tool at its largest micro batch; extra_info: both maxima."""
     smoke = benchmark.disabled
+    if smoke and tool == "trainer":
+        pytest.skip("smoke runs probe once, with the runner (bench_train's smoke runs train Trainer in-process)")
     batch, peak = batch_limits[tool]
     steps = 1 if smoke else SEARCH_STEPS
     benchmark.group = (f"train: largest micro batch with peak RSS <= {CAP_MIB} MiB, clm tiny 2 x 128, vocab 50,257, "

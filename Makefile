@@ -36,8 +36,10 @@ build: $(VENV)/.kernels
 demo: build
 	$(PY) -m fastlm.run
 
+# Two worker processes (pytest-xdist): one test at a time leaves a core idle while it waits on imports and
+# subprocesses.
 test: build
-	$(PY) -m pytest -q -p no:cacheprovider --benchmark-disable
+	$(PY) -m pytest -q -p no:cacheprovider --benchmark-disable -n 2
 
 test-fast: build
 	$(PY) -m pytest tests -q -p no:cacheprovider -m "not slow"

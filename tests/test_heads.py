@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastlm.train.model import model_inputs, position_offset
+from fastlm.train.model import flops_per_token, model_inputs, position_offset
 from fastlm.train.heads import LMLoss, fused_linear_cross_entropy, row_nll
 
 VOCAB, BATCH, LENGTH = 1000, 3, 24
@@ -221,6 +221,34 @@ def test_the_wrapper_exposes_the_hf_model_to_save(tmp_path):
     inputs, labels = make_batch(loss.model, "clm", packed=False)
     reloaded = LMLoss(AutoModelForCausalLM.from_pretrained(tmp_path), "clm")
     torch.testing.assert_close(reloaded(labels=labels, **inputs)[0], loss(labels=labels, **inputs)[0])
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta"])
+def test_the_flops_of_a_sparse_mlm_step_count_the_head_at_the_labelled_positions(name):
+    """The FLOP count behind MFU and train_flops: what the sparse head saves against the dense logits (15% of
+    the positions labelled), as torch's FLOP counter measures a forward and backward of each, is what
+    flops_per_token given the head takes off the dense count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model, length = MODELS[name][0](), 48
+    loss = LMLoss(model, "mlm")
+    input_ids = torch.randint(5, VOCAB, (8, length))
+    labels = torch.full_like(input_ids, -100)
+    labelled = torch.randperm(labels.numel())[: labels.numel() * 15 // 100]
+    labels.view(-1)[labelled] = input_ids.view(-1)[labelled]
+    inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels)
+
+    def flops_per_token_measured(step):
+        with FlopCounterMode(display=False) as counter:
+            step().backward()
+        return counter.get_total_flops() / input_ids.numel()
+
+    saved = flops_per_token_measured(lambda: model(**inputs).loss) - flops_per_token_measured(lambda: loss(**inputs)[0].sum())
+    counted = flops_per_token(model, length) - flops_per_token(model, length, sparse_head=loss.sparse_head,
+                                                                predicted=len(labelled) / labels.numel())
+    # 6N also counts the head's biases and norm as if they were matmul weights: a few per cent.
+    assert saved > 0 and counted == pytest.approx(saved, rel=0.05)
 
 
 def test_unknown_task():

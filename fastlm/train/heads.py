@@ -186,6 +186,11 @@ class LMLoss(nn.Module):
     def config(self):
         return self.model.config
 
+    @property
+    def sparse_head(self):
+        """The MLM head when it runs only at the labelled positions, else None."""
+        return self._parts[1] if self.task == "mlm" and self.dense_reason is None else None
+
     # Checkpoints hold the HF model's own names (no "model." prefix), so one saved before the loss wrapped the
     # model, or from the model alone, loads as it is.
     def state_dict(self, *args, **kwargs):

@@ -197,9 +197,10 @@ class Run:
         model, keep_alive = build_model(config.model, plan.tokenizer, block_size=config.data.block_size,
                                         ds_config=ds_config)
         check_token_ids(plan.stores, model.get_input_embeddings().num_embeddings)
-        token_flops = flops_per_token(model, config.data.block_size)
         # The engine trains the model with its loss: the fused CLM loss or the sparse MLM head (heads.LMLoss).
         loss = LMLoss(model, config.task, zero_stage=config.optim.zero_stage)
+        token_flops = flops_per_token(model, config.data.block_size, sparse_head=loss.sparse_head,
+                                      predicted=config.data.mlm_probability)
         if self.rank == 0:
             print(f"[fastlm] {loss.summary}", flush=True)
         engine, *_ = deepspeed.initialize(model=loss, config=ds_config, lr_scheduler=schedule, **self.optimizer(model))

@@ -169,10 +169,13 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def flops_per_token(model, block_size):
-    """6N for the matmuls of forward + backward, plus attention's 12 * layers * width * context (PaLM)."""
+def flops_per_token(model, block_size, *, sparse_head=None, predicted=1.0):
+    """6N for the matmuls of forward + backward, plus attention's 12 * layers * width * context (PaLM). A
+    sparse MLM head runs at a fraction ``predicted`` of the tokens: its parameters count for that fraction."""
     config = model.config
     n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    if sparse_head is not None:
+        n -= (1 - predicted) * sum(getattr(p, "ds_numel", p.numel()) for p in sparse_head.parameters())
     layers = getattr(config, "num_hidden_layers", 0)
     width = getattr(config, "hidden_size", 0)
     return 6 * n + 12 * layers * width * block_size

@@ -6,6 +6,9 @@ whose loss or gradient norm stopped being finite, CheckpointFailed one that coul
 """
 import os
 import sys
+import time
+
+FAIL_WAIT_S = 10
 
 
 class ConfigError(ValueError):
@@ -34,4 +37,8 @@ def fail(message, status):
     """Print `fastlm train: error: <message>` once (rank 0) and exit with `status`."""
     if is_rank0():
         print(f"fastlm train: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    else:
+        # A launcher (torchrun, deepspeed) stops every rank when the first one exits: a rank that got here
+        # before rank 0 waits, or rank 0 would be killed before it prints. Rank 0's exit ends the wait.
+        time.sleep(FAIL_WAIT_S)
     sys.exit(status)

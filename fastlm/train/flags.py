@@ -187,7 +187,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         if not is_rank0():
-            sys.exit(2)
+            fail(message, 2)  # silent here, after rank 0 has had time to print
         super().error(message)
 
 

@@ -330,3 +330,15 @@ def test_mlflow_names_and_steps_are_those_trainer_writes(tmp_path, monkeypatch):
         # Trainer adds the epoch and tokens seen to every log, its end-of-run summary included
         summary = [4] if key in {"epoch", "num_input_tokens_seen"} else []
         assert steps["fastlm"][key] + summary == steps["trainer"][key], key
+
+
+def test_the_runner_starts_without_mlflow_and_mlflow_still_imports():
+    """deepspeed's autotuner imports mlflow where it is installed (~1.5 s of every start): the runner hides it
+    for that import only."""
+    import subprocess
+
+    pytest.importorskip("mlflow")
+    code = ("import sys, fastlm.train.main; assert 'mlflow' not in sys.modules, 'mlflow imported'; "
+            "import mlflow; print(mlflow.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "mlflow", out.stderr[-2000:]

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.memory import peak_rss_kib
 from fastlm.train.heads import LMLoss, fused_linear_cross_entropy, row_nll
 
 BATCH, LENGTH, WIDTH, LAYERS = 8, 128, 128, 2
@@ -60,18 +61,11 @@ def training_step(task, path, *, bf16=False, batch=BATCH):
     return step
 
 
-def _peak_rss_kib():
-    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: that survives exec, so a child of
-    a large process would start at its parent's peak."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-
-
 def _peak_growth_mib(run):
     """Growth of this process's peak resident set (MiB) while `run` runs."""
-    before = _peak_rss_kib()
+    before = peak_rss_kib()
     run()
-    return (_peak_rss_kib() - before) / 1024
+    return (peak_rss_kib() - before) / 1024
 
 
 def clm_loss(path):

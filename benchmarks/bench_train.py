@@ -22,11 +22,12 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fastlm import run
+from benchmarks.memory import peak_rss_kib
 from tests.data import wikitext_lines
 
 SMOKE_STEPS = 2
@@ -86,10 +87,28 @@ def train_stores(tmp_path_factory, gpt2_tok, roberta_tok):
 
 
 def spec_of(case, store, out, *, batch=BATCH, steps):
-    """What one tool's process trains: task, store, model (preset + overrides), micro batch, steps."""
+    """What one tool's process trains: task, store, model (preset + overrides, and the config the runner builds
+    from them, saved for Trainer), micro batch, steps."""
     task, _, size, _, _ = CASES[case]
-    return {"task": task, "store": str(store), "config_name": PRESET[task], "config_overrides": SHAPES.get((task, size)),
+    spec = {"task": task, "store": str(store), "config_name": PRESET[task], "config_overrides": SHAPES.get((task, size)),
             "batch": batch, "steps": steps, "out": str(out)}
+    return {**spec, "model_config_dir": save_model_config(spec, Path(f"{out}-model-config"))}
+
+
+def save_model_config(spec, path):
+    """The runner's own config builder on the runner's arguments, saved to `path` for Trainer's process: the
+    same config, so the same model, and Trainer's process imports nothing of the runner (deepspeed among it)."""
+    from transformers import AutoTokenizer
+
+    from fastlm.store import TokenStore
+    from fastlm.train.config import ModelConfig
+    from fastlm.train.model import model_config
+
+    tokenizer = AutoTokenizer.from_pretrained(TokenStore.open(spec["store"]).tokenizer_dir)
+    config = model_config(ModelConfig(task=spec["task"], config_name=spec["config_name"],
+                                      config_overrides=spec["config_overrides"]), tokenizer, block_size=BLOCK)
+    config.save_pretrained(path)
+    return str(path)
 
 
 def runner_argv(spec):
@@ -101,6 +120,8 @@ def runner_argv(spec):
 
 
 def run_runner(spec):
+    from fastlm import run  # here: Trainer's process imports nothing of the runner
+
     results = run.train(runner_argv(spec))
     return {"steps": results["steps"], "loop_s": results["train_runtime_s"], "loss": results["train_loss"],
             "time_to_first_step_s": results["time_to_first_step_s"],
@@ -112,13 +133,11 @@ def run_trainer(spec):
     DataCollatorForLanguageModeling, the linear schedule and clipping the runner uses."""
     start = time.perf_counter()
     import torch
-    from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling,
-                              Trainer, TrainerCallback, TrainingArguments)
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer,
+                              DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments)
 
     from fastlm import pack_blocks
     from fastlm.store import TokenStore
-    from fastlm.train.config import ModelConfig
-    from fastlm.train.model import model_config
 
     mlm = spec["task"] == "mlm"
     store = TokenStore.open(spec["store"])
@@ -129,9 +148,7 @@ def run_trainer(spec):
         rows = {k: v for k, v in rows.items() if k != "labels"}
     dataset = [{k: torch.from_numpy(v[i]) for k, v in rows.items()} for i in range(len(blocks))]
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15) if mlm else None
-    # The runner's own config builder on the runner's arguments: the same config, so the same model.
-    config = model_config(ModelConfig(task=spec["task"], config_name=spec["config_name"],
-                                      config_overrides=spec["config_overrides"]), tokenizer, block_size=BLOCK)
+    config = AutoConfig.from_pretrained(spec["model_config_dir"])
     torch.manual_seed(42)  # the runner's default seed, before it builds its model
     model = (AutoModelForMaskedLM if mlm else AutoModelForCausalLM).from_config(config)
 
@@ -156,10 +173,8 @@ def run_trainer(spec):
 
 def measure(tool, spec):
     """Train with one tool; its run's report and the peak resident set of this process."""
-    from benchmarks.bench_heads import _peak_rss_kib
-
     result = (run_runner if tool == "runner" else run_trainer)(spec)
-    return {**result, "peak_rss_mib": _peak_rss_kib() / 1024}
+    return {**result, "peak_rss_mib": peak_rss_kib() / 1024}
 
 
 def tool_process(tool, spec):
@@ -299,6 +314,7 @@ def _cuda():
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
 @pytest.mark.benchmark(group="train: GPT-2-124M, block 1024, bf16 (GPU)")
 def bench_runner_gpt2_124m_gpu(benchmark, tmp_path, gpt2_tok):
+    from fastlm import run
     from fastlm.prepare import prepare
 
     text = tmp_path / "wiki.txt"

@@ -338,7 +338,7 @@ def test_the_runner_starts_without_mlflow_and_mlflow_still_imports():
     import subprocess
 
     pytest.importorskip("mlflow")
-    code = ("import sys, fastlm.train.main; assert 'mlflow' not in sys.modules, 'mlflow imported'; "
+    code = ("import sys, fastlm.train; assert 'deepspeed' in sys.modules and 'mlflow' not in sys.modules; "
             "import mlflow; print(mlflow.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "mlflow", out.stderr[-2000:]

@@ -35,7 +35,6 @@ BLOCK = 128
 BATCH = 8
 LR = 1e-3
 TOOLS = ("runner", "trainer")
-TOOL_NAMES = {"runner": "fastlm.run", "trainer": "Trainer"}
 # Shapes as --config_overrides of the runner's presets, every field of the shape spelled out.
 SHAPES = {
     ("clm", "tiny"): "n_layer=2,n_head=2,n_embd=128",
@@ -86,13 +85,15 @@ def train_stores(tmp_path_factory, gpt2_tok, roberta_tok):
     return {name: root / name for name in ("bpe-1024", "gpt2-50257", "roberta-50265")}
 
 
-def spec_of(case, store, out, *, batch=BATCH, steps):
-    """What one tool's process trains: task, store, model (preset + overrides, and the config the runner builds
-    from them, saved for Trainer), micro batch, steps."""
+def spec_of(case, store, out, tool, *, batch=BATCH, steps):
+    """What one tool's process trains: task, store, model (preset + overrides; for Trainer also the config the
+    runner builds from them), micro batch, steps."""
     task, _, size, _, _ = CASES[case]
     spec = {"task": task, "store": str(store), "config_name": PRESET[task], "config_overrides": SHAPES.get((task, size)),
             "batch": batch, "steps": steps, "out": str(out)}
-    return {**spec, "model_config_dir": save_model_config(spec, Path(f"{out}-model-config"))}
+    if tool == "trainer":
+        spec["model_config_dir"] = save_model_config(spec, Path(f"{out}-model-config"))
+    return spec
 
 
 def save_model_config(spec, path):
@@ -131,13 +132,14 @@ def run_runner(spec):
 def run_trainer(spec):
     """transformers.Trainer as its tutorials run it: a list of packed blocks, MLM masks drawn by
     DataCollatorForLanguageModeling, the linear schedule and clipping the runner uses."""
-    start = time.perf_counter()
     import torch
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer,
                               DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments)
 
     from fastlm import pack_blocks
     from fastlm.store import TokenStore
+
+    start = time.perf_counter()  # after the imports, as the runner's time to its first step counts
 
     mlm = spec["task"] == "mlm"
     store = TokenStore.open(spec["store"])
@@ -222,7 +224,7 @@ def bench_train(benchmark, case, tool, train_stores, tmp_path, report):
     label = (f"train: {task}, {SIZE_NAMES[size]}, vocab {store}, block {BLOCK}, batch {BATCH}, {steps} steps, "
              f"{rounds} round{'s' if rounds > 1 else ''} (CPU, whole process)")
     benchmark.group = label
-    spec = spec_of(case, train_stores[store], tmp_path, steps=steps)
+    spec = spec_of(case, train_stores[store], tmp_path, tool, steps=steps)
     # Smoke runs train in this process: a process of its own costs ~10 s of imports (bench_largest_batch's
     # smoke run checks that path).
     result = benchmark.pedantic(measure if benchmark.disabled else in_process, args=(tool, spec), rounds=rounds,
@@ -264,7 +266,7 @@ def batch_limits(request, train_stores, tmp_path_factory):
 
     def fits(tool):
         def probe(batch):
-            spec = spec_of(SEARCH_CASE, store, tmp_path_factory.mktemp(f"{tool}-{batch}"), batch=batch,
+            spec = spec_of(SEARCH_CASE, store, tmp_path_factory.mktemp(f"{tool}-{batch}"), tool, batch=batch,
                            steps=1 if smoke else SEARCH_STEPS)
             peaks[tool, batch] = in_process(tool, spec)["peak_rss_mib"]
             return peaks[tool, batch] <= CAP_MIB
@@ -288,7 +290,7 @@ def bench_largest_batch(benchmark, tool, batch_limits, train_stores, tmp_path, r
     benchmark.group = (f"train: largest micro batch with peak RSS <= {CAP_MIB} MiB, clm tiny 2 x 128, vocab 50,257, "
                        f"block {BLOCK}; one run at it, {steps} steps (CPU, whole process)")
     assert batch >= 1, f"{tool}: even micro batch 1 peaks above {CAP_MIB} MiB"
-    spec = spec_of(SEARCH_CASE, train_stores[CASES[SEARCH_CASE][1]], tmp_path, batch=batch, steps=steps)
+    spec = spec_of(SEARCH_CASE, train_stores[CASES[SEARCH_CASE][1]], tmp_path, tool, batch=batch, steps=steps)
     result = benchmark.pedantic(in_process, args=(tool, spec), rounds=1, iterations=1)
     assert result["steps"] == steps
     (trainer, _), (runner, _) = batch_limits["trainer"], batch_limits["runner"]

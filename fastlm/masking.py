@@ -29,7 +29,7 @@ from fastlm._validation import (
     check_rng,
     is_int,
 )
-from fastlm.packing import TOKEN_DTYPES
+from fastlm.packing import check_token_dtype
 from fastlm.tokenizer import vocab_size as tokenizer_vocab_size
 
 _k = load("_masking")
@@ -117,22 +117,17 @@ def _as_token_matrix(input_ids):
         if input_ids.device.type != "cpu":
             raise ValueError(f"input_ids must be on the CPU, got device {input_ids.device}")
         # Checked before .numpy(): a float tensor that requires grad would fail there with torch's message.
-        _check_token_dtype(str(input_ids.dtype).removeprefix("torch."))
+        check_token_dtype(str(input_ids.dtype).removeprefix("torch."), "input_ids")
         input_ids = input_ids.numpy()
     if not isinstance(input_ids, np.ndarray):
         raise TypeError(f"input_ids must be a numpy array, memmap or torch tensor, got {type(input_ids).__name__}")
-    _check_token_dtype(input_ids.dtype)
+    check_token_dtype(input_ids.dtype, "input_ids")
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be 2-D (batch, sequence), got shape {input_ids.shape}")
     if not input_ids.flags.c_contiguous:
         # A silent ascontiguousarray would copy a memmap; the caller decides.
         raise ValueError("input_ids must be C-contiguous (got a strided view)")
     return input_ids, torch
-
-
-def _check_token_dtype(dtype):
-    if not any(dtype == np.dtype(allowed).name for allowed in TOKEN_DTYPES):
-        raise TypeError(f"input_ids dtype {dtype} is not supported; use one of uint16, uint32, int32, int64")
 
 
 def _as_flags(name, flags, shape):

@@ -27,6 +27,7 @@ _k = load("_packing")
 _lists = load("_lists")
 
 TOKEN_DTYPES = (np.uint16, np.uint32, np.int32, np.int64)
+_TOKEN_DTYPE_NAMES = {np.dtype(dtype).name for dtype in TOKEN_DTYPES}
 IGNORE_INDEX = -100
 _INT64_LIMIT = 2**63
 REMAINDER_MODES = ("drop", "pad", "keep")
@@ -39,12 +40,15 @@ PACKING_MODES = ("best_fit", "complete", "eos")
 
 # --- validation ---------------------------------------------------------------------------------------
 
-def check_token_dtype(dtype):
+def check_token_dtype(dtype, name="tokens"):
     """TypeError for a token dtype the kernels have no version for (a Megatron dataset may hold uint8, int8
-    or int16 ids), naming the ones they have. Never converted here: that would copy a whole memmap."""
-    if np.dtype(dtype) not in TOKEN_DTYPES:
-        raise TypeError(f"tokens dtype {np.dtype(dtype)} is not supported; use one of uint16, uint32, int32, int64 "
-                        "(tokens.astype(numpy.uint16) converts, copying them into memory)")
+    or int16 ids; a torch tensor floats or bools), naming the ones they have. ``dtype``: numpy's, or the name
+    of a torch tensor's (which numpy may not know). Never converted here: that would copy a whole memmap."""
+    known = dtype in _TOKEN_DTYPE_NAMES if isinstance(dtype, str) else np.dtype(dtype) in TOKEN_DTYPES
+    if not known:
+        given = dtype if isinstance(dtype, str) else np.dtype(dtype)
+        raise TypeError(f"{name} dtype {given} is not supported; use one of uint16, uint32, int32, int64 "
+                        f"({name}.astype(numpy.uint16) converts, copying them into memory)")
 
 
 def _check_tokens(tokens):

@@ -169,13 +169,18 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _numel(parameters):
+    """How many numbers the parameters hold (ZeRO-3's partitioned ones by their full size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in parameters)
+
+
 def flops_per_token(model, block_size, *, sparse_head=None, predicted=1.0):
     """6N for the matmuls of forward + backward, plus attention's 12 * layers * width * context (PaLM). A
     sparse MLM head runs at a fraction ``predicted`` of the tokens: its parameters count for that fraction."""
     config = model.config
-    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    n = _numel(model.parameters())
     if sparse_head is not None:
-        n -= (1 - predicted) * sum(getattr(p, "ds_numel", p.numel()) for p in sparse_head.parameters())
+        n -= (1 - predicted) * _numel(sparse_head.parameters())
     layers = getattr(config, "num_hidden_layers", 0)
     width = getattr(config, "hidden_size", 0)
     return 6 * n + 12 * layers * width * block_size
@@ -185,7 +190,7 @@ def trainer_flops_per_token(model):
     """Trainer's total_flos per token: 6 x the parameters outside embedding layers
     (PreTrainedModel.num_parameters(exclude_embeddings=True)); its sizes under ZeRO-3 too."""
     embeddings = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.Embedding)}
-    return 6 * sum(getattr(p, "ds_numel", p.numel()) for name, p in model.named_parameters() if name not in embeddings)
+    return 6 * _numel(p for name, p in model.named_parameters() if name not in embeddings)
 
 
 def default_block_size(model, tokenizer):

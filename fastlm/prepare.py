@@ -29,6 +29,7 @@ import json
 import lzma
 import os
 import re
+import resource
 import sys
 import time
 import zlib
@@ -197,8 +198,8 @@ def prepare(
         meta["encoding"] = {
             "encoder": chosen.name,
             "why_not_tiktoken": why,
-            "seconds": round(time.perf_counter() - start, 3),
-            "cpu_seconds": round(cpu_seconds() - start_cpu, 3),
+            "seconds": round(time.perf_counter() - start, 6),
+            "cpu_seconds": round(cpu_seconds() - start_cpu, 6),
         }
         return writer.close(meta)
 
@@ -299,9 +300,10 @@ def _from_file_start(message, path, start):
 
 
 def cpu_seconds():
-    """CPU seconds of this process and of its finished children (prepare's worker processes)."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
+    """CPU seconds of this process and of its finished children (prepare's worker processes), at a finer
+    grain than os.times' 10 ms ticks: a small corpus encodes in less than one tick."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def summary(store, seconds, cpu_seconds=None):

@@ -800,3 +800,15 @@ def test_a_failed_write_in_a_worker_process_is_the_same_one_line(tmp_path, small
     # A worker's part (in the store's temporary directory) or the store's own tokens.bin, whichever fills first.
     assert_cannot_write(result, re.escape(str(tmp_path / "s")) + r"/(parts/\d+/)?tokens\.bin")
     assert not (tmp_path / "s").exists() and no_leftovers(tmp_path)
+
+
+def test_cpu_seconds_resolve_work_shorter_than_a_clock_tick():
+    # os.times counts 10 ms ticks, so a small corpus's encoding read 0 CPU seconds and its rate was lost.
+    import time
+
+    from fastlm.prepare import cpu_seconds
+
+    start, wall = cpu_seconds(), time.perf_counter()
+    while time.perf_counter() - wall < 0.002:
+        pass
+    assert cpu_seconds() - start > 0

@@ -14,7 +14,6 @@ with the weight decay applied at the unscaled rate, as torch's Muon applies it.
 import math
 
 import torch
-from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
 
 from fastlm.train.errors import ConfigError
 
@@ -89,6 +88,10 @@ def optimizer(groups, *, device_type):
     JIT-compile an op first). DeepSpeed wraps its Newton-Schulz iteration in torch.compile, which on CPU
     means inductor compiling C++ at the first step; the runner compiles nothing on CPU, so torch.compile
     runs eagerly there (a process-wide stance: the runner itself never calls torch.compile)."""
+    # Imported here, as DeepSpeed's ZeRO optimizers import it: the module pulls in torch's inductor, about 2 s
+    # of every runner process's start that only --optim muon (or DeepSpeed's ZeRO/bf16 optimizers) uses.
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
     if device_type == "cpu":
         torch.compiler.set_stance("force_eager")
     return MuonWithAuxAdam(groups, adam_optimizer=torch.optim.AdamW, adam_optimizer_kwargs=dict(fused=True))

@@ -239,3 +239,12 @@ def test_muon_trains_an_mlm_under_the_deepspeed_launcher(mlm_stores, tmp_path):
     assert results["world_size"] == 2 and results["task"] == "mlm" and math.isfinite(results["eval_loss"])
     losses = _train_losses(tmp_path)
     assert losses[6] < losses[1]
+
+
+def test_the_runner_starts_without_importing_deepspeeds_muon():
+    """DeepSpeed's Muon module pulls in torch's inductor (about 2 s of a process's start): imported only
+    when a Muon optimizer is built."""
+    code = ("import sys, fastlm.train.main; "
+            "assert 'deepspeed.runtime.zero.muon.muon_optimizer' not in sys.modules, 'muon imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -229,12 +229,12 @@ def test_muon_resumes_a_two_rank_checkpoint_exactly_under_the_deepspeed_launcher
     _assert_same_training(full, tmp_path, [5, 6, 7, 8])
 
 
-def test_muon_trains_an_mlm_under_the_deepspeed_launcher(mlm_stores, tmp_path):
+def test_muon_trains_an_mlm_on_two_ranks(mlm_stores, tmp_path):
     _launch_two_ranks(["--task", "mlm", "--train_store", str(mlm_stores[0]), "--eval_store", str(mlm_stores[1]), *MUON,
                        "--config_name", "roberta-tiny", "--block_size", "64", "--packing", "documents",
                        "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--max_steps", "6",
                        "--zero_stage", "1", "--output_dir", str(tmp_path), "--dataloader_num_workers", "0",
-                       "--disable_tqdm", "--logging_steps", "1"], cwd=tmp_path)
+                       "--disable_tqdm", "--logging_steps", "1"], cwd=tmp_path, launcher="torchrun")
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2 and results["task"] == "mlm" and math.isfinite(results["eval_loss"])
     losses = _train_losses(tmp_path)

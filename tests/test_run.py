@@ -634,25 +634,27 @@ def test_mlm_resumed_with_another_split_takes_the_same_token_weighted_steps(mlm_
     _assert_same_training(full, tmp_path, [3, 4])
 
 
-def _launch_two_ranks(argv, *, cwd):
-    """`deepspeed --num_gpus 2 fastlm/run.py argv` (as a script, fastlm not on PYTHONPATH); asserts exit 0."""
+def _launch_two_ranks(argv, *, cwd, launcher="deepspeed"):
+    """`deepspeed --num_gpus 2 fastlm/run.py argv`, or `torchrun --nproc_per_node 2 ...` (as a script, fastlm
+    not on PYTHONPATH); asserts exit 0. Tests of what two ranks compute take torchrun: DeepSpeed's launcher
+    is two more processes importing DeepSpeed (~12 s of CPU a launch), and test_launch covers it."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"  # 2 ranks on 2 cores: the launcher leaves it unset, ~10x slower
-    launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(run_dist.free_port()), str(ROOT / "fastlm" / "run.py"),
-           *argv]
+    ranks = {"deepspeed": "--num_gpus", "torchrun": "--nproc_per_node"}[launcher]
+    cmd = [str(Path(sys.executable).with_name(launcher)), ranks, "2", "--master_port", str(run_dist.free_port()),
+           str(ROOT / "fastlm" / "run.py"), *argv]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
 def test_mlm_resumed_on_two_ranks_takes_the_same_token_weighted_steps(mlm_dropout_free_run, tmp_path):
-    """The 1-rank ZeRO-2 checkpoint resumed by `deepspeed --num_gpus 2` as micro batch 4 x 2 ranks: each
-    rank's micro batch holds its own number of masked targets, and steps 3-4 must still be the 1-rank
-    run's (DeepSpeed's average over ranks undone)."""
+    """The 1-rank ZeRO-2 checkpoint resumed on 2 ranks as micro batch 4 x 2 ranks: each rank's micro batch
+    holds its own number of masked targets, and steps 3-4 must still be the 1-rank run's (DeepSpeed's
+    average over ranks undone)."""
     full, argv = mlm_dropout_free_run
     _resume_from(full, 2, tmp_path)
-    _launch_two_ranks(argv(tmp_path, 4, 1, "--resume"), cwd=tmp_path)
+    _launch_two_ranks(argv(tmp_path, 4, 1, "--resume"), cwd=tmp_path, launcher="torchrun")
     assert json.loads((tmp_path / "results.json").read_text())["world_size"] == 2
     _assert_same_training(full, tmp_path, [3, 4])
 
@@ -669,11 +671,11 @@ def test_resume_with_another_split_of_the_global_batch_repeats_the_losses(dropou
 
 
 def test_resume_on_another_rank_count_repeats_the_losses(dropout_free_run, tmp_path):
-    """A 1-rank ZeRO-2 checkpoint resumed by `deepspeed --num_gpus 2` (micro 4 x accumulation 2 x 2 ranks):
-    the optimizer state is converted to DeepSpeed's universal format first."""
+    """A 1-rank ZeRO-2 checkpoint resumed on 2 ranks (micro 4 x accumulation 2 x 2 ranks): the optimizer
+    state is converted to DeepSpeed's universal format first."""
     full, argv = dropout_free_run
     _resume_from(full, 4, tmp_path)
-    proc = _launch_two_ranks(argv(tmp_path, 4, 2, "--resume"), cwd=tmp_path)
+    proc = _launch_two_ranks(argv(tmp_path, 4, 2, "--resume"), cwd=tmp_path, launcher="torchrun")
     assert "converting" in proc.stdout and "universal format" in proc.stdout
     a, b = _train_losses(full), _train_losses(tmp_path)
     assert sorted(b) == [5, 6, 7, 8]

@@ -26,6 +26,7 @@ import numpy as np
 
 from fastlm.megatron import _CODE_OF, _HEADER, INDEX_MAGIC, INDEX_VERSION, MAX_SEQUENCE_LENGTH, dataset_paths
 from fastlm.store import _CHUNK_ITEMS, TokenStore
+from fastlm.writes import WRITE_ERRNOS, WriteFailed, write_failed
 
 FORMATS = ("megatron", "nanogpt")
 _NANOGPT_DTYPE = np.dtype("<u2")
@@ -65,29 +66,36 @@ def write_megatron(store, output, *, overwrite=False):
     n_docs = len(store)
     n_sequences = sum(int(_sequence_counts(offsets[a : a + _CHUNK_ITEMS + 1]).sum())
                       for a in range(0, n_docs, _CHUNK_ITEMS))
-    with _temp_beside(bin_path) as (bin_file, bin_tmp), _temp_beside(idx_path) as (idx_file, idx_tmp):
+    # One file at a time, so a failed write is reported against the file it failed in.
+    with _temp_beside(bin_path) as (bin_file, bin_tmp):
         for start in range(0, store.n_tokens, _CHUNK_ITEMS):
             bin_file.write(np.ascontiguousarray(store.tokens[start : start + _CHUNK_ITEMS], dtype).data)
-        idx_file.write(_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, _CODE_OF[dtype.name], n_sequences, n_docs + 1))
-        # Three sections, one after the other, each streamed over the documents in chunks.
-        for lengths, _ in _sequences(offsets):
-            idx_file.write(np.ascontiguousarray(lengths, "<i4").data)
-        for _, starts in _sequences(offsets):
-            idx_file.write(np.ascontiguousarray(starts * dtype.itemsize, "<i8").data)  # byte pointers
-        idx_file.write(np.zeros(1, "<i8").data)
-        done = 0
-        for start in range(0, n_docs, _CHUNK_ITEMS):
-            counts = _sequence_counts(offsets[start : start + _CHUNK_ITEMS + 1])
-            idx_file.write(np.ascontiguousarray(done + np.cumsum(counts, dtype=np.int64), "<i8").data)
-            done += int(counts.sum())
-        for file in (bin_file, idx_file):
-            file.close()
-        # The index goes last: the pair never looks complete with an old index over the new tokens.
-        idx_path.unlink(missing_ok=True)
-        os.replace(bin_tmp, bin_path)
-        os.replace(idx_tmp, idx_path)
+        bin_file.close()
+        with _temp_beside(idx_path) as (idx_file, idx_tmp):
+            _write_megatron_index(idx_file, offsets, dtype, n_sequences)
+            idx_file.close()
+            # The index goes last: the pair never looks complete with an old index over the new tokens.
+            idx_path.unlink(missing_ok=True)
+            os.replace(bin_tmp, bin_path)
+            os.replace(idx_tmp, idx_path)
     return (f"{prefix}.bin + .idx: {n_docs:,} documents, {n_sequences:,} sequences, "
             f"{store.n_tokens:,} tokens ({dtype.name})")
+
+
+def _write_megatron_index(idx_file, offsets, dtype, n_sequences):
+    n_docs = offsets.shape[0] - 1
+    idx_file.write(_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, _CODE_OF[dtype.name], n_sequences, n_docs + 1))
+    # Three sections, one after the other, each streamed over the documents in chunks.
+    for lengths, _ in _sequences(offsets):
+        idx_file.write(np.ascontiguousarray(lengths, "<i4").data)
+    for _, starts in _sequences(offsets):
+        idx_file.write(np.ascontiguousarray(starts * dtype.itemsize, "<i8").data)  # byte pointers
+    idx_file.write(np.zeros(1, "<i8").data)
+    done = 0
+    for start in range(0, n_docs, _CHUNK_ITEMS):
+        counts = _sequence_counts(offsets[start : start + _CHUNK_ITEMS + 1])
+        idx_file.write(np.ascontiguousarray(done + np.cumsum(counts, dtype=np.int64), "<i8").data)
+        done += int(counts.sum())
 
 
 def _sequence_counts(offsets):
@@ -170,13 +178,18 @@ def _check_destination(path, overwrite):
 
 @contextlib.contextmanager
 def _temp_beside(path):
-    """(open binary file, its path) under a temporary name beside ``path``; removed unless renamed away."""
+    """(open binary file, its path) under a temporary name beside ``path``; removed unless renamed away. A write
+    that fails for want of space (disk full, a file-size limit) raises WriteFailed naming ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, 0o644)  # mkstemp makes 0600; an output should be as readable as any other
     try:
         with os.fdopen(fd, "wb") as file:
             yield file, tmp
+    except OSError as error:
+        if error.errno in WRITE_ERRNOS and not isinstance(error, WriteFailed):
+            raise write_failed(error.errno, path) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

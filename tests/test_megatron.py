@@ -485,3 +485,36 @@ def test_the_megatron_modules_stay_light():
             "print(sorted(m for m in ('torch', 'transformers', 'megatron') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+UNDER_A_LIMIT = "import sys; from fastlm.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def export_under_a_limit(limit, *args):
+    """`fastlm export ARGS` in a process whose files may not grow past ``limit`` bytes (RLIMIT_FSIZE, as
+    `ulimit -f` sets); SIGXFSZ ignored, as CPython does at start-up, so the write fails with EFBIG."""
+    import resource
+    import signal
+
+    def limit_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    return subprocess.run([sys.executable, "-c", UNDER_A_LIMIT, "export", *map(str, args)], capture_output=True,
+                          text=True, preexec_fn=limit_files, timeout=120)
+
+
+@pytest.mark.parametrize("format, docs, fails_in", [
+    ("megatron", [list(range(1000))] * 4, "m.bin"),  # 8 kB of tokens, a 100-byte index
+    ("megatron", [[1]] * 400, "m.idx"),  # 800 bytes of tokens, an 8 kB index
+    ("nanogpt", [list(range(1000))] * 4, "m"),
+], ids=["megatron-tokens", "megatron-index", "nanogpt"])
+def test_an_export_past_the_file_size_limit_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, format, docs,
+                                                                                           fails_in):
+    # Was `fastlm export: error: [Errno 27] File too large` (exit 2), naming no file.
+    store = write_store(tmp_path / "s", docs, eos=1)
+    result = export_under_a_limit(4096, store.path, "-o", tmp_path / "out" / "m", "--format", format)
+    assert result.returncode == 1 and result.stdout == "", result.stderr
+    assert result.stderr == (f"fastlm export: error: cannot write {tmp_path / 'out' / fails_in}: File too large (errno 27); "
+                             "nothing was written (free space there, or raise the file-size limit: ulimit -f)\n")
+    assert list((tmp_path / "out").iterdir()) == []

@@ -687,20 +687,20 @@ def test_resume_on_another_rank_count_repeats_the_losses(dropout_free_run, tmp_p
 
 
 def test_resume_is_exact_across_an_epoch_boundary_with_accumulation(clm_stores, tmp_path):
-    """Training on the small evaluation store, micro batch 16 x 2 accumulation steps: an epoch is a few
-    optimizer steps, so the run resumed at step 6 crosses into new epochs (new shuffles) and must still
-    repeat every loss."""
+    """Training on the small evaluation store, micro batch 16 x 2 accumulation steps: an epoch is about 15
+    optimizer steps, so the run resumed at step 12 crosses into two new epochs (new shuffles) and must
+    still repeat every loss."""
     small = (clm_stores[1], clm_stores[1])
-    argv = ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "2", "--max_steps", "40",
-            "--save_steps", "6"]
+    argv = ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "2", "--max_steps", "34",
+            "--save_steps", "12", "--max_eval_samples", "64"]
     full = run.train(_clm_args(small, tmp_path / "full", *argv))
     assert full["epochs"] > 2
     resumed_dir = tmp_path / "resumed"
-    _resume_from(tmp_path / "full", 6, resumed_dir)
+    _resume_from(tmp_path / "full", 12, resumed_dir)
     run.train(_clm_args(small, resumed_dir, *argv, "--resume"))
     a, b = _train_losses(tmp_path / "full"), _train_losses(resumed_dir)
-    assert sorted(b) == list(range(7, 41))  # no metrics.jsonl was copied: only the resumed steps
-    for step in range(7, 41):
+    assert sorted(b) == list(range(13, 35))  # no metrics.jsonl was copied: only the resumed steps
+    for step in range(13, 35):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=0), step
 
 
@@ -729,7 +729,7 @@ def test_embeddings_grow_to_the_tokenizer(clm_stores, tmp_path):
 @pytest.mark.parametrize("stage, precision", [(1, "fp32"), (2, "bf16"), (3, "fp32")])
 def test_zero_stages_train(stage, precision, clm_stores, tmp_path):
     results = run.train(_clm_args(clm_stores, tmp_path, "--max_steps", "4", "--zero_stage", str(stage),
-                                 "--precision", precision, "--learning_rate", "1e-2"))
+                                 "--precision", precision, "--learning_rate", "1e-2", "--max_eval_samples", "64"))
     losses = _train_losses(tmp_path)
     # A fresh model's loss is about ln(vocab): ZeRO-3 must not skip HF's weight init (it would be ~40).
     assert abs(losses[1] - math.log(1024)) < 1.0
@@ -867,14 +867,12 @@ def test_two_ranks_with_the_deepspeed_launcher(text_files, tmp_path):
     assert results["tokens_seen"] == 4 * 4 * 2 * 64
 
 
-@pytest.mark.parametrize("bad, message", [
-    (["--num_train_epochs", "0"], "fastlm train: error: --num_train_epochs must be > 0, got 0.0"),
-    (["--no_such_flag"], "fastlm train: error: unrecognized arguments: --no_such_flag"),
-])
-def test_torchrun_prints_a_refusal_once(bad, message, tmp_path):
-    """Under `torchrun --nproc_per_node 2` every rank parses the command line: the error is printed once
-    (rank 0), the usage only for an unknown flag and once, and every rank exits with status 2. torchrun's
-    own ChildFailedError block follows (it reports any non-zero exit; the runner cannot stop that)."""
+def test_torchrun_prints_a_refusal_once(tmp_path):
+    """Under `torchrun --nproc_per_node 2` every rank parses the command line: the error and the usage are
+    printed once (rank 0), and every rank exits with status 2. torchrun's own ChildFailedError block follows
+    (it reports any non-zero exit; the runner cannot stop that). Rank 1 leaves through errors.fail, as
+    every rank does for a ConfigError (rank 0's line from it is checked by the in-process refusals)."""
+    bad, message = ["--no_such_flag"], "fastlm train: error: unrecognized arguments: --no_such_flag"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",
            str(run_dist.free_port()), str(ROOT / "fastlm" / "run.py"), "--train_store", "s", "--config_name", "gpt2-tiny",
@@ -883,7 +881,7 @@ def test_torchrun_prints_a_refusal_once(bad, message, tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "exitcode  : 2" in output
     assert output.count("fastlm train: error:") == 1 and message in output, output[-3000:]
-    assert output.count("usage: fastlm train") == (1 if "unrecognized" in message else 0)
+    assert output.count("usage: fastlm train") == 1
 
 
 # --- divergence and damaged checkpoints ---------------------------------------------------------------

@@ -491,17 +491,11 @@ UNDER_A_LIMIT = "import sys; from fastlm.cli import main; sys.exit(main(sys.argv
 
 
 def export_under_a_limit(limit, *args):
-    """`fastlm export ARGS` in a process whose files may not grow past ``limit`` bytes (RLIMIT_FSIZE, as
-    `ulimit -f` sets); SIGXFSZ ignored, as CPython does at start-up, so the write fails with EFBIG."""
-    import resource
-    import signal
-
-    def limit_files():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    """`fastlm export ARGS` in a process whose files may not grow past ``limit`` bytes."""
+    from tests.test_prepare import file_size_limit
 
     return subprocess.run([sys.executable, "-c", UNDER_A_LIMIT, "export", *map(str, args)], capture_output=True,
-                          text=True, preexec_fn=limit_files, timeout=120)
+                          text=True, preexec_fn=file_size_limit(limit), timeout=120)
 
 
 @pytest.mark.parametrize("format, docs, fails_in", [

@@ -725,9 +725,9 @@ sys.exit(cli.main(sys.argv[2:]))
 """
 
 
-def prepare_under_a_limit(limit, *args, batch_bytes=1 << 20):
-    """`fastlm prepare ARGS` in a process whose files may not grow past ``limit`` bytes (RLIMIT_FSIZE, as
-    `ulimit -f` sets); SIGXFSZ ignored, as CPython does at start-up, so the write fails with EFBIG."""
+def file_size_limit(limit):
+    """A subprocess's preexec_fn: its files may not grow past ``limit`` bytes (RLIMIT_FSIZE, as `ulimit -f`
+    sets); SIGXFSZ ignored, as CPython does at start-up, so the write fails with EFBIG."""
     import resource
     import signal
 
@@ -735,9 +735,14 @@ def prepare_under_a_limit(limit, *args, batch_bytes=1 << 20):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
+    return limit_files
+
+
+def prepare_under_a_limit(limit, *args, batch_bytes=1 << 20):
+    """`fastlm prepare ARGS` in a process whose files may not grow past ``limit`` bytes."""
     return subprocess.run([sys.executable, "-c", UNDER_A_LIMIT, str(batch_bytes), "prepare", *map(str, args), "--no-progress"],
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, capture_output=True, text=True,
-                          preexec_fn=limit_files, timeout=300)
+                          preexec_fn=file_size_limit(limit), timeout=300)
 
 
 def assert_cannot_write(result, path_pattern):
